@@ -1,0 +1,769 @@
+"""Baseten pointer ("bptr") manifests: parse, validate, merge and emit them.
+
+A manifest is a JSON (or YAML) document ``{"pointers": [...], "models": null | [...]}`` in
+which every pointer names one file: where to fetch it (its *resolution*), where to put it
+(``file_name``), its size and a content hash used as a cache key. The format and the lookup,
+merge and validation rules are those of Baseten's ``truss_transfer`` (see the spec, §1 and
+§3.3-3.5), so manifests written by ``truss build`` work unchanged.
+
+Why this module is stricter than upstream: a manifest decides which paths we write and which
+cache files we name, so a hostile or broken one must be stopped before any byte moves.
+:func:`parse_manifest` therefore rejects, with one line naming the manifest and the pointer
+index, what upstream lets through: ``..`` components in ``file_name`` (path traversal), a hash
+that is empty, ``.``/``..`` or contains ``/`` or NUL (it names a cache file), sizes that are not
+plain integers in ``[0, 1 PiB]``, wrongly typed fields, and two pointers whose paths collide as
+file versus directory. Everything upstream accepts and a real manifest uses still parses:
+absolute file names, the historic untagged http resolution, the tag in any key position,
+unknown keys, exact duplicates and same-name/different-hash pairs (the merge resolves those).
+
+Manifests are looked up at the three upstream paths (:data:`MANIFEST_PATHS`); tests and
+non-root users point ``TTFS_MANIFEST_PATHS`` (an ``os.pathsep``-separated list) elsewhere.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from ttfs.errors import ManifestError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SECRET_NAME = "hf_access_token"
+"""Secret name a pointer or model uses when it does not say (upstream default)."""
+
+MANIFEST_PATHS: tuple[str, ...] = (
+    "/bptr/bptr-manifest",
+    "/bptr/bptr-manifest.json",
+    "/static-bptr/static-bptr-manifest.json",
+)
+"""Where manifests are looked up, in merge order (spec §1.11)."""
+
+MANIFEST_PATHS_ENV = "TTFS_MANIFEST_PATHS"
+"""Overrides :data:`MANIFEST_PATHS` with an ``os.pathsep``-separated list (empty: no paths)."""
+
+MAX_SIZE = 2**50
+"""Largest ``size`` a pointer may declare (1 PiB); anything larger is treated as hostile."""
+
+MODEL_KINDS: frozenset[str] = frozenset({"http", "hf", "gcs", "s3", "azure"})
+"""Accepted ``ModelRepo.kind`` values; ``"hf"`` is an alias of ``"http"``."""
+
+_I64_MIN = -(2**63)
+_I64_MAX = 2**63 - 1
+_MAX_SHOWN = 200  # longest user string quoted in an error message
+_RFC3339 = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})$"
+)
+_MEMORY = "<memory>"
+_MERGED = "<merged pointers>"
+
+
+# --------------------------------------------------------------------------------------------
+# Data model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResolution:
+    """A plain HTTP(S) GET; HuggingFace files are this kind too."""
+
+    resolution_type: ClassVar[str] = "http"
+    url: str
+    expiration_timestamp: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resolution_type": self.resolution_type,
+            "url": self.url,
+            "expiration_timestamp": self.expiration_timestamp,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class GcsResolution:
+    """A Google Cloud Storage object (``path`` is the key inside ``bucket_name``)."""
+
+    resolution_type: ClassVar[str] = "gcs"
+    path: str
+    bucket_name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resolution_type": self.resolution_type,
+            "path": self.path,
+            "bucket_name": self.bucket_name,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class S3Resolution:
+    """An AWS S3 object; ``region`` is always emitted, ``null`` when unknown."""
+
+    resolution_type: ClassVar[str] = "s3"
+    bucket_name: str
+    key: str
+    region: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resolution_type": self.resolution_type,
+            "bucket_name": self.bucket_name,
+            "key": self.key,
+            "region": self.region,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class AzureResolution:
+    """An Azure Blob Storage object."""
+
+    resolution_type: ClassVar[str] = "azure"
+    account_name: str
+    container_name: str
+    blob_name: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resolution_type": self.resolution_type,
+            "account_name": self.account_name,
+            "container_name": self.container_name,
+            "blob_name": self.blob_name,
+        }
+
+
+Resolution = HttpResolution | GcsResolution | S3Resolution | AzureResolution
+
+
+@dataclass(frozen=True, slots=True)
+class Pointer:
+    """One file of a manifest (spec §1.2)."""
+
+    resolution: Resolution
+    uid: str
+    file_name: str
+    hashtype: str
+    hash: str
+    size: int
+    last_modified_time: str | None = None
+    runtime_secret_name: str = DEFAULT_SECRET_NAME
+
+    def to_json(self) -> dict[str, Any]:
+        """The pointer as the creator emits it (key order of spec §1.2)."""
+        d: dict[str, Any] = {
+            "resolution": self.resolution.to_json(),
+            "uid": self.uid,
+            "file_name": self.file_name,
+            "hashtype": self.hashtype,
+            "hash": self.hash,
+            "size": self.size,
+        }
+        if self.last_modified_time is not None:
+            d["last_modified_time"] = self.last_modified_time
+        d["runtime_secret_name"] = self.runtime_secret_name
+        return d
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRepo:
+    """A model repository expanded into pointers at resolve time (spec §1.10)."""
+
+    repo_id: str
+    revision: str = ""
+    volume_folder: str = ""
+    kind: str = "hf"
+    allow_patterns: tuple[str, ...] | None = None
+    ignore_patterns: tuple[str, ...] | None = None
+    runtime_secret_name: str = DEFAULT_SECRET_NAME
+
+    @property
+    def normalized_kind(self) -> str:
+        """``kind`` with the ``"hf"`` alias folded into ``"http"`` (what upstream emits)."""
+        return "http" if self.kind == "hf" else self.kind
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "allow_patterns": None if self.allow_patterns is None else list(self.allow_patterns),
+            "ignore_patterns": None if self.ignore_patterns is None else list(self.ignore_patterns),
+            "volume_folder": self.volume_folder,
+            "runtime_secret_name": self.runtime_secret_name,
+            "kind": self.normalized_kind,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A parsed manifest; ``source`` (a path or a description) names it in every error."""
+
+    pointers: tuple[Pointer, ...]
+    models: tuple[ModelRepo, ...] | None = None
+    source: str = _MEMORY
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "pointers": [p.to_json() for p in self.pointers],
+            "models": None if self.models is None else [m.to_json() for m in self.models],
+        }
+
+    def dumps(self) -> str:
+        """Pretty JSON with a 2-space indent, as the creator writes it."""
+        return json.dumps(self.to_json(), indent=2, ensure_ascii=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Small helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """Quote a user value for a one-line error message (escaped, length-capped)."""
+    if isinstance(value, str):
+        text = value if len(value) <= _MAX_SHOWN else value[:_MAX_SHOWN] + "..."
+        return repr(text)
+    text = repr(value)
+    if len(text) > _MAX_SHOWN:
+        text = text[:_MAX_SHOWN] + "..."
+    return f"{text} ({type(value).__name__})"
+
+
+def _bare(value: str) -> str:
+    """A string for an error message without quotes, non-printables escaped."""
+    if value.isprintable() and len(value) <= _MAX_SHOWN:
+        return value
+    return _show(value)[1:-1]
+
+
+def _type_name(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+class _Problem(Exception):
+    """Internal: what is wrong with one object; the caller adds where it is."""
+
+
+def _get_str(obj: Mapping[Any, Any], key: str, what: str) -> str:
+    if key not in obj:
+        raise _Problem(f"{what}: missing required key '{key}'")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _Problem(f"{what}: '{key}' must be a string, got {_type_name(value)}")
+    return value
+
+
+def _get_opt_str(obj: Mapping[Any, Any], key: str, what: str) -> str | None:
+    value = obj.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise _Problem(f"{what}: '{key}' must be a string or null, got {_type_name(value)}")
+
+
+def _get_i64(obj: Mapping[Any, Any], key: str, what: str) -> int:
+    if key not in obj:
+        raise _Problem(f"{what}: missing required key '{key}'")
+    value = obj[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Problem(f"{what}: '{key}' must be an integer, got {_type_name(value)}")
+    if not _I64_MIN <= value <= _I64_MAX:
+        raise _Problem(f"{what}: '{key}' {value} is out of the signed 64-bit range")
+    return value
+
+
+def _format_datetime(value: _dt.datetime) -> str:
+    """RFC 3339 in UTC with ``Z`` (YAML turns unquoted timestamps into datetimes)."""
+    if value.tzinfo is not None:
+        value = value.astimezone(_dt.UTC).replace(tzinfo=None)
+    text = value.strftime("%Y-%m-%dT%H:%M:%S")
+    if value.microsecond:
+        frac = f"{value.microsecond:06d}"
+        text += "." + (frac[:3] if frac.endswith("000") else frac)
+    return text + "Z"
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_tagged(obj: Mapping[Any, Any], tag: str) -> Resolution:
+    what = f"{tag} resolution"
+    if tag == "http":
+        return HttpResolution(
+            url=_get_str(obj, "url", what),
+            expiration_timestamp=_get_i64(obj, "expiration_timestamp", what),
+        )
+    if tag == "gcs":
+        return GcsResolution(
+            path=_get_str(obj, "path", what), bucket_name=_get_str(obj, "bucket_name", what)
+        )
+    if tag == "s3":
+        return S3Resolution(
+            bucket_name=_get_str(obj, "bucket_name", what),
+            key=_get_str(obj, "key", what),
+            region=_get_opt_str(obj, "region", what),
+        )
+    return AzureResolution(
+        account_name=_get_str(obj, "account_name", what),
+        container_name=_get_str(obj, "container_name", what),
+        blob_name=_get_str(obj, "blob_name", what),
+    )
+
+
+def _parse_resolution(obj: object) -> Resolution:
+    """Tagged form first, then the historic untagged http form (spec §1.3)."""
+    if not isinstance(obj, Mapping):
+        raise _Problem(f"'resolution' must be an object, got {_type_name(obj)}")
+    tag = obj.get("resolution_type")
+    tagged_problem: _Problem | None = None
+    if isinstance(tag, str) and tag in ("http", "gcs", "s3", "azure"):
+        try:
+            return _parse_tagged(obj, tag)
+        except _Problem as exc:
+            tagged_problem = exc
+    if "url" in obj and "expiration_timestamp" in obj:
+        try:
+            return _parse_tagged(obj, "http")
+        except _Problem as exc:
+            raise tagged_problem or exc from None
+    if tagged_problem is not None:
+        raise tagged_problem
+    if tag is None:
+        raise _Problem(
+            "resolution has no 'resolution_type' and is not the historic form "
+            "('url' + 'expiration_timestamp')"
+        )
+    raise _Problem(
+        f"unknown resolution_type {_show(tag)} (expected http, gcs, s3 or azure, or the "
+        "historic form with 'url' + 'expiration_timestamp')"
+    )
+
+
+def _parse_pointer(obj: object) -> Pointer:
+    if not isinstance(obj, Mapping):
+        raise _Problem(f"must be an object, got {_type_name(obj)}")
+    if "resolution" not in obj:
+        raise _Problem("missing required key 'resolution'")
+    resolution = _parse_resolution(obj["resolution"])
+    what = "pointer"
+    uid = _get_str(obj, "uid", what)
+    file_name = _get_str(obj, "file_name", what)
+    hashtype = _get_str(obj, "hashtype", what)
+    hash_ = _get_str(obj, "hash", what)
+    if "size" not in obj:
+        raise _Problem("missing required key 'size'")
+    size = obj["size"]
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise _Problem(f"size must be an integer, got {_show(size)}")
+    lmt = obj.get("last_modified_time")
+    if isinstance(lmt, _dt.datetime):
+        lmt = _format_datetime(lmt)
+    if lmt is not None:
+        if not isinstance(lmt, str):
+            raise _Problem(
+                f"'last_modified_time' must be an RFC 3339 string, got {_type_name(lmt)}"
+            )
+        if not _RFC3339.match(lmt):
+            raise _Problem(f"'last_modified_time' {_show(lmt)} is not an RFC 3339 timestamp")
+    secret = obj.get("runtime_secret_name", DEFAULT_SECRET_NAME)
+    if not isinstance(secret, str):
+        raise _Problem(f"'runtime_secret_name' must be a string, got {_type_name(secret)}")
+    return Pointer(
+        resolution=resolution,
+        uid=uid,
+        file_name=file_name,
+        hashtype=hashtype,
+        hash=hash_,
+        size=size,
+        last_modified_time=lmt,
+        runtime_secret_name=secret,
+    )
+
+
+def _parse_patterns(obj: Mapping[Any, Any], key: str) -> tuple[str, ...] | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _Problem(f"'{key}' must be a list of strings or null")
+    return tuple(value)
+
+
+def _parse_model(obj: object) -> ModelRepo:
+    if not isinstance(obj, Mapping):
+        raise _Problem(f"must be an object, got {_type_name(obj)}")
+    what = "model"
+    repo_id = _get_str(obj, "repo_id", what)
+    revision = _get_str(obj, "revision", what)
+    volume_folder = _get_str(obj, "volume_folder", what)
+    secret = _get_str(obj, "runtime_secret_name", what)
+    kind = _get_str(obj, "kind", what)
+    if kind not in MODEL_KINDS:
+        raise _Problem(f"unknown kind {_show(kind)} (expected one of {sorted(MODEL_KINDS)})")
+    return ModelRepo(
+        repo_id=repo_id,
+        revision=revision,
+        volume_folder=volume_folder,
+        kind=kind,
+        allow_patterns=_parse_patterns(obj, "allow_patterns"),
+        ignore_patterns=_parse_patterns(obj, "ignore_patterns"),
+        runtime_secret_name=secret,
+    )
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _yaml_detail(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError):
+        parts = [p for p in (exc.context, exc.problem) if p]
+        mark = exc.problem_mark or exc.context_mark
+        detail = "; ".join(parts) or "invalid YAML"
+        if mark is not None:
+            detail += f" at line {mark.line + 1} column {mark.column + 1}"
+        return _one_line(detail)
+    return _one_line(str(exc)) or "invalid YAML"
+
+
+def _load_document(text: str, source: str, fmt: Literal["json", "yaml"]) -> object:
+    label = "JSON" if fmt == "json" else "YAML"
+    try:
+        if fmt == "json":
+            return json.loads(text)
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        return yaml.load(text, Loader=loader)  # a safe loader (no object construction)
+    except yaml.YAMLError as exc:
+        detail = _yaml_detail(exc)
+    except json.JSONDecodeError as exc:
+        detail = _one_line(str(exc))
+    except (ValueError, RecursionError, MemoryError) as exc:
+        detail = _one_line(str(exc)) or type(exc).__name__
+    raise ManifestError(f"Failed to parse {label} manifest from {source}: {detail}")
+
+
+def _guess_fmt(text: str, source: str) -> Literal["json", "yaml"]:
+    if source.endswith(".json"):
+        return "json"
+    try:
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return "yaml"
+    return "json"
+
+
+def parse_manifest(
+    text: str, *, source: str = _MEMORY, fmt: Literal["json", "yaml"] | None = None
+) -> Manifest:
+    """Parse and validate one manifest document.
+
+    ``fmt`` picks the parser; when ``None`` it is JSON if ``source`` ends in ``.json``,
+    otherwise JSON if the text is valid JSON, else YAML. Pointer indices in errors are 0-based.
+
+    Raises:
+        ManifestError: the document does not parse, lacks ``pointers``, or a pointer or model
+            is malformed or hostile (one line, naming ``source`` and the index).
+    """
+    text = text.removeprefix("\ufeff")
+    if fmt is None:
+        fmt = _guess_fmt(text, source)
+    if fmt not in ("json", "yaml"):
+        raise ManifestError(f"manifest {source}: unknown format {fmt!r} (expected json or yaml)")
+    label = "JSON" if fmt == "json" else "YAML"
+    doc = _load_document(text, source, fmt)
+    if not isinstance(doc, Mapping):
+        raise ManifestError(
+            f"Failed to parse {label} manifest from {source}: "
+            f"expected an object at the top level, got {_type_name(doc)}"
+        )
+    if "pointers" not in doc:
+        raise ManifestError(
+            f"Failed to parse {label} manifest from {source}: missing required key 'pointers'"
+        )
+    raw_pointers = doc["pointers"]
+    if not isinstance(raw_pointers, list):
+        raise ManifestError(
+            f"Failed to parse {label} manifest from {source}: "
+            f"'pointers' must be an array, got {_type_name(raw_pointers)}"
+        )
+    pointers: list[Pointer] = []
+    for index, raw in enumerate(raw_pointers):
+        try:
+            pointer = _parse_pointer(raw)
+        except _Problem as exc:
+            raise ManifestError(f"manifest {source}: {_where_raw(index, raw)}: {exc}") from None
+        _check_pointer(pointer, index, source)
+        pointers.append(pointer)
+    _check_collisions(pointers, source)
+
+    models: tuple[ModelRepo, ...] | None = None
+    raw_models = doc.get("models")
+    if raw_models is not None:
+        if not isinstance(raw_models, list):
+            raise ManifestError(
+                f"Failed to parse {label} manifest from {source}: "
+                f"'models' must be an array or null, got {_type_name(raw_models)}"
+            )
+        parsed: list[ModelRepo] = []
+        for index, raw in enumerate(raw_models):
+            try:
+                parsed.append(_parse_model(raw))
+            except _Problem as exc:
+                repo = raw.get("repo_id") if isinstance(raw, Mapping) else None
+                where = f"model {index}" + (
+                    f" (repo_id {_show(repo)})" if isinstance(repo, str) else ""
+                )
+                raise ManifestError(f"manifest {source}: {where}: {exc}") from None
+        models = tuple(parsed)
+    return Manifest(pointers=tuple(pointers), models=models, source=source)
+
+
+def load_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """Read and parse the manifest at ``path``: ``.json`` → JSON, anything else → YAML.
+
+    Raises:
+        ManifestError: unreadable (``Unable to read manifest from <path>: <reason>``), not
+            UTF-8, or invalid (see :func:`parse_manifest`).
+    """
+    source = os.fspath(path)
+    fmt: Literal["json", "yaml"] = "json" if source.endswith(".json") else "yaml"
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ManifestError(f"Unable to read manifest from {source}: {reason}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        label = "JSON" if fmt == "json" else "YAML"
+        raise ManifestError(
+            f"Failed to parse {label} manifest from {source}: not valid UTF-8 ({exc.reason} "
+            f"at byte {exc.start})"
+        ) from None
+    return parse_manifest(text, source=source, fmt=fmt)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation shared by parsing and validate_pointers
+# --------------------------------------------------------------------------------------------
+
+
+def _where_raw(index: int, raw: object) -> str:
+    name = raw.get("file_name") if isinstance(raw, Mapping) else None
+    if isinstance(name, str):
+        return f"pointer {index} (file_name {_show(name)})"
+    return f"pointer {index}"
+
+
+def _name_problem(file_name: str) -> str | None:
+    """Why ``file_name`` cannot be a destination, or None when it can."""
+    if not file_name:
+        return "file_name must not be empty"
+    if "\0" in file_name:
+        return "file_name must not contain NUL"
+    parts = file_name.split("/")
+    if ".." in parts:
+        return "file_name must not contain '..' components"
+    if file_name.endswith("/"):
+        return "file_name must not end with '/' (it names a file, not a directory)"
+    if not [p for p in parts if p not in ("", ".")]:
+        return "file_name must name a file (it normalises to the directory itself)"
+    return None
+
+
+def _normalised_parts(file_name: str) -> tuple[str, ...]:
+    """Components without empty and ``.`` parts; absolute names start with ``"/"``."""
+    parts = tuple(p for p in file_name.split("/") if p not in ("", "."))
+    return ("/", *parts) if file_name.startswith("/") else parts
+
+
+def _hash_problem(hash_: str) -> str | None:
+    if "/" in hash_:
+        return f"Hash {_bare(hash_)} contains '/', which is not allowed"
+    if not hash_:
+        return "hash must not be empty"
+    if "\0" in hash_:
+        return "hash must not contain NUL"
+    if hash_ in (".", ".."):
+        return f"hash must not be {hash_!r}"
+    return None
+
+
+def _check_pointer(pointer: Pointer, index: int, source: str) -> None:
+    """Raise ManifestError for a pointer that is unsafe or malformed."""
+    problem = _name_problem(pointer.file_name)
+    if problem is None:
+        problem = _hash_problem(pointer.hash)
+    if problem is None:
+        size: object = pointer.size
+        if isinstance(size, bool) or not isinstance(size, int):
+            problem = f"size must be an integer, got {_show(size)}"
+        elif not 0 <= size <= MAX_SIZE:
+            problem = f"size {size} is outside the allowed range 0..{MAX_SIZE} (1 PiB)"
+    if problem is not None:
+        raise ManifestError(
+            f"manifest {source}: pointer {index} (file_name {_show(pointer.file_name)}): {problem}"
+        )
+
+
+def _check_collisions(pointers: Sequence[Pointer], source: str) -> None:
+    """Reject a file name that another pointer also uses as a directory."""
+    files: dict[tuple[str, ...], int] = {}
+    dirs: dict[tuple[str, ...], int] = {}
+    for index, pointer in enumerate(pointers):
+        parts = _normalised_parts(pointer.file_name)
+        other: int | None = dirs.get(parts)
+        if other is None:
+            for depth in range(1, len(parts)):
+                other = files.get(parts[:depth])
+                if other is not None:
+                    break
+        if other is not None:
+            raise ManifestError(
+                f"manifest {source}: pointer {index} (file_name {_show(pointer.file_name)}): "
+                f"collides with pointer {other} (file_name "
+                f"{_show(pointers[other].file_name)}): one path would be both a file and a "
+                "directory"
+            )
+        files.setdefault(parts, index)
+        for depth in range(1, len(parts)):
+            dirs.setdefault(parts[:depth], index)
+
+
+# --------------------------------------------------------------------------------------------
+# Lookup, merge, validate
+# --------------------------------------------------------------------------------------------
+
+
+def manifest_paths(env: Mapping[str, str] | None = None) -> tuple[Path, ...]:
+    """The manifest lookup paths: :data:`MANIFEST_PATHS`, or ``TTFS_MANIFEST_PATHS`` if set.
+
+    ``TTFS_MANIFEST_PATHS`` is an ``os.pathsep``-separated list; empty entries are skipped, so
+    setting it to ``""`` disables the lookup.
+    """
+    env = os.environ if env is None else env
+    override = env.get(MANIFEST_PATHS_ENV)
+    if override is None:
+        return tuple(Path(p) for p in MANIFEST_PATHS)
+    return tuple(Path(p) for p in override.split(os.pathsep) if p)
+
+
+def find_manifests(env: Mapping[str, str] | None = None) -> list[Manifest]:
+    """Load every manifest that exists as a regular file (symlinks followed), in lookup order.
+
+    Raises:
+        ManifestError: one of them cannot be read or parsed (aborts, as upstream does).
+    """
+    found: list[Manifest] = []
+    for path in manifest_paths(env):
+        if path.is_file():
+            log.info("Found manifest file at: %s", path)
+            found.append(load_manifest(path))
+    return found
+
+
+def merge_pointers(manifests: Sequence[Manifest]) -> list[Pointer]:
+    """Merge pointers of ``manifests`` in order (spec §3.4).
+
+    An exact ``(file_name, hash)`` repeat is dropped silently; a pointer whose ``file_name``
+    was already kept with another hash is dropped with a warning (first wins).
+    """
+    seen: set[tuple[str, str]] = set()
+    kept_hash: dict[str, str] = {}
+    merged: list[Pointer] = []
+    for manifest in manifests:
+        for pointer in manifest.pointers:
+            key = (pointer.file_name, pointer.hash)
+            if key in seen:
+                continue
+            first = kept_hash.get(pointer.file_name)
+            if first is not None:
+                log.warning(
+                    "Conflicting file found: %s has hash %s in one manifest and %s in another. "
+                    "Using the first one.",
+                    pointer.file_name,
+                    first,
+                    pointer.hash,
+                )
+                continue
+            seen.add(key)
+            kept_hash[pointer.file_name] = pointer.hash
+            merged.append(pointer)
+    return merged
+
+
+def is_expired(pointer: Pointer, now: float | None = None) -> bool:
+    """True for an http pointer whose ``expiration_timestamp`` lies before ``now``."""
+    if not isinstance(pointer.resolution, HttpResolution):
+        return False
+    current = time.time() if now is None else now
+    return pointer.resolution.expiration_timestamp < current
+
+
+def validate_pointers(pointers: Sequence[Pointer], *, now: float | None = None) -> None:
+    """Check merged pointers before any download (spec §3.5, plus the checks of parsing).
+
+    An expired http pointer is only logged at ERROR (upstream continues; the download will
+    likely fail). A hash containing ``/`` fails with upstream's text; the stricter name, hash,
+    size and file/directory-collision checks of :func:`parse_manifest` are repeated because
+    pointers built in memory (JIT models) never went through the parser.
+
+    Raises:
+        ManifestError: a pointer is unsafe or malformed.
+    """
+    current = time.time() if now is None else now
+    for index, pointer in enumerate(pointers):
+        _check_pointer(pointer, index, _MERGED)
+        if is_expired(pointer, current):
+            assert isinstance(pointer.resolution, HttpResolution)
+            log.error(
+                "Pointer %s has expired at %d. Current time is %d. "
+                "This will lead to a download failure.",
+                pointer.file_name,
+                pointer.resolution.expiration_timestamp,
+                int(current),
+            )
+    _check_collisions(pointers, _MERGED)
+
+
+def destination(download_dir: str | os.PathLike[str], file_name: str) -> Path:
+    """Where ``file_name`` is written (spec §1.7 join semantics, made safe).
+
+    An absolute ``file_name`` discards ``download_dir``; a relative one goes under it (``""``
+    means relative to the current directory). ``.`` and repeated ``/`` are normalised away.
+
+    Raises:
+        ManifestError: ``file_name`` is empty, contains NUL or a ``..`` component, or names the
+            directory itself; so a relative name never leaves ``download_dir`` lexically.
+    """
+    problem = _name_problem(file_name)
+    if problem is not None:
+        raise ManifestError(f"file_name {_show(file_name)}: {problem}")
+    parts = _normalised_parts(file_name)
+    base = os.fspath(download_dir)
+    if parts[0] == "/" or not base:
+        return Path(*parts)
+    return Path(base).joinpath(*parts)
