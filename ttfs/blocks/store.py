@@ -1,0 +1,500 @@
+"""The local block store: one sparse data file per blob plus a crash-safe presence index.
+
+A *blob* is the content behind one manifest hash; two file names with the same hash share it.
+Its bytes live in ``<cache>/blobs/<h[:2]>/<h>``, a sparse file ``ftruncate``d to the blob size,
+so a complete blob already is a normal file that ``resolve`` can hard-link and b10fs can copy.
+The *index* (diskcache: process- and crash-safe SQLite) holds, per blob, which fixed-size blocks
+are present, an xxh3-64 checksum per block, whether the whole blob was verified against the
+manifest hash, and the last access time for LRU eviction. Only this package imports diskcache.
+
+Crash safety is a matter of write order (docs/architecture.md, "Block store")::
+
+    pwrite(data) -> [batched] fdatasync(data file) -> presence bit persisted in the index
+
+A crash can lose presence bits (the block is fetched again) but never persist a bit for bytes
+that did not reach the disk. Blocks whose checksum does not match (a torn write, a disk error,
+someone editing a hard-linked output) are dropped when an unverified blob is opened, and by
+``check_blocks()`` on demand.
+
+Everything here is synchronous and may block on disk: the fetch layer calls the slow parts
+(``open_blob``, ``flush``, ``verify``, ``check_blocks``) through ``trio.to_thread``; ``pread``
+and ``RunWriter.write`` touch only the page cache and stay on the event loop thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diskcache
+import xxhash
+
+from ..errors import CacheError, CacheFull
+from .hashing import Checker
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+_READ_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class BlobSpec:
+    """What the manifest says about a blob: its id (the manifest hash), size and hash check."""
+
+    blob_id: str
+    size: int
+    checker: Checker
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatistics:
+    blobs: int
+    bytes_present: int
+    open_blobs: int
+
+
+def _block_sum(data: bytes | memoryview) -> int:
+    return xxhash.xxh3_64_intdigest(data)
+
+
+class Blob:
+    """An open blob: its sparse data file and the in-memory presence map.
+
+    ``present`` is the truth for readers in this process; ``persisted`` is what the index holds
+    (a subset, lagging by at most one flush interval).
+    """
+
+    def __init__(
+        self,
+        store: BlockStore,
+        spec: BlobSpec,
+        path: Path,
+        fd: int,
+        block_size: int,
+        present: bytearray,
+        sums: array[int],
+        verified: bool,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.path = path
+        self.fd = fd
+        self.block_size = block_size
+        self.n_blocks = max(1, -(-spec.size // block_size)) if spec.size else 0
+        self.present = present
+        self.persisted = bytearray(present)
+        self.sums = sums
+        self.verified = verified
+        self.n_present = sum(present)
+        self.atime = time.time()
+        self._landed: list[int] = []
+        self._dirty_meta = False
+        self.refs = 0
+
+    # -- block arithmetic (pure) -------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.spec.size
+
+    @property
+    def blob_id(self) -> str:
+        return self.spec.blob_id
+
+    def block_range(self, index: int) -> tuple[int, int]:
+        """Byte range ``[start, end)`` of block ``index``."""
+        start = index * self.block_size
+        return start, min(start + self.block_size, self.size)
+
+    def blocks_for(self, offset: int, length: int) -> range:
+        """Indices of the blocks covering ``[offset, offset+length)`` clipped to the blob."""
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return range(0)
+        return range(offset // self.block_size, (end - 1) // self.block_size + 1)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_present == self.n_blocks
+
+    @property
+    def bytes_present(self) -> int:
+        if self.complete:
+            return self.size
+        full = self.n_present * self.block_size
+        if self.n_blocks and self.present[self.n_blocks - 1]:
+            full -= self.n_blocks * self.block_size - self.size
+        return full
+
+    def missing(self, blocks: range) -> list[int]:
+        return [i for i in blocks if not self.present[i]]
+
+    # -- data path ---------------------------------------------------------------------------
+    def pread(self, offset: int, length: int) -> bytes:
+        """Read bytes the caller knows are present (page cache; stays on the event loop)."""
+        self.atime = time.time()
+        return os.pread(self.fd, length, offset)
+
+    def writer(self, first_block: int) -> RunWriter:
+        return RunWriter(self, first_block)
+
+    def land(self, index: int, checksum: int) -> None:
+        """Mark a fully written block present (in memory now; persisted at the next flush)."""
+        if not self.present[index]:
+            self.present[index] = 1
+            self.n_present += 1
+        self.sums[index] = checksum
+        self._landed.append(index)
+
+    def take_landed(self) -> list[int]:
+        landed, self._landed = self._landed, []
+        return landed
+
+    def discard(self) -> None:
+        """Forget every block (a failed verification); the space is released by re-truncating."""
+        self.present[:] = bytes(len(self.present))
+        self.n_present = 0
+        self.verified = False
+        self._landed.clear()
+        try:
+            os.ftruncate(self.fd, 0)
+            os.ftruncate(self.fd, self.size)
+        except OSError as e:
+            raise CacheError(f"cannot reset {self.path}: {e}") from e
+        self.persisted[:] = bytes(len(self.persisted))
+        self._dirty_meta = True
+
+    # -- slow paths (call from a worker thread) ------------------------------------------------
+    def verify(self) -> bool:
+        """Hash the whole blob against the manifest; True when it matches.
+
+        Raises:
+            CacheError: the data file could not be read.
+        """
+        checker = self.spec.checker
+        if not checker.checkable:
+            return False
+        h = checker.new(self.size)
+        offset = 0
+        try:
+            while offset < self.size:
+                chunk = os.pread(self.fd, min(_READ_CHUNK, self.size - offset), offset)
+                if not chunk:
+                    break
+                h.update(chunk)
+                offset += len(chunk)
+        except OSError as e:
+            raise CacheError(f"cannot read {self.path}: {e}") from e
+        ok = offset == self.size and h.hexdigest() == checker.expected
+        if ok:
+            self.verified = True
+            self._dirty_meta = True
+        return ok
+
+    def check_blocks(self) -> list[int]:
+        """Re-read every present block and drop those whose checksum differs; returns them."""
+        bad = []
+        for i in range(self.n_blocks):
+            if not self.present[i]:
+                continue
+            start, end = self.block_range(i)
+            try:
+                data = os.pread(self.fd, end - start, start)
+            except OSError:
+                data = b""
+            if len(data) != end - start or _block_sum(data) != self.sums[i]:
+                bad.append(i)
+                self.present[i] = 0
+                self.persisted[i] = 0
+                self.n_present -= 1
+                self.verified = False
+        if bad:
+            self._dirty_meta = True
+            log.warning("blob %s: %d corrupt block(s) dropped: %s", self.blob_id, len(bad), bad[:8])
+        return bad
+
+    def stat_key(self) -> tuple[int, int]:
+        st = os.fstat(self.fd)
+        return st.st_size, st.st_mtime_ns
+
+    def _record(self) -> dict[str, Any]:
+        return {
+            "v": INDEX_VERSION,
+            "size": self.size,
+            "block_size": self.block_size,
+            "present": bytes(self.persisted),
+            "sums": self.sums.tobytes(),
+            "verified": self.verified and self.complete,
+            "stat": self.stat_key() if self.verified and self.complete else None,
+            "atime": self.atime,
+        }
+
+
+class RunWriter:
+    """Streams one contiguous run of blocks into a blob, checksumming each block as it lands.
+
+    A run starts at a block boundary; bytes arrive in order (one HTTP body). ``write`` returns
+    the blocks completed by this chunk so the scheduler can wake their waiters. If the body
+    breaks, the partial block is simply not landed: a retry starts again at ``next_block``.
+    """
+
+    def __init__(self, blob: Blob, first_block: int) -> None:
+        self.blob = blob
+        self.pos = blob.block_range(first_block)[0]
+        self.block = first_block
+        self._hasher = xxhash.xxh3_64()
+        self._block_end = blob.block_range(first_block)[1]
+
+    @property
+    def next_block(self) -> int:
+        return self.block
+
+    def write(self, data: bytes | memoryview) -> list[int]:
+        done: list[int] = []
+        view = memoryview(data)
+        blob = self.blob
+        while view:
+            take = min(len(view), self._block_end - self.pos)
+            if take <= 0:
+                raise CacheError(f"blob {blob.blob_id}: write past the end of the run")
+            piece = view[:take]
+            try:
+                written = os.pwrite(blob.fd, piece, self.pos)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
+                raise CacheError(f"cannot write {blob.path}: {e}") from e
+            if written != take:  # pwrite on a regular file is short only on ENOSPC
+                raise CacheFull(f"short write to {blob.path} ({written} of {take} bytes)")
+            self._hasher.update(piece)
+            self.pos += take
+            view = view[take:]
+            if self.pos == self._block_end:
+                blob.land(self.block, self._hasher.intdigest())
+                done.append(self.block)
+                self.block += 1
+                self._hasher = xxhash.xxh3_64()
+                if self.block < blob.n_blocks:
+                    self._block_end = blob.block_range(self.block)[1]
+        return done
+
+
+class BlockStore:
+    """All blobs under one cache directory. Thread-safe for the calls documented as blocking."""
+
+    def __init__(self, root: Path, *, block_size: int, max_bytes: int | None = None) -> None:
+        self.root = root
+        self.block_size = block_size
+        self.max_bytes = max_bytes
+        try:
+            (root / "blobs").mkdir(parents=True, exist_ok=True)
+            # eviction_policy none: diskcache must never drop our index entries on its own.
+            self._index = diskcache.Cache(
+                str(root / "index"), eviction_policy="none", size_limit=2**62, statistics=False
+            )
+        except OSError as e:
+            raise CacheError(f"cannot use cache directory {root}: {e}") from e
+        self._open: dict[str, Blob] = {}
+        self._lock = threading.Lock()
+        self.pinned: set[str] = set()
+
+    def close(self) -> None:
+        self.flush()
+        with self._lock:
+            for blob in self._open.values():
+                with contextlib.suppress(OSError):
+                    os.close(blob.fd)
+            self._open.clear()
+        self._index.close()
+
+    def __enter__(self) -> BlockStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def data_path(self, blob_id: str) -> Path:
+        return self.root / "blobs" / blob_id[:2] / blob_id
+
+    # -- open -----------------------------------------------------------------------------
+    def open_blob(self, spec: BlobSpec) -> Blob:
+        """Open (creating if needed) the blob; blocking: may check block checksums.
+
+        Raises:
+            CacheError: the data file cannot be created or opened.
+        """
+        with self._lock:
+            blob = self._open.get(spec.blob_id)
+            if blob is not None:
+                if blob.size != spec.size:
+                    raise CacheError(
+                        f"hash {spec.blob_id} is used with two sizes ({blob.size} and {spec.size})"
+                    )
+                blob.refs += 1
+                return blob
+            blob = self._load(spec)
+            blob.refs += 1
+            self._open[spec.blob_id] = blob
+            return blob
+
+    def _load(self, spec: BlobSpec) -> Blob:
+        path = self.data_path(spec.blob_id)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise CacheError(f"cannot open cache file {path}: {e}") from e
+        try:
+            record = self._index.get(spec.blob_id)
+            n_blocks = max(1, -(-spec.size // self.block_size)) if spec.size else 0
+            usable = (
+                isinstance(record, dict)
+                and record.get("v") == INDEX_VERSION
+                and record.get("size") == spec.size
+                and record.get("block_size") == self.block_size
+                and len(record.get("present", b"")) == n_blocks
+            )
+            st = os.fstat(fd)
+            if usable and st.st_size != spec.size:
+                usable = False  # the data file was truncated or replaced behind our back
+            if not usable:
+                if record is not None:
+                    log.info("blob %s: index entry unusable, starting empty", spec.blob_id)
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, spec.size)
+                present = bytearray(n_blocks)
+                sums = array("Q", bytes(8 * n_blocks))
+                verified = False
+            else:
+                assert isinstance(record, dict)
+                present = bytearray(record["present"])
+                sums = array("Q")
+                sums.frombytes(record["sums"])
+                verified = bool(record.get("verified")) and tuple(record.get("stat") or ()) == (
+                    st.st_size,
+                    st.st_mtime_ns,
+                )
+            blob = Blob(self, spec, path, fd, self.block_size, present, sums, verified)
+            if not verified and blob.n_present:
+                blob.check_blocks()
+            if blob.complete and not verified and spec.checker.checkable:
+                pass  # verified again by the fetch layer before use
+            return blob
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def release(self, blob: Blob) -> None:
+        """Drop one reference; the last one persists and closes the data file."""
+        with self._lock:
+            blob.refs -= 1
+            if blob.refs > 0:
+                return
+            self._open.pop(blob.blob_id, None)
+        self._persist(blob, blob.take_landed(), sync=True)
+        with contextlib.suppress(OSError):
+            os.close(blob.fd)
+
+    # -- persistence ------------------------------------------------------------------------
+    def flush(self) -> None:
+        """fdatasync every blob with landed blocks, then persist their presence bits."""
+        with self._lock:
+            blobs = list(self._open.values())
+        for blob in blobs:
+            landed = blob.take_landed()
+            if landed or blob._dirty_meta:
+                self._persist(blob, landed, sync=bool(landed))
+
+    def _persist(self, blob: Blob, landed: list[int], *, sync: bool) -> None:
+        try:
+            if sync:
+                os.fdatasync(blob.fd)
+        except OSError as e:
+            log.warning("fdatasync %s failed: %s (presence not persisted)", blob.path, e)
+            return
+        for i in landed:
+            if blob.present[i]:
+                blob.persisted[i] = 1
+        blob._dirty_meta = False
+        self._index.set(blob.blob_id, blob._record())
+
+    def mark_verified(self, blob: Blob) -> None:
+        """Persist a successful whole-blob verification (blocking)."""
+        self._persist(blob, blob.take_landed(), sync=True)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        for key in list(self._index.iterkeys()):
+            if isinstance(key, str) and not key.startswith("out:"):
+                record = self._index.get(key)
+                if isinstance(record, dict):
+                    yield key, record
+
+    def is_verified(self, blob_id: str, size: int) -> bool:
+        """Whether the index says a complete, verified blob with this size is on disk."""
+        record = self._index.get(blob_id)
+        if not (isinstance(record, dict) and record.get("verified") and record.get("size") == size):
+            return False
+        try:
+            st = os.stat(self.data_path(blob_id))
+        except OSError:
+            return False
+        return tuple(record.get("stat") or ()) == (st.st_size, st.st_mtime_ns)
+
+    def record_output(self, path: Path, blob_id: str) -> None:
+        """Remember that ``path`` holds a verified copy of ``blob_id`` (for resolve's skip)."""
+        st = os.stat(path)
+        self._index.set(f"out:{path}", (blob_id, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+    def output_matches(self, path: Path, blob_id: str, size: int) -> bool:
+        """True when ``path`` is, by inode and mtime, the verified copy we produced earlier."""
+        record = self._index.get(f"out:{path}")
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        return bool(record == (blob_id, st.st_dev, st.st_ino, size, st.st_mtime_ns))
+
+    def statistics(self) -> StoreStatistics:
+        total = 0
+        count = 0
+        for _, record in self.known():
+            count += 1
+            total += sum(record["present"]) * record["block_size"]
+        return StoreStatistics(blobs=count, bytes_present=total, open_blobs=len(self._open))
+
+    def evict(self, keep: set[str] | None = None) -> int:
+        """Delete least-recently-used blobs until the cache fits ``max_bytes``; returns bytes freed.
+
+        Open blobs, pinned blobs and ``keep`` are never evicted.
+        """
+        if self.max_bytes is None:
+            return 0
+        keep = set(keep or ()) | self.pinned
+        with self._lock:
+            keep |= set(self._open)
+        records = sorted(self.known(), key=lambda kv: kv[1].get("atime", 0.0))
+        total = sum(sum(r["present"]) * r["block_size"] for _, r in records)
+        freed = 0
+        for blob_id, record in records:
+            if total <= self.max_bytes:
+                break
+            if blob_id in keep:
+                continue
+            size = sum(record["present"]) * record["block_size"]
+            with contextlib.suppress(FileNotFoundError):
+                self.data_path(blob_id).unlink()
+            self._index.delete(blob_id)
+            total -= size
+            freed += size
+            log.info("evicted blob %s (%d bytes)", blob_id, size)
+        return freed

@@ -1,0 +1,1 @@
+"""Drop-in surfaces of other tools (truss_transfer)."""

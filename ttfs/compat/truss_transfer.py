@@ -1,0 +1,143 @@
+"""The ``truss_transfer`` Python API (spec §5), implemented on ttfs.
+
+Signatures, defaults and positional order match truss-transfer 0.0.43 exactly. Behaviour follows
+spec §3 (download-dir selection, manifest lookup and merge, expiry warnings, stats file, return
+value, ``Exception`` on failure) with ttfs's fixes: files appear only complete and verified, a
+killed resolve resumes, ``..`` in file names is refused.
+
+Differences, on purpose: environment variables are read at every call (upstream caches them per
+process), and garbage in a numeric variable is an error instead of a silent default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from ..config import Settings
+from ..errors import TtfsError
+from ..manifest import Manifest, ModelRepo, find_manifests, merge_pointers, validate_pointers
+from ..resolve import ResolveReport, resolve, write_stats
+from ..telemetry.logs import setup_logging
+
+log = logging.getLogger("ttfs.truss_transfer")
+
+__version__ = "0.0.43"
+DEFAULT_DOWNLOAD_DIR = "/tmp/truss_transfer"
+VALID_KINDS = frozenset({"http", "hf", "gcs", "s3", "azure"})
+
+
+class PyModelRepo:
+    """A model repo to turn into pointers (spec §5.2); every attribute is read/write."""
+
+    def __init__(
+        self,
+        repo_id: str,
+        revision: str = "",
+        volume_folder: str = "",
+        kind: str = "hf",
+        allow_patterns: list[str] | None = None,
+        ignore_patterns: list[str] | None = None,
+        runtime_secret_name: str = "hf_access_token",
+    ) -> None:
+        self.repo_id = repo_id
+        self.revision = revision
+        self.volume_folder = volume_folder
+        self.kind = kind
+        self.allow_patterns = allow_patterns
+        self.ignore_patterns = ignore_patterns
+        self.runtime_secret_name = runtime_secret_name
+
+    def __repr__(self) -> str:
+        return (
+            f"PyModelRepo(repo_id={self.repo_id!r}, revision={self.revision!r}, "
+            f"volume_folder={self.volume_folder!r}, kind={self.kind!r})"
+        )
+
+    def to_model_repo(self) -> ModelRepo:
+        if self.kind not in VALID_KINDS:
+            raise TtfsError(f"Unknown kind: {self.kind}")
+        return ModelRepo(
+            repo_id=self.repo_id,
+            revision=self.revision,
+            volume_folder=self.volume_folder,
+            kind=self.kind,
+            allow_patterns=tuple(self.allow_patterns) if self.allow_patterns is not None else None,
+            ignore_patterns=tuple(self.ignore_patterns)
+            if self.ignore_patterns is not None
+            else None,
+            runtime_secret_name=self.runtime_secret_name,
+        )
+
+
+def create_basetenpointer_from_models(
+    models: Sequence[PyModelRepo], model_path: str = "/app/model_cache"
+) -> str:
+    """Build a manifest (pretty JSON) from model repos.
+
+    Raises:
+        NotImplementedError: manifest creation from repos and buckets is not implemented yet.
+    """
+    for model in models:
+        model.to_model_repo()  # validates kind like upstream
+    raise NotImplementedError(
+        "create_basetenpointer_from_models: creating manifests from Hugging Face/S3/GCS/Azure "
+        "is not implemented in this ttfs version yet"
+    )
+
+
+def _download_dir(download_dir: str | None) -> str:
+    if download_dir is not None:
+        return download_dir  # "" is used as-is (CWD-relative), as upstream
+    return os.environ.get("TRUSS_TRANSFER_DOWNLOAD_DIR") or DEFAULT_DOWNLOAD_DIR
+
+
+def lazy_data_resolve(
+    download_dir: str | None = None,
+    models: list[PyModelRepo] | None = None,
+    model_path: str | None = None,
+) -> str:
+    """Download every file of the bptr manifests (and JIT models) and return the download dir.
+
+    Raises:
+        Exception: (a TtfsError) with truss-transfer's message text on any failure.
+    """
+    if models and model_path is None:
+        raise TtfsError("model_path must be provided when models are provided")
+    setup_logging()
+    target = _download_dir(download_dir)
+    log.info("truss_transfer_cli, version: %s (ttfs)", __version__)
+    log.info("Starting downloads to: %s", target)
+    report = ResolveReport()
+    try:
+        manifests = find_manifests()
+        jit: list[Any] = [m.to_model_repo() for m in models or []]
+        for manifest in manifests:
+            jit.extend(manifest.models or ())
+        if jit:
+            create_basetenpointer_from_models([], model_path or "")
+        pointers = merge_pointers([*manifests, Manifest(pointers=(), source="<jit>")])
+        log.info(
+            "Successfully merged %d manifests. Total pointers: %d", len(manifests), len(pointers)
+        )
+        validate_pointers(pointers)
+        report.total_manifest_size_bytes = sum(p.size for p in pointers)
+        if pointers:
+            settings = Settings.from_env()
+            monitor = float(os.environ.get("TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS") or 30)
+            trio.run(
+                lambda: resolve(
+                    pointers, target, settings, progress=False, monitor_secs=monitor, report=report
+                )
+            )
+        report.success = True
+    except TtfsError as e:
+        log.error("Error during execution: %s", e)
+        raise TtfsError(f"Download failure: {e}") from e
+    finally:
+        write_stats(report, os.environ.get("TTFS_STATS_FILE") or "/tmp/truss_transfer_stats.json")
+    return target

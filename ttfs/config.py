@@ -1,0 +1,187 @@
+"""Settings: one frozen value built at the edge (CLI or compat API), never at import time.
+
+``Settings.from_env(env, **overrides)`` is the only place that reads ``TTFS_*`` and the
+``TRUSS_TRANSFER_*`` tuning variables; every core class receives a ``Settings`` (or a narrower
+piece of it). The mapping of the truss-transfer variables onto the block scheduler is written in
+:meth:`Settings.from_env` and in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+from .units import MiB, parse_size
+
+log = logging.getLogger(__name__)
+
+TRUTHY = frozenset({"1", "true", "yes", "y"})
+
+
+def truthy(value: str | None, default: bool = False) -> bool:
+    """truss-transfer boolean parsing: ``1/true/yes/y`` (any case) are true, others false."""
+    if value is None:
+        return default
+    return value.strip().lower() in TRUTHY
+
+
+def default_cache_dir(env: Mapping[str, str]) -> Path:
+    """``/var/cache/ttfs`` for root, else ``$XDG_CACHE_HOME/ttfs`` (``~/.cache/ttfs``)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/cache/ttfs")
+    xdg = env.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "ttfs"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RetryPolicy:
+    """Retries of one range: jittered exponential backoff bounded by attempts *and* time.
+
+    8 attempts with base 0.25 s doubling to 8 s spans ~30 s of origin trouble: long enough for a
+    CDN node or a load balancer to recover, short enough that a FUSE read fails with EIO while a
+    human is still watching.
+    """
+
+    attempts: int = 8
+    base_delay: float = 0.25
+    max_delay: float = 8.0
+    deadline: float = 120.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Settings:
+    cache_dir: Path
+    cache_max_bytes: int | None = None
+    # Presence/checksum granularity and the unit of a demand fetch. 2 MiB: a demand miss on a
+    # 25 MB/s CDN stream costs ~80 ms + latency, and 140 GB of blocks is a 70k-entry bitmap.
+    block_size: int = 2 * MiB
+    # Largest contiguous range one background request covers (design: <= 16 MiB so a demand
+    # miss waits at most one unit behind background work).
+    background_unit: int = 16 * MiB
+    # Total ranged GETs in flight (~1 per 85 MB/s of target bandwidth; 32 = ~2.7 GB/s).
+    max_connections: int = 32
+    # Connections only DEMAND reads may use (gcsfuse/blobfuse2 reserve ~10%).
+    demand_reserved: int = 4
+    # Most background ranges in flight for one blob
+    # (TRUSS_TRANSFER_RANGE_DOWNLOAD_WORKERS_PER_FILE).
+    per_blob_connections: int = 32
+    # False = one sequential stream per file (TRUSS_TRANSFER_USE_RANGE_DOWNLOAD=false).
+    use_range: bool = True
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    connect_timeout: float = 10.0
+    # A range that delivers no byte for this long is abandoned and re-issued.
+    stall_timeout: float = 20.0
+    # Seconds between batched fdatasync + index writes of the block store.
+    flush_interval: float = 0.5
+    verify: bool = True
+    hf_endpoint: str | None = None
+    secrets_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from environment variables, then apply non-None ``overrides``.
+
+        truss-transfer variables are mapped onto the scheduler (see docs/configuration.md):
+        ``TRUSS_TRANSFER_RANGE_DOWNLOAD_WORKERS`` caps ``max_connections``,
+        ``..._PER_FILE`` caps ``per_blob_connections``, ``..._USE_RANGE_DOWNLOAD`` switches
+        ``use_range``; ``TRUSS_TRANSFER_NUM_WORKERS`` (files at once) has no equivalent because
+        ttfs schedules blocks, not files, and is accepted but only validated.
+
+        Raises:
+            ConfigError: a variable or override has an invalid value.
+        """
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        values["cache_dir"] = (
+            Path(env["TTFS_CACHE_DIR"]) if env.get("TTFS_CACHE_DIR") else (default_cache_dir(env))
+        )
+        if env.get("TTFS_CACHE_MAX_BYTES"):
+            values["cache_max_bytes"] = _size(env, "TTFS_CACHE_MAX_BYTES")
+        if env.get("TTFS_BLOCK_SIZE"):
+            values["block_size"] = _size(env, "TTFS_BLOCK_SIZE")
+        conns = _int(env, "TTFS_MAX_CONNECTIONS")
+        upstream_conns = _int(env, "TRUSS_TRANSFER_RANGE_DOWNLOAD_WORKERS")
+        if conns is not None:
+            values["max_connections"] = conns
+        elif upstream_conns is not None:
+            # Upstream's 192 assumes Rust threads; beyond ~64 Python gains nothing (measured
+            # in docs/configuration.md), so the upstream value caps rather than sets.
+            values["max_connections"] = min(upstream_conns, 64)
+        per_file = _int(env, "TRUSS_TRANSFER_RANGE_DOWNLOAD_WORKERS_PER_FILE")
+        if per_file is not None:
+            values["per_blob_connections"] = per_file
+        if env.get("TRUSS_TRANSFER_USE_RANGE_DOWNLOAD") is not None:
+            values["use_range"] = truthy(env["TRUSS_TRANSFER_USE_RANGE_DOWNLOAD"], True)
+        workers = _int(env, "TRUSS_TRANSFER_NUM_WORKERS")
+        if workers is not None and workers <= 0:
+            raise ConfigError("TRUSS_TRANSFER_NUM_WORKERS must be >= 1")
+        if env.get("TTFS_STALL_TIMEOUT"):
+            values["stall_timeout"] = _float(env, "TTFS_STALL_TIMEOUT")
+        if env.get("TTFS_RETRY_ATTEMPTS"):
+            values["retry"] = RetryPolicy(attempts=int(_float(env, "TTFS_RETRY_ATTEMPTS")))
+        if env.get("TTFS_VERIFY") is not None:
+            values["verify"] = truthy(env["TTFS_VERIFY"], True)
+        values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
+        values["secrets_env"] = env
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            settings = cls(**values)
+        except TypeError as e:
+            raise ConfigError(str(e)) from e
+        settings.check()
+        return settings
+
+    def replace(self, **changes: Any) -> Settings:
+        new = dataclasses.replace(self, **changes)
+        new.check()
+        return new
+
+    def check(self) -> None:
+        """Raise ConfigError for values that would deadlock or make no sense."""
+        if self.block_size < 64 * 1024 or self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block size must be a power of two >= 64 KiB, got {self.block_size}")
+        if self.background_unit < self.block_size:
+            raise ConfigError("background unit must be at least one block")
+        if self.max_connections < 1:
+            raise ConfigError("max connections must be >= 1")
+        if not 0 <= self.demand_reserved < self.max_connections:
+            # Keep at least one background slot, else prefetch could never run.
+            object.__setattr__(self, "demand_reserved", max(0, self.max_connections - 1))
+        if self.per_blob_connections < 1:
+            raise ConfigError("per-file connections must be >= 1")
+        if self.stall_timeout <= 0:
+            raise ConfigError("stall timeout must be > 0")
+
+
+def _int(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from e
+    if value < 1:
+        raise ConfigError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+def _float(env: Mapping[str, str], name: str) -> float:
+    raw = env[name]
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} is not a number") from e
+
+
+def _size(env: Mapping[str, str], name: str) -> int:
+    try:
+        return parse_size(env[name])
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}") from e

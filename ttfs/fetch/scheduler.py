@@ -1,0 +1,451 @@
+"""The fetch scheduler: prioritised, single-flight block fetching into the block store.
+
+Every byte ttfs downloads goes through :class:`Fetcher`. Callers say *which blocks of which blob*
+they need and at what :class:`Priority`; the fetcher turns queued blocks into ranged requests:
+
+* **Single-flight.** A block is queued or in flight at most once; every caller waiting for it
+  waits on the same :class:`trio.Event`. The fetch runs in the fetcher's own nursery, so a
+  cancelled waiter (an interrupted FUSE read) never cancels a fetch others wait for.
+* **Priorities.** DEMAND (a reader is blocked) < READAHEAD < PREFETCH. A queued block asked for
+  at a more urgent priority is bumped. ``demand_reserved`` of the ``max_connections`` slots are
+  usable by DEMAND only, so demand never waits behind background work for a connection.
+* **Request shape.** DEMAND blocks are fetched one block per request (2 MiB), in parallel, so the
+  bytes a reader waits for arrive first even on an origin that caps each connection. Background
+  blocks are coalesced at dispatch time with their queued neighbours into runs of up to
+  ``background_unit`` (16 MiB), which keeps request overhead low and bounds how long a demand
+  read can wait behind one unit.
+* **Retries.** A run that breaks resumes at its first block that did not land (the
+  :class:`~ttfs.blocks.RunWriter` lands blocks as they complete), with jittered exponential
+  backoff that honours ``Retry-After``, bounded by attempts and by time.
+* **Verification.** When the last block of a blob lands it is hashed against the manifest in a
+  worker thread; a mismatch discards the blob and fetches it once more, then fails for good.
+
+INVARIANT (single-flight): between looking a block up in ``_blocks`` and inserting its state
+there is no checkpoint; adding an ``await`` there would let two fetches of one block start.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import trio
+
+from ..blocks import Blob, BlobSpec, BlockStore, checker_for
+from ..config import Settings
+from ..errors import CacheError, IntegrityError, TransientError, TtfsError
+from ..manifest import Pointer
+from ..providers import Provider, ProviderSet
+
+log = logging.getLogger(__name__)
+
+
+class Priority(IntEnum):
+    DEMAND = 0
+    READAHEAD = 1
+    PREFETCH = 2
+
+
+@dataclass(slots=True)
+class _BlockState:
+    prio: Priority
+    inflight: bool = False
+    event: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+@dataclass(slots=True)
+class Source:
+    """A blob as the fetcher sees it: where its bytes come from and its progress."""
+
+    blob: Blob
+    pointer: Pointer
+    provider: Provider
+    runs_inflight: int = 0
+    deferred: list[tuple[int, int, str, int]] = field(default_factory=list)
+    verify_attempts: int = 0
+    verifying: trio.Event | None = None
+    failure: BaseException | None = None
+    done: trio.Event = field(default_factory=trio.Event)
+    origin_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FetcherStatistics:
+    queued: dict[str, int]
+    inflight_requests: int
+    origin_bytes: int
+    origin_requests: int
+    retries: int
+
+
+class Fetcher:
+    """Owns the queue, the connection budget and the fetch tasks. Use :func:`open_fetcher`."""
+
+    def __init__(self, store: BlockStore, providers: ProviderSet, settings: Settings) -> None:
+        self.store = store
+        self.providers = providers
+        self.settings = settings
+        self._sources: dict[str, Source] = {}
+        self._blocks: dict[tuple[str, int], _BlockState] = {}
+        self._heap: list[tuple[int, int, str, int]] = []
+        self._seq = itertools.count()
+        self._wakeup = trio.Event()
+        self._inflight_total = 0
+        self._inflight_background = 0
+        self._nursery: trio.Nursery | None = None
+        self._open_lock = trio.Lock()
+        self.origin_bytes = 0
+        self.origin_requests = 0
+        self.retries = 0
+        if settings.use_range:
+            self._unit_blocks = max(1, settings.background_unit // store.block_size)
+            self._per_blob = settings.per_blob_connections
+        else:
+            self._unit_blocks = 1 << 62  # one stream per file, as truss-transfer's non-range mode
+            self._per_blob = 1
+
+    # -- blobs ---------------------------------------------------------------------------
+    async def add(self, pointer: Pointer) -> Source:
+        """Open the blob behind ``pointer`` (once per hash) and return its source.
+
+        Raises:
+            CacheError: the block store cannot hold it.
+            ConfigError: no provider serves its resolution type.
+        """
+        blob_id = pointer.hash
+        async with self._open_lock:
+            source = self._sources.get(blob_id)
+            if source is not None:
+                return source
+            provider = self.providers.for_pointer(pointer)
+            spec = BlobSpec(blob_id, pointer.size, checker_for(pointer.hashtype, pointer.hash))
+            blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
+            source = Source(blob, pointer, provider)
+            self._sources[blob_id] = source
+            if blob.complete and (blob.verified or not self._must_verify(source)):
+                source.done.set()
+            return source
+
+    def source(self, blob_id: str) -> Source:
+        return self._sources[blob_id]
+
+    def sources(self) -> list[Source]:
+        return list(self._sources.values())
+
+    def _must_verify(self, source: Source) -> bool:
+        return self.settings.verify and source.blob.spec.checker.checkable
+
+    # -- requests ---------------------------------------------------------------------------
+    def request_nowait(self, source: Source, blocks: Iterable[int], prio: Priority) -> None:
+        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks."""
+        blob = source.blob
+        bid = blob.blob_id
+        changed = False
+        for i in blocks:
+            if blob.present[i]:
+                continue
+            key = (bid, i)
+            state = self._blocks.get(key)
+            if state is None:
+                self._blocks[key] = _BlockState(prio)
+                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                changed = True
+            elif prio < state.prio and not state.inflight:
+                state.prio = prio
+                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                changed = True
+        if changed:
+            self._wakeup.set()
+
+    async def ensure(self, source: Source, blocks: range, prio: Priority = Priority.DEMAND) -> None:
+        """Return once every block in ``blocks`` is present.
+
+        Raises:
+            TtfsError: the fetch of one of the blocks failed (every waiter sees the same error).
+        """
+        blob = source.blob
+        self.request_nowait(source, blocks, prio)
+        for i in blocks:
+            if blob.present[i]:
+                continue
+            state = self._blocks.get((blob.blob_id, i))
+            if state is None:  # landed between request and here, or failed and was dropped
+                if blob.present[i]:
+                    continue
+                self.request_nowait(source, [i], prio)
+                state = self._blocks[(blob.blob_id, i)]
+            await state.event.wait()
+            if state.error is not None:
+                raise state.error
+            if not blob.present[i]:
+                # Landed, then discarded by a failed verification: ask again.
+                await self.ensure(source, range(i, i + 1), prio)
+
+    async def read(
+        self, source: Source, offset: int, length: int, prio: Priority = Priority.DEMAND
+    ) -> bytes:
+        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first."""
+        blob = source.blob
+        length = max(0, min(length, blob.size - offset))
+        if length == 0:
+            return b""
+        blocks = blob.blocks_for(offset, length)
+        if blob.missing(blocks):
+            await self.ensure(source, blocks, prio)
+        return blob.pread(offset, length)
+
+    async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
+        """Fetch every missing block and verify the blob; return when it is whole and checked.
+
+        Raises:
+            IntegrityError: the blob did not match its hash twice in a row.
+            TtfsError: a block could not be fetched.
+        """
+        if source.failure is not None and not source.done.is_set():
+            source.failure = None  # a new attempt after an earlier failure
+        blob = source.blob
+        if blob.n_blocks:
+            await self.ensure(source, range(blob.n_blocks), prio)
+        await self._verify(source)
+        if source.failure is not None:
+            raise source.failure
+
+    # -- verification ------------------------------------------------------------------------
+    async def _verify(self, source: Source) -> None:
+        blob = source.blob
+        while not source.done.is_set():
+            if source.verifying is not None:
+                await source.verifying.wait()
+                if source.failure is not None:
+                    raise source.failure
+                continue
+            if not blob.complete:
+                await self.ensure(source, range(blob.n_blocks), Priority.PREFETCH)
+                continue
+            if not self._must_verify(source):
+                await trio.to_thread.run_sync(self.store.mark_verified, blob)
+                source.done.set()
+                return
+            source.verifying = trio.Event()
+            try:
+                ok = await trio.to_thread.run_sync(blob.verify)
+                if ok:
+                    await trio.to_thread.run_sync(self.store.mark_verified, blob)
+                    source.done.set()
+                    log.info(
+                        "verified %s (%s)", source.pointer.file_name, blob.spec.checker.algorithm
+                    )
+                    return
+                source.verify_attempts += 1
+                expected = blob.spec.checker
+                if source.verify_attempts >= 2:
+                    source.failure = IntegrityError(
+                        f"{source.pointer.file_name}: content does not match "
+                        f"{expected.algorithm} {expected.expected} (fetched twice)"
+                    )
+                    raise source.failure
+                log.warning(
+                    "%s: %s mismatch; discarding and fetching again",
+                    source.pointer.file_name,
+                    expected.algorithm,
+                )
+                await trio.to_thread.run_sync(blob.discard)
+            finally:
+                event, source.verifying = source.verifying, None
+                event.set()
+
+    # -- dispatch ---------------------------------------------------------------------------
+    async def _dispatcher(self) -> None:
+        assert self._nursery is not None
+        max_total = self.settings.max_connections
+        max_background = max_total - self.settings.demand_reserved
+        while True:
+            # A fresh event *before* looking: any change after the look sets this one.
+            self._wakeup = trio.Event()
+            entry = self._peek()
+            if entry is not None:
+                prio, _, bid, index = entry
+                source = self._sources[bid]
+                allowed = self._inflight_total < max_total and (
+                    prio == Priority.DEMAND or self._inflight_background < max_background
+                )
+                if allowed and prio != Priority.DEMAND and source.runs_inflight >= self._per_blob:
+                    # This blob has its share; park the entry until one of its runs ends.
+                    heapq.heappop(self._heap)
+                    source.deferred.append(entry)
+                    continue
+                if allowed:
+                    heapq.heappop(self._heap)
+                    last = self._claim_run(source, index, Priority(prio))
+                    self._inflight_total += 1
+                    background = prio != Priority.DEMAND
+                    if background:
+                        self._inflight_background += 1
+                    source.runs_inflight += 1
+                    self._nursery.start_soon(self._run, source, index, last, background)
+                    continue
+            await self._wakeup.wait()
+
+    def _peek(self) -> tuple[int, int, str, int] | None:
+        """The most urgent valid heap entry, dropping stale ones (bumped, landed, claimed)."""
+        heap = self._heap
+        while heap:
+            prio, _, bid, index = heap[0]
+            state = self._blocks.get((bid, index))
+            if state is None or state.inflight or state.prio != prio:
+                heapq.heappop(heap)
+                continue
+            return heap[0]
+        return None
+
+    def _claim_run(self, source: Source, first: int, prio: Priority) -> int:
+        """Mark ``first`` in flight plus, for background work, its queued successors."""
+        bid = source.blob.blob_id
+        self._blocks[(bid, first)].inflight = True
+        last = first
+        if prio == Priority.DEMAND:
+            return last
+        limit = min(source.blob.n_blocks - 1, first + self._unit_blocks - 1)
+        while last < limit:
+            state = self._blocks.get((bid, last + 1))
+            if state is None or state.inflight or state.prio == Priority.DEMAND:
+                break
+            state.inflight = True
+            last += 1
+        return last
+
+    async def _run(self, source: Source, first: int, last: int, background: bool) -> None:
+        """Fetch blocks ``first..last`` with retries; wake or fail their waiters."""
+        blob = source.blob
+        bid = blob.blob_id
+        policy = self.settings.retry
+        writer = blob.writer(first)
+        attempt = 0
+        started = time.monotonic()
+
+        def sink(chunk: memoryview) -> None:
+            source.origin_bytes += len(chunk)
+            self.origin_bytes += len(chunk)
+            for index in writer.write(chunk):
+                state = self._blocks.pop((bid, index), None)
+                if state is not None:
+                    state.event.set()
+
+        try:
+            while writer.next_block <= last:
+                start = writer.pos
+                end = blob.block_range(last)[1]
+                self.origin_requests += 1
+                try:
+                    await source.provider.read_range(source.pointer, start, end, sink)
+                    if writer.next_block <= last:
+                        raise TransientError(f"{source.pointer.file_name}: range ended early")
+                except TransientError as e:
+                    attempt += 1
+                    elapsed = time.monotonic() - started
+                    if attempt >= policy.attempts or elapsed >= policy.deadline:
+                        raise
+                    delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+                    delay *= random.uniform(0.5, 1.5)
+                    if e.retry_after is not None:
+                        delay = max(delay, min(e.retry_after, policy.max_delay * 4))
+                    level = logging.INFO if attempt <= 2 else logging.WARNING
+                    log.log(
+                        level,
+                        "retrying %s bytes %d-%d in %.2fs (attempt %d): %s",
+                        source.pointer.file_name,
+                        writer.pos,
+                        end - 1,
+                        delay,
+                        attempt,
+                        e,
+                    )
+                    self.retries += 1
+                    await trio.sleep(delay)
+                    writer = blob.writer(writer.next_block)
+        except (TtfsError, OSError) as e:
+            error: BaseException = e if isinstance(e, TtfsError) else CacheError(str(e))
+            self._fail(source, writer.next_block, last, error)
+        except BaseException as e:
+            # Cancellation (shutdown) or a bug: release the waiters, then propagate.
+            self._fail(source, writer.next_block, last, CacheError(f"fetch aborted: {e!r}"))
+            raise
+        finally:
+            self._inflight_total -= 1
+            if background:
+                self._inflight_background -= 1
+            source.runs_inflight -= 1
+            for entry in source.deferred:
+                heapq.heappush(self._heap, entry)
+            source.deferred.clear()
+            self._wakeup.set()
+        if blob.complete and not source.done.is_set() and source.verifying is None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._verify_quietly, source)
+
+    async def _verify_quietly(self, source: Source) -> None:
+        try:
+            await self._verify(source)
+        except TtfsError as e:
+            log.error("%s", e)
+
+    def _fail(self, source: Source, first: int, last: int, error: BaseException) -> None:
+        bid = source.blob.blob_id
+        log.warning(
+            "fetch of %s blocks %d-%d failed: %s", source.pointer.file_name, first, last, error
+        )
+        for index in range(first, last + 1):
+            state = self._blocks.pop((bid, index), None)
+            if state is not None:
+                state.error = error
+                state.event.set()
+
+    # -- housekeeping ----------------------------------------------------------------------
+    async def _flusher(self) -> None:
+        while True:
+            await trio.sleep(self.settings.flush_interval)
+            await trio.to_thread.run_sync(self.store.flush)
+
+    def statistics(self) -> FetcherStatistics:
+        queued = {p.name: 0 for p in Priority}
+        for state in self._blocks.values():
+            if not state.inflight:
+                queued[state.prio.name] += 1
+        return FetcherStatistics(
+            queued, self._inflight_total, self.origin_bytes, self.origin_requests, self.retries
+        )
+
+    async def aclose(self) -> None:
+        for source in self._sources.values():
+            await trio.to_thread.run_sync(self.store.release, source.blob)
+        self._sources.clear()
+
+
+@asynccontextmanager
+async def open_fetcher(
+    store: BlockStore, providers: ProviderSet, settings: Settings
+) -> AsyncIterator[Fetcher]:
+    """Run a :class:`Fetcher` for the duration of the block; close providers and flush after."""
+    fetcher = Fetcher(store, providers, settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            fetcher._nursery = nursery
+            nursery.start_soon(fetcher._dispatcher)
+            nursery.start_soon(fetcher._flusher)
+            try:
+                yield fetcher
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await fetcher.aclose()
+            await providers.aclose()
+            await trio.to_thread.run_sync(store.flush)

@@ -1,0 +1,302 @@
+"""HTTP(S) and Hugging Face origins: range GETs over one shared httpx client.
+
+Why the redirect handling is ours and not httpx's:
+
+* A Hugging Face ``resolve`` URL answers 302 to a signed CDN URL. We follow it once, cache the
+  CDN URL until it expires, and send every later range straight to the CDN (one round trip
+  instead of two).
+* The token is sent only to a hub origin (``huggingface.co``, ``hf.co``, their subdomains, or the
+  exact origin of ``HF_ENDPOINT``) and never across a redirect to another origin: origin means
+  scheme + host + port, so a CDN on another port of the same host gets no token either.
+* A 401/403/410 from a cached CDN URL means it expired: we forget it and resolve again, once.
+
+Every response is checked: a ``Content-Range`` total that differs from the manifest size is a
+:class:`~ttfs.errors.StaleManifest` (never silent corruption); a body shorter than promised is a
+:class:`~ttfs.errors.TransientError` that the scheduler retries from the first missing block.
+Errors are mapped from httpx in one place (:func:`_mapped`). URLs are logged without query
+strings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import NoReturn
+from urllib.parse import parse_qs, urljoin, urlsplit
+
+import httpx
+import trio
+
+from ..config import Settings
+from ..errors import (
+    AccessDenied,
+    ObjectNotFound,
+    ProviderError,
+    StaleManifest,
+    TransientError,
+)
+from ..manifest import HttpResolution, Pointer
+from ..secrets import get_hf_token
+from .base import Sink, redact_url
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024  # socket read size: large enough to amortise Python per-chunk cost
+MAX_REDIRECTS = 8
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_HUB_SUFFIXES = ("huggingface.co", "hf.co")
+_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclass(slots=True)
+class _Target:
+    """Where the bytes of one manifest URL really come from."""
+
+    url: str
+    auth: bool
+    expires_at: float  # monotonic deadline; inf when the URL carries no expiry
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _signed_url_ttl(url: str) -> float:
+    """Seconds a signed URL stays valid, from its query (CloudFront ``Expires``, S3 SigV4)."""
+    query = {k.lower(): v for k, v in parse_qs(urlsplit(url).query).items()}
+    now = time.time()
+    if "expires" in query:
+        with contextlib.suppress(ValueError):
+            return float(query["expires"][0]) - now
+    if "x-amz-expires" in query and "x-amz-date" in query:
+        with contextlib.suppress(ValueError):
+            issued = time.mktime(time.strptime(query["x-amz-date"][0], "%Y%m%dT%H%M%SZ"))
+            return issued - time.timezone + float(query["x-amz-expires"][0]) - now
+    return float("inf")
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    return None
+
+
+@contextlib.contextmanager
+def _mapped(url: str) -> Iterator[None]:
+    """Translate httpx transport errors into our tree, once, for every request."""
+    try:
+        yield
+    except httpx.TimeoutException as e:
+        raise TransientError(f"timed out on {redact_url(url)} ({type(e).__name__})") from e
+    except httpx.TransportError as e:
+        raise TransientError(f"network error on {redact_url(url)}: {type(e).__name__}: {e}") from e
+
+
+def _status_error(response: httpx.Response, url: str, pointer: Pointer) -> NoReturn:
+    status = response.status_code
+    where = f"HTTP {status} from {redact_url(url)} for {pointer.file_name}"
+    if status in _TRANSIENT_STATUS or 500 <= status < 600:
+        raise TransientError(where, retry_after=_retry_after(response))
+    if status == 404:
+        raise ObjectNotFound(where)
+    if status in (401, 403, 410):
+        raise AccessDenied(where)
+    raise ProviderError(where)
+
+
+class HttpProvider:
+    """Range reads of ``http`` pointers (plain URLs and Hugging Face resolve URLs)."""
+
+    name = "http"
+
+    def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
+        self._settings = settings
+        limits = httpx.Limits(
+            max_connections=settings.max_connections + 8,
+            max_keepalive_connections=settings.max_connections + 8,
+            keepalive_expiry=30.0,
+        )
+        timeout = httpx.Timeout(
+            connect=settings.connect_timeout,
+            read=settings.stall_timeout,  # no byte for this long = a stalled range
+            write=settings.stall_timeout,
+            pool=None,  # the scheduler bounds concurrency; waiting for a slot is not a stall
+        )
+        self._client = client or httpx.AsyncClient(
+            limits=limits,
+            timeout=timeout,
+            follow_redirects=False,
+            headers={"user-agent": "ttfs/0.1", "accept-encoding": "identity"},
+        )
+        self._targets: dict[str, _Target] = {}
+        self._resolving: dict[str, trio.Event] = {}
+        self._tokens: dict[str, str | None] = {}
+        self._hub = _origin(settings.hf_endpoint) if settings.hf_endpoint else None
+        self.requests = 0
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    # -- auth -----------------------------------------------------------------------------
+    def is_hub(self, url: str) -> bool:
+        origin = _origin(url)
+        if self._hub is not None and origin == self._hub:
+            return True
+        host = origin[1]
+        return any(host == s or host.endswith("." + s) for s in _HUB_SUFFIXES)
+
+    def _token(self, pointer: Pointer) -> str | None:
+        name = pointer.runtime_secret_name
+        if name not in self._tokens:
+            self._tokens[name] = get_hf_token(name, self._settings.secrets_env or None)
+        return self._tokens[name]
+
+    def _headers(self, pointer: Pointer, auth: bool, start: int, end: int) -> dict[str, str]:
+        headers = {"range": f"bytes={start}-{end - 1}"}
+        if auth:
+            token = self._token(pointer)
+            if token:
+                headers["authorization"] = f"Bearer {token}"
+        return headers
+
+    # -- reads ------------------------------------------------------------------------------
+    async def read_range(self, pointer: Pointer, start: int, end: int, sink: Sink) -> None:
+        resolution = pointer.resolution
+        if not isinstance(resolution, HttpResolution):
+            raise ProviderError(f"{pointer.file_name}: not an http pointer")
+        if end <= start:
+            return
+        url = resolution.url
+        for attempt in range(2):
+            try:
+                await self._read(pointer, url, start, end, sink)
+                return
+            except AccessDenied:
+                # A cached (signed) URL may have expired: resolve again, once.
+                if attempt == 0 and url in self._targets and self._targets[url].url != url:
+                    log.info("signed URL for %s refused; resolving again", pointer.file_name)
+                    self._targets.pop(url, None)
+                    continue
+                raise
+
+    async def _read(self, pointer: Pointer, url: str, start: int, end: int, sink: Sink) -> None:
+        target = self._targets.get(url)
+        if target is not None and time.monotonic() >= target.expires_at:
+            self._targets.pop(url, None)
+            target = None
+        if target is None and url in self._resolving:
+            # Single-flight the first resolution: wait for whoever is following the redirect.
+            await self._resolving[url].wait()
+            target = self._targets.get(url)
+        if target is not None:
+            await self._get(pointer, target.url, target.auth, start, end, sink)
+            return
+        done = self._resolving[url] = trio.Event()
+        try:
+            await self._get(pointer, url, self.is_hub(url), start, end, sink, resolve_for=url)
+        finally:
+            del self._resolving[url]
+            done.set()
+
+    async def _get(
+        self,
+        pointer: Pointer,
+        url: str,
+        auth: bool,
+        start: int,
+        end: int,
+        sink: Sink,
+        *,
+        resolve_for: str | None = None,
+    ) -> None:
+        """One ranged GET, following redirects by hand when resolving a manifest URL."""
+        for _hop in range(MAX_REDIRECTS + 1):
+            headers = self._headers(pointer, auth, start, end)
+            request = self._client.build_request("GET", url, headers=headers)
+            self.requests += 1
+            with _mapped(url):
+                response = await self._client.send(request, stream=True)
+            try:
+                if response.is_redirect and "location" in response.headers:
+                    next_url = urljoin(url, response.headers["location"])
+                    if _origin(next_url) != _origin(url):
+                        auth = False  # never carry the token to another origin
+                    log.debug("redirect %s -> %s", redact_url(url), redact_url(next_url))
+                    url = next_url
+                    continue
+                if response.status_code not in (200, 206):
+                    _status_error(response, url, pointer)
+                if resolve_for is not None:
+                    ttl = _signed_url_ttl(url)
+                    # Keep a 30 s margin so a range is not started on a URL about to expire.
+                    self._targets[resolve_for] = _Target(url, auth, time.monotonic() + ttl - 30)
+                    resolve_for = None
+                await self._stream(pointer, url, response, start, end, sink)
+                return
+            finally:
+                await response.aclose()
+        raise ProviderError(f"too many redirects for {redact_url(url)} ({pointer.file_name})")
+
+    async def _stream(
+        self, pointer: Pointer, url: str, response: httpx.Response, start: int, end: int, sink: Sink
+    ) -> None:
+        skip = 0
+        if response.status_code == 206:
+            m = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
+            if not m:
+                raise TransientError(f"bad Content-Range from {redact_url(url)}")
+            first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+            if total != "*" and int(total) != pointer.size:
+                raise StaleManifest(
+                    f"{pointer.file_name}: origin object has {total} bytes but the manifest "
+                    f"says {pointer.size} (stale manifest?) at {redact_url(url)}"
+                )
+            if first != start or last < start:
+                raise TransientError(
+                    f"origin answered range {first}-{last}, asked {start}-{end - 1}"
+                )
+        else:
+            # 200: the server ignored Range. Correct but wasteful: skip to our start.
+            length = response.headers.get("content-length")
+            if length is not None and int(length) != pointer.size:
+                raise StaleManifest(
+                    f"{pointer.file_name}: origin object has {length} bytes but the manifest "
+                    f"says {pointer.size} (stale manifest?) at {redact_url(url)}"
+                )
+            skip = start
+            log.warning("%s ignores Range requests; reading the whole body", redact_url(url))
+        want = end - start
+        got = 0
+        with _mapped(url):
+            async for chunk in response.aiter_raw(CHUNK):
+                view = memoryview(chunk)
+                if skip:
+                    cut = min(skip, len(view))
+                    view = view[cut:]
+                    skip -= cut
+                    if not view:
+                        continue
+                if got + len(view) > want:
+                    view = view[: want - got]
+                sink(view)
+                got += len(view)
+                if got >= want:
+                    return
+        if got < want:
+            raise TransientError(
+                f"short body from {redact_url(url)}: {got} of {want} bytes ({pointer.file_name})"
+            )

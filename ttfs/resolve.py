@@ -1,0 +1,329 @@
+"""Eager resolve: download every file of a manifest to plain files (what truss-transfer does).
+
+Unlike truss-transfer, a file appears at its destination only when it is complete and verified:
+the bytes land in the block store (so a killed resolve resumes where it stopped), the blob is
+hashed against the manifest, and only then is it hard-linked (or copied, across filesystems)
+to a temporary name beside the destination and renamed over it. A file with holes is never
+accepted, and a failure in one file never leaves a corrupt file at another file's path.
+
+An existing destination with the right size is skipped when it is the very file (inode, mtime)
+an earlier resolve produced, or when its content hashes to the manifest hash; otherwise it is
+replaced. Files whose hash cannot be checked locally fall back to upstream's size rule, and
+the log says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from .blocks import BlockStore, checker_for
+from .config import Settings
+from .errors import CacheError, DownloadError, TtfsError
+from .fetch import Fetcher, Priority, Source, open_fetcher
+from .manifest import Pointer, destination
+from .providers import ProviderSet
+from .telemetry.progress import Progress
+
+log = logging.getLogger(__name__)
+
+STATS_FILE = "/tmp/truss_transfer_stats.json"
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(slots=True)
+class FileDownload:
+    file_name: str
+    file_size_bytes: int
+    download_time_secs: float
+    download_speed_mb_s: float
+
+
+@dataclass(slots=True)
+class ResolveReport:
+    """What a resolve did; written as truss-transfer's stats file (spec §3.14)."""
+
+    total_manifest_size_bytes: int = 0
+    total_download_time_secs: float = 0.0
+    file_downloads: list[FileDownload] = field(default_factory=list)
+    skipped: int = 0
+    origin_bytes: int = 0
+    success: bool = False
+
+    def stats_json(self, *, b10fs_enabled: bool = False) -> dict[str, object]:
+        downloaded = sum(f.file_size_bytes for f in self.file_downloads)
+        secs = self.total_download_time_secs
+        return {
+            "total_manifest_size_bytes": self.total_manifest_size_bytes,
+            "total_download_time_secs": secs,
+            "total_aggregated_mb_s": (downloaded / (secs * 1e6)) if downloaded and secs else None,
+            "file_downloads": [
+                {
+                    "file_name": f.file_name,
+                    "file_size_bytes": f.file_size_bytes,
+                    "download_time_secs": f.download_time_secs,
+                    "download_speed_mb_s": f.download_speed_mb_s,
+                }
+                for f in self.file_downloads
+            ],
+            "b10fs_read_speed_mbps": None,
+            "b10fs_decision_to_use": False,
+            "b10fs_enabled": b10fs_enabled,
+            "b10fs_hot_starts_files": 0,
+            "b10fs_hot_starts_bytes": 0,
+            "b10fs_cold_starts_files": 0,
+            "b10fs_cold_starts_bytes": 0,
+            "success": self.success,
+            "timestamp": int(time.time()),
+        }
+
+
+def write_stats(report: ResolveReport, path: str = STATS_FILE) -> None:
+    """Write the stats file atomically; a failure is logged, never raised."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(report.stats_json(), f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot write stats file %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def _hash_file(path: Path, pointer: Pointer) -> bool | None:
+    """True/False when ``path`` does/doesn't match the pointer's hash; None if not checkable."""
+    checker = checker_for(pointer.hashtype, pointer.hash)
+    if not checker.checkable:
+        return None
+    h = checker.new(pointer.size)
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest() == checker.expected
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Make ``dest`` a complete copy of ``src`` atomically: hard link if possible, else copy."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}.tmp"
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise
+            shutil.copyfile(src, tmp)  # uses copy_file_range/sendfile where the kernel can
+            os.chmod(tmp, 0o644)
+        if dest.is_dir() and not dest.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, "destination is a directory", str(dest))
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+class Resolver:
+    """Downloads a list of pointers into a directory through one fetcher."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        download_dir: str,
+        *,
+        progress: bool | None = None,
+        monitor_secs: float = 30.0,
+        report: ResolveReport | None = None,
+    ) -> None:
+        self.fetcher = fetcher
+        self.download_dir = download_dir
+        self.report = report if report is not None else ResolveReport()
+        self._progress = progress
+        self._monitor_secs = monitor_secs
+        self._files_open = trio.CapacityLimiter(64)  # bounds open data files, not throughput
+
+    async def run(self, pointers: Sequence[Pointer]) -> ResolveReport:
+        """Resolve every pointer; on the first failure cancel the rest and raise.
+
+        Raises:
+            DownloadError: naming the first file that failed and why.
+        """
+        started = time.monotonic()
+        self.report.total_manifest_size_bytes = sum(p.size for p in pointers)
+        # Destinations first: a hostile name fails the resolve before any byte is written.
+        plan = [(p, destination(self.download_dir, p.file_name)) for p in pointers]
+        failure: list[DownloadError] = []
+        total = self.report.total_manifest_size_bytes
+        show = self._progress if self._progress is not None else sys.stderr.isatty()
+        progress = Progress(total, label="resolve") if total and show else None
+        try:
+            async with trio.open_nursery() as nursery:
+                if progress is not None:
+                    nursery.start_soon(progress.run, self._bytes_ready)
+                async with trio.open_nursery() as files:
+                    for pointer, dest in plan:
+                        files.start_soon(self._one, pointer, dest, failure, files.cancel_scope)
+                nursery.cancel_scope.cancel()
+        finally:
+            self.report.total_download_time_secs = time.monotonic() - started
+            self.report.origin_bytes = self.fetcher.origin_bytes
+        if failure:
+            raise failure[0]
+        if progress is not None:
+            progress.finish(self._bytes_ready())
+        self.report.success = True
+        log.info(
+            "All downloads completed successfully after %.2fs", self.report.total_download_time_secs
+        )
+        return self.report
+
+    def _bytes_ready(self) -> int:
+        return sum(s.blob.bytes_present for s in self.fetcher.sources())
+
+    async def _one(
+        self, pointer: Pointer, dest: Path, failure: list[DownloadError], scope: trio.CancelScope
+    ) -> None:
+        try:
+            async with self._files_open:
+                await self._download(pointer, dest)
+        except TtfsError as e:
+            error = e if isinstance(e, DownloadError) else DownloadError(pointer.file_name, e)
+            if not failure:
+                failure.append(error)
+                log.error("Download failure: %s", error)
+            scope.cancel()
+        except OSError as e:
+            if not failure:
+                failure.append(DownloadError(pointer.file_name, CacheError(str(e))))
+            scope.cancel()
+
+    async def _download(self, pointer: Pointer, dest: Path) -> None:
+        store = self.fetcher.store
+        if await trio.to_thread.run_sync(self._already_there, store, pointer, dest):
+            self.report.skipped += 1
+            return
+        t0 = time.monotonic()
+        source = await self.fetcher.add(pointer)
+        before = source.blob.bytes_present
+        monitor = trio.CancelScope()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._monitor, source, dest, monitor)
+            try:
+                await self.fetcher.complete(source, Priority.PREFETCH)
+            finally:
+                monitor.cancel()
+        await trio.to_thread.run_sync(_place, source.blob.path, dest)
+        await trio.to_thread.run_sync(store.record_output, dest, pointer.hash)
+        secs = time.monotonic() - t0
+        if source.blob.size > before:
+            self.report.file_downloads.append(
+                FileDownload(
+                    pointer.file_name,
+                    pointer.size,
+                    secs,
+                    pointer.size / 2**20 / secs if secs > 0 else 0.0,
+                )
+            )
+        log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
+
+    def _already_there(self, store: BlockStore, pointer: Pointer, dest: Path) -> bool:
+        try:
+            st = dest.stat()
+        except OSError:
+            return False
+        if st.st_size != pointer.size or not dest.is_file():
+            log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
+            return False
+        if store.output_matches(dest, pointer.hash, pointer.size):
+            log.info(
+                "File %s already exists with correct size. Skipping download.", pointer.file_name
+            )
+            return True
+        verdict = _hash_file(dest, pointer)
+        if verdict is None:
+            log.info(
+                "File %s already exists with correct size; its hash (%s) cannot be "
+                "checked locally. Skipping download.",
+                pointer.file_name,
+                pointer.hashtype,
+            )
+            return True
+        if verdict:
+            log.info(
+                "File %s already exists and matches its hash. Skipping download.", pointer.file_name
+            )
+            store.record_output(dest, pointer.hash)
+            return True
+        log.warning(
+            "File %s exists with the right size but the wrong content. Redownloading.",
+            pointer.file_name,
+        )
+        return False
+
+    async def _monitor(self, source: Source, dest: Path, scope: trio.CancelScope) -> None:
+        """truss-transfer's per-file progress line, every ``monitor_secs`` (first tick skipped)."""
+        with scope:
+            t0 = time.monotonic()
+            last_t, last = t0, source.blob.bytes_present
+            while True:
+                await trio.sleep(self._monitor_secs)
+                now, cur = time.monotonic(), source.blob.bytes_present
+                total = max(source.blob.size, 1)
+                log.warning(
+                    'Download for "%s" %.0f%% (%d / %d bytes, avg: %.2f MB/s, curr: %.2f MB/s)',
+                    dest,
+                    100 * cur / total,
+                    cur,
+                    source.blob.size,
+                    cur / 2**20 / (now - t0),
+                    (cur - last) / 2**20 / (now - last_t),
+                )
+                last_t, last = now, cur
+
+
+async def resolve(
+    pointers: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    *,
+    progress: bool | None = None,
+    monitor_secs: float = 30.0,
+    providers: ProviderSet | None = None,
+    report: ResolveReport | None = None,
+) -> ResolveReport:
+    """Open the cache and a fetcher, resolve ``pointers`` into ``download_dir``.
+
+    Raises:
+        DownloadError: the first file that failed.
+        CacheError: the cache directory is unusable.
+    """
+    store = await trio.to_thread.run_sync(
+        lambda: BlockStore(
+            settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
+        )
+    )
+    try:
+        async with open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher:
+            resolver = Resolver(
+                fetcher, download_dir, progress=progress, monitor_secs=monitor_secs, report=report
+            )
+            report = await resolver.run(pointers)
+        store.pinned = {p.hash for p in pointers}
+        await trio.to_thread.run_sync(store.evict)
+        return report
+    finally:
+        await trio.to_thread.run_sync(store.close)

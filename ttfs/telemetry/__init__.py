@@ -1,0 +1,1 @@
+"""Logging setup, progress reporting and the run statistics file."""
