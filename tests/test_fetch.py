@@ -1,0 +1,192 @@
+"""Fetch scheduler with an in-process fake origin: single-flight, priorities, retries, verify."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from tests.fakes import FakeProvider, pointer_for, ramp
+from ttfs.blocks import BlockStore
+from ttfs.config import Settings
+from ttfs.errors import IntegrityError, ObjectNotFound, TransientError
+from ttfs.fetch import Fetcher, Priority, open_fetcher
+from ttfs.providers import ProviderSet
+from ttfs.units import MiB
+
+BS = 2 * MiB
+
+
+@asynccontextmanager
+async def fetcher_for(settings: Settings, fake: FakeProvider) -> AsyncIterator[Fetcher]:
+    store = BlockStore(settings.cache_dir, block_size=settings.block_size)
+    providers = ProviderSet(settings)
+    providers.add("http", fake)
+    try:
+        async with open_fetcher(store, providers, settings) as fetcher:
+            yield fetcher
+    finally:
+        store.close()
+
+
+async def test_concurrent_reads_make_one_request_per_block(settings: Settings) -> None:
+    data = ramp(8 * BS)
+    fake = FakeProvider({"m.bin": data}, latency=0.05)
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        results: list[bytes] = []
+
+        async def reader() -> None:
+            results.append(await fetcher.read(source, BS + 100, 3 * BS))
+
+        async with trio.open_nursery() as n:
+            for _ in range(16):
+                n.start_soon(reader)
+    assert all(r == data[BS + 100 : 4 * BS + 100] for r in results) and len(results) == 16
+    # DEMAND: one request per 2 MiB block, four blocks, nothing more.
+    assert sorted(c[1] for c in fake.calls) == [BS, 2 * BS, 3 * BS, 4 * BS]
+
+
+async def test_cancelled_reader_does_not_cancel_shared_fetch(settings: Settings) -> None:
+    data = ramp(BS)
+    fake = FakeProvider({"m.bin": data}, gate=trio.Event())
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        got: list[bytes] = []
+
+        async def patient() -> None:
+            got.append(await fetcher.read(source, 0, 10))
+
+        async with trio.open_nursery() as n:
+            with trio.move_on_after(0.05):
+                await fetcher.read(source, 0, 10)  # gives up while the fetch is gated
+            n.start_soon(patient)
+            await trio.sleep(0.01)
+            assert fake.gate is not None
+            fake.gate.set()
+    assert got == [data[:10]]
+    assert len(fake.calls) == 1
+
+
+async def test_background_is_coalesced_and_demand_jumps_the_queue(settings: Settings) -> None:
+    settings = settings.replace(max_connections=2, demand_reserved=1)
+    data = ramp(64 * BS)
+    fake = FakeProvider({"m.bin": data}, latency=0.02)
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        fetcher.request_nowait(source, range(source.blob.n_blocks), Priority.PREFETCH)
+        await trio.sleep(0.005)  # the first background run starts
+        t0 = trio.current_time()
+        assert await fetcher.read(source, 60 * BS, 10) == data[60 * BS : 60 * BS + 10]
+        waited = trio.current_time() - t0
+        await fetcher.complete(source)
+    starts = [c[1] for c in fake.calls]
+    # The demand block was fetched alone and long before the background reached it.
+    assert (60 * BS, 61 * BS) in [(c[1], c[2]) for c in fake.calls]
+    assert starts.index(60 * BS) <= 2
+    assert waited < 0.5
+    # Background ranges are 16 MiB runs (8 blocks), not one request per block.
+    background = [c for c in fake.calls if c[1] != 60 * BS]
+    assert max(c[2] - c[1] for c in background) == 16 * MiB
+    assert len(fake.calls) <= 64 // 8 + 3
+
+
+async def test_transient_failures_resume_at_first_missing_block(settings: Settings) -> None:
+    data = ramp(8 * BS)
+    fake = FakeProvider({"m.bin": data}, fail_next=2, fail_after=BS + 5)
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        assert source.blob.pread(0, len(data)) == data
+    # First try lands block 0 then breaks; the retry starts at block 1, not at byte 0.
+    assert fake.calls[0][1] == 0
+    assert fake.calls[1][1] == BS
+    assert fetcher.retries == 2
+    assert fake.bytes_served <= len(data) + 2 * (BS + 5 + 64 * 1024)
+
+
+async def test_permanent_failure_reaches_every_waiter(settings: Settings) -> None:
+    data = ramp(BS)
+    fake = FakeProvider({"m.bin": data}, missing={"m.bin"})
+    errors: list[BaseException] = []
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+
+        async def reader() -> None:
+            try:
+                await fetcher.read(source, 0, 10)
+            except ObjectNotFound as e:
+                errors.append(e)
+
+        async with trio.open_nursery() as n:
+            for _ in range(3):
+                n.start_soon(reader)
+    assert len(errors) == 3 and len(fake.calls) == 1
+
+
+async def test_retry_budget_exhausted_raises_transient(settings: Settings) -> None:
+    data = ramp(BS)
+    fake = FakeProvider({"m.bin": data}, fail_next=100)
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        with pytest.raises(TransientError):
+            await fetcher.read(source, 0, 10)
+    assert len(fake.calls) == settings.retry.attempts
+
+
+async def test_hash_mismatch_refetches_once_then_fails(settings: Settings) -> None:
+    data = ramp(3 * BS)
+    fake = FakeProvider({"m.bin": data}, corrupt_times=1)
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        assert source.blob.verified
+        assert source.blob.pread(0, len(data)) == data
+    assert fake.bytes_served == 2 * len(data)
+
+    bad = pointer_for("m.bin", data, digest=hashlib.sha256(b"other").hexdigest())
+    fake2 = FakeProvider({"m.bin": data})
+    async with fetcher_for(settings.replace(cache_dir=settings.cache_dir / "x"), fake2) as f2:
+        source = await f2.add(bad)
+        with pytest.raises(IntegrityError, match="fetched twice"):
+            await f2.complete(source)
+    assert fake2.bytes_served == 2 * len(data)
+
+
+async def test_cache_survives_restart(settings: Settings) -> None:
+    data = ramp(5 * BS + 3)
+    fake = FakeProvider({"m.bin": data})
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.read(source, 0, 2 * BS)
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        assert source.blob.bytes_present == 2 * BS
+        await fetcher.complete(source)
+    assert fake.bytes_served == len(data)  # nothing fetched twice
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        assert source.done.is_set()  # verified on disk: no refetch, no rehash needed
+
+
+async def test_non_range_mode_uses_one_stream(settings: Settings) -> None:
+    data = ramp(20 * BS + 1)
+    fake = FakeProvider({"m.bin": data})
+    async with fetcher_for(settings.replace(use_range=False), fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+    assert [(c[1], c[2]) for c in fake.calls] == [(0, len(data))]
+
+
+async def test_empty_and_tiny_blobs(settings: Settings) -> None:
+    files = {"empty": b"", "one": b"x"}
+    fake = FakeProvider(files)
+    async with fetcher_for(settings, fake) as fetcher:
+        for name, data in files.items():
+            source = await fetcher.add(pointer_for(name, data))
+            await fetcher.complete(source)
+            assert await fetcher.read(source, 0, 10) == data
+    assert [c[0] for c in fake.calls] == ["one"]
