@@ -1,0 +1,1 @@
+"""Demo and test helpers: the embedded HTTP origin used by ``make run`` and the test suite."""
