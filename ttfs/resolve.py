@@ -220,12 +220,17 @@ class Resolver:
         source = await self.fetcher.add(pointer)
         before = source.blob.bytes_present
         monitor = trio.CancelScope()
+        error: TtfsError | None = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._monitor, source, dest, monitor)
             try:
                 await self.fetcher.complete(source, Priority.PREFETCH)
+            except TtfsError as e:
+                error = e  # raised below: inside the nursery it would become an ExceptionGroup
             finally:
                 monitor.cancel()
+        if error is not None:
+            raise error
         await trio.to_thread.run_sync(_place, source.blob.path, dest)
         await trio.to_thread.run_sync(store.record_output, dest, pointer.hash)
         secs = time.monotonic() - t0

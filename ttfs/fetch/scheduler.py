@@ -444,6 +444,12 @@ async def open_fetcher(
                 yield fetcher
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery wraps whatever the body raised (e.g. resolve's DownloadError); callers
+        # catch TtfsError, so hand a lone exception back unwrapped.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         with trio.CancelScope(shield=True):
             await fetcher.aclose()
