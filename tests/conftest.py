@@ -54,3 +54,7 @@ def settings(cache_dir: Path) -> Settings:
         stall_timeout=5.0,
         flush_interval=0.1,
     )
+
+
+# The counting origin as fixtures (tests/origin_helpers.py): `origin_root`, `origin`.
+from tests.origin_helpers import origin, origin_root  # noqa: E402, F401
