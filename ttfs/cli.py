@@ -22,7 +22,7 @@ from . import __version__
 from .config import Settings
 from .errors import TtfsError
 from .manifest import find_manifests, load_manifest, merge_pointers, validate_pointers
-from .resolve import ResolveReport, resolve
+from .resolve import STATS_FILE, ResolveReport, resolve, write_stats
 from .telemetry.logs import setup_logging
 from .units import parse_size
 
@@ -143,18 +143,23 @@ def resolve_cmd(
     complete and verified; a killed resolve resumes from the cache.
     """
     settings = settings_from(opts)
-    manifests = [load_manifest(manifest)] if manifest else find_manifests()
-    pointers = merge_pointers(manifests)
-    validate_pointers(pointers)
-    target = (
-        download_dir
-        if download_dir is not None
-        else os.environ.get("TRUSS_TRANSFER_DOWNLOAD_DIR", "/tmp/truss_transfer")
-    )
     report = ResolveReport()
-    trio.run(
-        functools.partial(resolve, pointers, target, settings, progress=progress, report=report)
-    )
+    try:
+        manifests = [load_manifest(manifest)] if manifest else find_manifests()
+        pointers = merge_pointers(manifests)
+        validate_pointers(pointers)
+        report.total_manifest_size_bytes = sum(p.size for p in pointers)
+        target = (
+            download_dir
+            if download_dir is not None
+            else os.environ.get("TRUSS_TRANSFER_DOWNLOAD_DIR", "/tmp/truss_transfer")
+        )
+        trio.run(
+            functools.partial(resolve, pointers, target, settings, progress=progress, report=report)
+        )
+    finally:
+        # truss-transfer's stats file (spec §3.14), on success and on failure.
+        write_stats(report, os.environ.get("TTFS_STATS_FILE") or STATS_FILE)
     click.echo(
         f"resolved {len(pointers)} file(s), {report.total_manifest_size_bytes} bytes into "
         f"{target} in {report.total_download_time_secs:.2f}s "
