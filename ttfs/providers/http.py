@@ -194,23 +194,31 @@ class HttpProvider:
                 raise
 
     async def _read(self, pointer: Pointer, url: str, start: int, end: int, sink: Sink) -> None:
-        target = self._targets.get(url)
-        if target is not None and time.monotonic() >= target.expires_at:
-            self._targets.pop(url, None)
-            target = None
-        if target is None and url in self._resolving:
-            # Single-flight the first resolution: wait for whoever is following the redirect.
-            await self._resolving[url].wait()
+        while True:
             target = self._targets.get(url)
-        if target is not None:
-            await self._get(pointer, target.url, target.auth, start, end, sink)
-            return
+            if target is not None and time.monotonic() >= target.expires_at:
+                self._targets.pop(url, None)
+                target = None
+            if target is not None:
+                await self._get(pointer, target.url, target.auth, start, end, sink)
+                return
+            pending = self._resolving.get(url)
+            if pending is None:
+                break
+            # Single-flight the resolution: wait for whoever is following the redirect, then
+            # look again (it may have failed, and another waiter may have taken over).
+            await pending.wait()
         done = self._resolving[url] = trio.Event()
         try:
             await self._get(pointer, url, self.is_hub(url), start, end, sink, resolve_for=url)
         finally:
+            self._resolved(url, done)
+
+    def _resolved(self, url: str, event: trio.Event) -> None:
+        """End a resolution: forget it (if still ours) and wake its waiters."""
+        if self._resolving.get(url) is event:
             del self._resolving[url]
-            done.set()
+        event.set()
 
     async def _get(
         self,
@@ -244,6 +252,10 @@ class HttpProvider:
                     ttl = _signed_url_ttl(url)
                     # Keep a 30 s margin so a range is not started on a URL about to expire.
                     self._targets[resolve_for] = _Target(url, auth, time.monotonic() + ttl - 30)
+                    # Waiters can go straight to the target now, not after this whole body.
+                    pending = self._resolving.get(resolve_for)
+                    if pending is not None:
+                        self._resolved(resolve_for, pending)
                     resolve_for = None
                 await self._stream(pointer, url, response, start, end, sink)
                 return
