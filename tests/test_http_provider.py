@@ -153,6 +153,49 @@ async def test_concurrent_ranges_resolve_the_redirect_once(
     assert len(records(origin, port="cdn")) == n
 
 
+async def test_waiters_use_the_cdn_url_before_the_first_body_ends(
+    origin: Origin, settings: Settings
+) -> None:
+    files = hf_files(origin, {"model.safetensors": BIG})
+    pointer = one_pointer(origin, files, hf_repo=HF_REPO)
+    origin.rate_limit = 4e6  # each 2 MiB range takes ~0.5 s
+    provider = HttpProvider(settings)
+    try:
+        async with trio.open_nursery() as nursery:
+            for k in range(4):
+                nursery.start_soon(read, provider, pointer, k * 2 * MiB, (k + 1) * 2 * MiB)
+    finally:
+        await provider.aclose()
+    times = [r.time for r in records(origin, port="cdn")]
+    assert len(times) == 4 and len(records(origin, port="hub")) == 1
+    assert max(times) - min(times) < 0.3, "ranges waited for the first body to finish"
+
+
+async def test_failed_resolution_is_handed_to_one_waiter_at_a_time(
+    origin: Origin, settings: Settings
+) -> None:
+    files = hf_files(origin, {"model.safetensors": BIG})
+    pointer = one_pointer(origin, files, hf_repo=HF_REPO)
+    origin.faults = Faults(error_rate=1.0)  # every CDN GET answers 503
+    provider = HttpProvider(settings)
+    errors: list[BaseException] = []
+
+    async def one(k: int) -> None:
+        try:
+            await read(provider, pointer, k * MiB, (k + 1) * MiB)
+        except Exception as e:
+            errors.append(e)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for k in range(6):
+                nursery.start_soon(one, k)
+    finally:
+        await provider.aclose()
+    assert len(errors) == 6
+    assert all(isinstance(e, TransientError) for e in errors), errors
+
+
 # -- the token -------------------------------------------------------------------------------------
 
 
