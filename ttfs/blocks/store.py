@@ -27,6 +27,7 @@ import contextlib
 import errno
 import logging
 import os
+import sqlite3
 import threading
 import time
 from array import array
@@ -274,7 +275,10 @@ class RunWriter:
                     raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
                 raise CacheError(f"cannot write {blob.path}: {e}") from e
             if written != take:  # pwrite on a regular file is short only on ENOSPC
-                raise CacheFull(f"short write to {blob.path} ({written} of {take} bytes)")
+                raise CacheFull(
+                    f"no space left for cache {blob.store.root}: short write to {blob.path} "
+                    f"({written} of {take} bytes)"
+                )
             self._hasher.update(piece)
             self.pos += take
             view = view[take:]
@@ -423,9 +427,22 @@ class BlockStore:
             return
         for i in landed:
             if blob.present[i]:
-                blob.persisted[i] = 1
-        blob._dirty_meta = False
-        self._index.set(blob.blob_id, blob._record())
+                blob.persisted[i] = 1  # synced above, so any later record may include them
+        # On failure the entry stays dirty: a later flush retries, a crash refetches.
+        blob._dirty_meta = not self._index_set(blob.blob_id, blob._record())
+
+    def _index_set(self, key: str, value: object) -> bool:
+        """Write one index entry; a full or failing disk is logged, never raised.
+
+        Losing an index write costs a refetch or a re-hash later, never wrong data, so it must
+        not replace the error the caller is already handling (typically the same full disk).
+        """
+        try:
+            self._index.set(key, value)
+        except (sqlite3.Error, OSError, diskcache.Timeout) as e:
+            log.warning("cannot update the cache index in %s: %s", self.root, e)
+            return False
+        return True
 
     def mark_verified(self, blob: Blob) -> None:
         """Persist a successful whole-blob verification (blocking)."""
@@ -453,7 +470,7 @@ class BlockStore:
     def record_output(self, path: Path, blob_id: str) -> None:
         """Remember that ``path`` holds a verified copy of ``blob_id`` (for resolve's skip)."""
         st = os.stat(path)
-        self._index.set(f"out:{path}", (blob_id, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        self._index_set(f"out:{path}", (blob_id, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
 
     def output_matches(self, path: Path, blob_id: str, size: int) -> bool:
         """True when ``path`` is, by inode and mtime, the verified copy we produced earlier."""
