@@ -168,6 +168,303 @@ def resolve_cmd(
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Mounts: mount, materialize, status, umount (docs/semantics.md, docs/mount.md)
+# --------------------------------------------------------------------------------------------
+
+
+def control_options(f: F) -> F:
+    """Options of the commands that only talk to a live mount."""
+    options = [
+        click.option(
+            "--log-level",
+            type=click.Choice(["error", "warn", "info", "debug", "off"], case_sensitive=False),
+            help="Log level [default: TTFS_LOG, TRUSS_TRANSFER_LOG, RUST_LOG or info].",
+        ),
+        click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
+    from .errors import ManifestError
+
+    loaded = [load_manifest(m) for m in manifests] if manifests else find_manifests()
+    if not loaded:
+        raise ManifestError(
+            "no manifest given and none found at the truss-transfer lookup paths "
+            "(/bptr/bptr-manifest, /bptr/bptr-manifest.json, "
+            "/static-bptr/static-bptr-manifest.json)"
+        )
+    pointers = merge_pointers(loaded)
+    validate_pointers(pointers)
+    return pointers, [m.source for m in loaded]
+
+
+@cli.command("mount")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--foreground", "-f", is_flag=True, help="Serve in this process until unmounted or signalled."
+)
+@click.option(
+    "--root",
+    "root_prefix",
+    metavar="PREFIX",
+    help="Prefix removed from absolute file names [default: the mountpoint when every absolute "
+    "name lies under it, else their common directory]. '/' keeps full paths.",
+)
+@click.option("--no-prefetch", is_flag=True, help="Fetch on demand and readahead only.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Daemon log [default: <cache-dir>/logs/mount-<mountpoint>.log].",
+)
+@click.option(
+    "--read-ahead-kb",
+    type=click.IntRange(0, 1 << 20),
+    help="Kernel readahead of the mount, set as root [default: 4096].",
+)
+@click.option(
+    "--max-background",
+    type=click.IntRange(1, 65535),
+    help="Outstanding async FUSE requests, set as root [default: 64].",
+)
+@click.option(
+    "--allow-other/--no-allow-other",
+    default=None,
+    help="Let other users read the mount [default: when root].",
+)
+@click.option(
+    "--timeout",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the daemon to serve.",
+)
+@click.option("--ready-fd", type=int, hidden=True)
+@common_options
+@handles_errors
+def mount_cmd(
+    paths: tuple[Path, ...],
+    foreground: bool,
+    root_prefix: str | None,
+    no_prefetch: bool,
+    log_file: Path | None,
+    read_ahead_kb: int | None,
+    max_background: int | None,
+    allow_other: bool | None,
+    timeout: float,
+    ready_fd: int | None,
+    **opts: Any,
+) -> None:
+    """Mount the files of MANIFEST... at MOUNTPOINT, lazily: ``[MANIFEST]... MOUNTPOINT``.
+
+    Returns once the whole tree is visible (sizes right, no byte fetched); the daemon keeps
+    serving in the background (``--foreground`` stays attached). Reads fetch the byte ranges
+    they need first while the background prefetch fetches everything else. Without MANIFEST the
+    truss-transfer lookup paths are used. Relative file names appear under MOUNTPOINT; absolute
+    ones with a prefix removed (see --root), so ``ttfs mount m.json /app/model_cache`` serves
+    exactly the paths the manifest names.
+    """
+    from .fuse import daemon as spawner
+    from .vfs.tree import Tree
+
+    reported = False
+
+    def report(message: bytes) -> None:
+        nonlocal reported
+        if ready_fd is not None and not reported:
+            reported = True
+            spawner.write_ready(ready_fd, message)
+
+    try:
+        *manifests, mountpoint = paths
+        settings = settings_from(opts)
+        pointers, sources = _mount_pointers(tuple(manifests))
+        mnt = spawner.check_mountpoint(mountpoint)
+        Tree.build(pointers, prefix=root_prefix, mountpoint=str(mnt))  # fail before mounting
+        if not foreground:
+            extra: list[str] = []
+            if opts.get("cache_size"):
+                extra += ["--cache-size", str(opts["cache_size"])]
+            if opts.get("max_connections"):
+                extra += ["--max-connections", str(opts["max_connections"])]
+            if opts.get("no_verify"):
+                extra.append("--no-verify")
+            if read_ahead_kb is not None:
+                extra += ["--read-ahead-kb", str(read_ahead_kb)]
+            if max_background is not None:
+                extra += ["--max-background", str(max_background)]
+            if allow_other is not None:
+                extra.append("--allow-other" if allow_other else "--no-allow-other")
+            args = spawner.mount_args(
+                [m.absolute() for m in manifests],
+                mnt,
+                cache_dir=settings.cache_dir,
+                root=root_prefix,
+                prefetch=not no_prefetch,
+                log_level=opts.get("log_level") or ("debug" if opts.get("debug") else None),
+                extra_args=extra,
+            )
+            log_path = log_file or spawner.default_log_file(settings.cache_dir.absolute(), mnt)
+            d = spawner.spawn(args, mnt, log_path, timeout=timeout)
+            click.echo(
+                f"ttfs: mounted {len(pointers)} file(s) at {mnt} (pid {d.pid}, log {log_path})",
+                err=True,
+            )
+            return
+
+        from .fuse import kernel
+        from .fuse.serve import MountConfig, Ready, run
+
+        def on_ready(ready: Ready) -> None:
+            report(spawner.READY)
+
+        config = MountConfig(
+            pointers=tuple(pointers),
+            mountpoint=mnt,
+            settings=settings,
+            prefix=root_prefix,
+            prefetch=not no_prefetch,
+            read_ahead_kb=kernel.READ_AHEAD_KB if read_ahead_kb is None else read_ahead_kb,
+            max_background=kernel.MAX_BACKGROUND if max_background is None else max_background,
+            allow_other=allow_other,
+            ready_timeout=timeout,
+            info={"manifests": sources},
+        )
+        run(config, on_ready=on_ready)
+    except BaseException as e:
+        report(spawner.error_message(e))
+        raise
+
+
+@cli.command("materialize")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    help="A progress bar on a terminal, plain progress lines otherwise [default: on].",
+)
+@click.option("--timeout", type=float, help="Give up after this many seconds [default: never].")
+@control_options
+@handles_errors
+def materialize_cmd(mountpoint: Path, progress: bool, timeout: float | None, **opts: Any) -> None:
+    """Make every file of the mount at MOUNTPOINT local and verified; exit 0 only then.
+
+    Works from any process that sees the mountpoint: it asks the daemon through the
+    ``user.ttfs.materialize`` attribute and follows ``user.ttfs.status``.
+    """
+    import time
+
+    from .control import mount_status, request_materialize, wait_materialized
+    from .errors import DownloadError, MountError
+    from .telemetry.progress import Progress
+
+    generation = request_materialize(mountpoint)
+    first = mount_status(mountpoint)
+    bar = Progress(int(first.get("bytes_total", 0)), label="materialize") if progress else None
+    last = [0.0]
+
+    def on_status(status: dict[str, Any]) -> None:
+        now = time.monotonic()
+        if bar is not None and now - last[0] >= bar.interval:
+            last[0] = now
+            bar.show(int(status.get("bytes_local", 0)))
+
+    result = wait_materialized(mountpoint, generation, timeout=timeout, on_status=on_status)
+    local = int(result.status.get("bytes_local", 0))
+    if bar is not None:
+        bar.finish(local)
+    if not result.ok:
+        failures = result.failures or [{"file": "?", "reason": "not every file is complete"}]
+        for failure in failures:
+            click.echo(f"ttfs: {failure['file']}: {failure['reason']}", err=True)
+        first_failure = failures[0]
+        more = len(failures) - 1
+        raise DownloadError(
+            first_failure["file"] + (f" (and {more} more file(s))" if more else ""),
+            MountError(f"materialize failed: {first_failure['reason']}"),
+        )
+    click.echo(
+        f"ttfs: materialized {result.status.get('files')} file(s), {local} bytes local and "
+        f"verified in {result.seconds:.2f}s "
+        f"({result.status.get('fetcher', {}).get('origin_bytes', 0)} bytes from origin "
+        "since mount)",
+        err=True,
+    )
+
+
+@cli.command("status")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
+@control_options
+@handles_errors
+def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
+    """Show, per file of the mount at MOUNTPOINT: size, local %, verified, bytes by source."""
+    import json
+
+    from .control import mount_status, walk_status
+    from .units import format_size
+
+    summary = mount_status(mountpoint)
+    files = list(walk_status(mountpoint))
+    if as_json:
+        click.echo(json.dumps({"mount": summary, "files": files}, indent=2))
+        return
+    rows = [("PATH", "SIZE", "LOCAL", "VERIFIED", "CACHE", "ORIGIN")]
+    for f in files:
+        verified = "yes" if f["verified"] else ("n/a" if "unavailable" in f["verify"] else "no")
+        src = f["bytes_by_source"]
+        rows.append(
+            (
+                f["path"],
+                format_size(f["size"]),
+                f"{f['local_pct']:.1f}%",
+                verified + (" !" if f.get("error") else ""),
+                format_size(src["cache"]),
+                format_size(src["origin"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    total, local = summary["bytes_total"], summary["bytes_local"]
+    pct = 100.0 * local / total if total else 100.0
+    click.echo(
+        f"{summary['files']} file(s): {format_size(local)} of {format_size(total)} local "
+        f"({pct:.1f}%), {summary['verified']} verified; prefetch {summary['prefetch']['state']}, "
+        f"materialize {summary['materialize']['state']}; daemon pid {summary['pid']}"
+    )
+    for failure in summary.get("failures", []):
+        click.echo(f"failed: {failure['file']}: {failure['reason']}")
+
+
+@cli.command("umount")
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option(
+    "--timeout",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="Seconds to wait for the daemon to exit.",
+)
+@control_options
+@handles_errors
+def umount_cmd(mountpoint: Path, timeout: float, **opts: Any) -> None:
+    """Unmount a ttfs mount; a dead or busy one is detached lazily (fusermount3 -uz)."""
+    from .fuse.daemon import unmount
+
+    lazy = unmount(mountpoint, timeout=timeout)
+    click.echo(f"ttfs: unmounted {mountpoint}" + (" (lazily)" if lazy else ""), err=True)
+
+
 def main() -> None:
     cli(prog_name="ttfs")
 

@@ -1,0 +1,141 @@
+"""Control of a live mount through extended attributes: the protocol and its client side.
+
+``ttfs status``, ``ttfs materialize`` and ``ttfs umount`` talk to the daemon serving a
+mountpoint with nothing but the mountpoint: they read and write extended attributes, which the
+kernel forwards to the daemon. That works from any process, container or user that can see the
+mount (a unix socket would need a path shared out of band and breaks across mount namespaces),
+needs no extra file descriptors or ports, and fails cleanly (``ENODATA``/``ENOTSUP``) on a path
+that is not a ttfs mount. Decision and value shapes: docs/semantics.md, "Control protocol".
+
+=====================================  ====================  ======================================
+attribute                              where                 value
+=====================================  ====================  ======================================
+``user.ttfs.status`` (get)             mount root            JSON summary of the whole mount
+``user.ttfs.status`` (get)             each file             JSON status of that file
+``user.ttfs.materialize`` (set ``1``)  mount root            pin every blob, fetch and verify all
+``user.ttfs.materialize`` (get)        mount root            JSON state of the last materialize
+=====================================  ====================  ======================================
+
+Values stay below :data:`XATTR_MAX` (the kernel's 64 KiB limit), which is why per-file status
+lives on each file and the root lists at most 20 failures. This module is the client; the
+server side is :class:`ttfs.vfs.core.ModelFs`. It never imports pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import MountError
+
+STATUS_XATTR = "user.ttfs.status"
+MATERIALIZE_XATTR = "user.ttfs.materialize"
+XATTR_MAX = 65536 - 1024
+"""Largest value the daemon sends (the kernel's XATTR_SIZE_MAX is 64 KiB)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializeResult:
+    ok: bool
+    status: dict[str, Any]
+    failures: list[dict[str, str]]
+    seconds: float
+
+
+def _get(path: Path, name: str) -> dict[str, Any]:
+    try:
+        raw = os.getxattr(path, name)
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise MountError(f"{path} is not served by ttfs (no {name} attribute)") from e
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{path}: the ttfs daemon is gone (transport endpoint is not connected); "
+                f"run `ttfs umount {path}`"
+            ) from e
+        raise MountError(f"cannot read {name} of {path}: {e.strerror}") from e
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise MountError(f"{path}: {name} is not JSON") from e
+    if not isinstance(doc, dict):
+        raise MountError(f"{path}: {name} is not a JSON object")
+    return doc
+
+
+def mount_status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """The root status document of the ttfs mount at ``mountpoint``.
+
+    Raises:
+        MountError: not a ttfs mount, or its daemon is gone.
+    """
+    return _get(Path(mountpoint), STATUS_XATTR)
+
+
+def file_status(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The status document of one file of a ttfs mount.
+
+    Raises:
+        MountError: the path is not a file of a ttfs mount.
+    """
+    return _get(Path(path), STATUS_XATTR)
+
+
+def walk_status(mountpoint: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
+    """Every file's status, walking the tree (served from the daemon's memory)."""
+    root = Path(mountpoint)
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            yield file_status(Path(dirpath) / name)
+
+
+def request_materialize(mountpoint: str | os.PathLike[str]) -> int:
+    """Ask the daemon to materialize; returns the generation of the pass to wait for.
+
+    Raises:
+        MountError: not a ttfs mount, or the request was refused.
+    """
+    path = Path(mountpoint)
+    mount_status(path)  # a clear error for a non-ttfs path before trying to write
+    try:
+        os.setxattr(path, MATERIALIZE_XATTR, b"1")
+    except OSError as e:
+        raise MountError(f"cannot start materialize on {path}: {e.strerror}") from e
+    return int(_get(path, MATERIALIZE_XATTR).get("generation", 0))
+
+
+def wait_materialized(
+    mountpoint: str | os.PathLike[str],
+    generation: int,
+    *,
+    poll: float = 0.2,
+    timeout: float | None = None,
+    on_status: Callable[[dict[str, Any]], None] | None = None,
+) -> MaterializeResult:
+    """Poll the root status until materialize pass ``generation`` has finished.
+
+    Raises:
+        MountError: the mount went away, or ``timeout`` passed first.
+    """
+    started = time.monotonic()
+    while True:
+        status = mount_status(mountpoint)
+        if on_status is not None:
+            on_status(status)
+        mat = status.get("materialize") or {}
+        if mat.get("generation") != generation:
+            raise MountError(f"{mountpoint}: another materialize pass started; run it again")
+        if mat.get("state") in ("done", "failed"):
+            failures = list(mat.get("failures") or [])
+            ok = mat.get("state") == "done" and status.get("done") == status.get("files")
+            return MaterializeResult(ok, status, failures, time.monotonic() - started)
+        if timeout is not None and time.monotonic() - started > timeout:
+            raise MountError(f"{mountpoint}: materialize did not finish within {timeout:.0f}s")
+        time.sleep(poll)

@@ -1,0 +1,345 @@
+"""Running the mount daemon in the background, and getting rid of it again.
+
+``ttfs mount`` (without ``--foreground``) starts ``python -m ttfs mount --foreground
+--ready-fd N ...`` as a detached child (a new session, stdin from /dev/null, stdout and stderr
+appended to a log file) and waits on a pipe: the child writes ``READY`` once the mount answers
+(:func:`ttfs.fuse.serve.serve`'s readiness) or ``ERROR <exit code> <message>`` when it fails,
+and the parent exits with that outcome. A child that dies without a word is reported with the
+last line of its log.
+
+:func:`mount_in_subprocess` and :func:`unmount` are the programmatic form, for ``make run``,
+tests and anything else that wants a mount of its own. :func:`unmount` is also ``ttfs umount``:
+``fusermount3 -u``, then the lazy ``-uz`` when that fails (a busy mount, or one whose daemon
+died: "Transport endpoint is not connected"), then it waits for the daemon to exit so that
+its block index is flushed before anything remounts the cache.
+
+This module does not import pyfuse3: the parent of a mount never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..control import mount_status
+from ..errors import MountError, TtfsError
+from .kernel import is_mounted
+
+READY = b"READY"
+ERROR = b"ERROR"
+
+
+@dataclass(frozen=True, slots=True)
+class Daemon:
+    """A running mount daemon started by :func:`spawn`."""
+
+    pid: int
+    mountpoint: Path
+    log_file: Path
+
+
+def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
+    """The absolute mountpoint, or one clear MountError about why it cannot be mounted on."""
+    path = Path(os.path.abspath(mountpoint))
+    if is_mounted(path):
+        try:
+            os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ENOTCONN:
+                raise MountError(
+                    f"{path} is a dead mount (its daemon is gone): run `ttfs umount {path}` first"
+                ) from e
+        raise MountError(f"{path} is already a mount point")
+    if not path.exists():
+        raise MountError(f"mountpoint {path} does not exist")
+    if not path.is_dir():
+        raise MountError(f"mountpoint {path} is not a directory")
+    return path
+
+
+def default_log_file(cache_dir: Path, mountpoint: Path) -> Path:
+    """``<cache>/logs/mount-<mountpoint with / as ->.log``."""
+    name = str(mountpoint).strip("/").replace("/", "-") or "root"
+    return cache_dir / "logs" / f"mount-{name}.log"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            lines = [ln.strip() for ln in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else ""
+
+
+def write_ready(fd: int, message: bytes) -> None:
+    """Child side: report readiness (``READY``) or failure on the pipe, then close it."""
+    with contextlib.suppress(OSError):
+        os.write(fd, message.rstrip(b"\n") + b"\n")
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def error_message(error: BaseException) -> bytes:
+    code = error.exit_code if isinstance(error, TtfsError) else 1
+    text = " ".join(str(error).split()) or type(error).__name__
+    return ERROR + f" {code} {text}".encode()
+
+
+def spawn(
+    args: Sequence[str],
+    mountpoint: Path,
+    log_file: Path,
+    *,
+    timeout: float = 60.0,
+    env: Mapping[str, str] | None = None,
+    python: str | None = None,
+) -> Daemon:
+    """Start ``ttfs mount --foreground <args>`` detached and wait until it serves.
+
+    Raises:
+        MountError: the daemon failed (with its reason), died, or was not ready in time.
+        TtfsError: the daemon reported another error class (its exit code is kept).
+    """
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    cmd = [
+        python or sys.executable,
+        "-m",
+        "ttfs",
+        "mount",
+        "--foreground",
+        "--ready-fd",
+        str(write_fd),
+        *args,
+    ]
+    try:
+        with open(log_file, "ab") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                env=None if env is None else dict(env),
+            )
+    except OSError as e:
+        os.close(read_fd)
+        raise MountError(f"cannot start the mount daemon: {e}") from e
+    finally:
+        os.close(write_fd)
+    try:
+        message = _wait_line(read_fd, proc, timeout)
+    finally:
+        os.close(read_fd)
+    if message.startswith(READY):
+        # Reaped by init once we exit; a long-lived caller reaps it in a thread.
+        threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
+        return Daemon(proc.pid, mountpoint, log_file)
+    if message.startswith(ERROR):
+        _, _, rest = message.decode(errors="replace").partition(" ")
+        code, _, text = rest.partition(" ")
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        error = MountError(text or "the mount daemon failed")
+        if code.isdigit() and int(code) != error.exit_code:
+            error.exit_code = int(code)  # type: ignore[misc]
+        raise error
+    # No word from the child: it died, or it hangs.
+    if proc.poll() is None:
+        _stop(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        if is_mounted(mountpoint):
+            _fusermount(mountpoint, lazy=True)
+        raise MountError(f"the mount daemon was not ready within {timeout:.0f}s (log: {log_file})")
+    proc.wait()
+    last = _last_line(log_file)
+    raise MountError(
+        f"the mount daemon exited with status {proc.returncode}"
+        + (f": {last}" if last else "")
+        + f" (log: {log_file})"
+    )
+
+
+def _wait_line(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return b""
+        readable, _, _ = select.select([fd], [], [], min(left, 0.5))
+        if not readable:
+            if proc.poll() is not None:
+                # The child closed nothing yet exited: its fd copy is gone, so EOF follows.
+                readable = [fd]
+            else:
+                continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return data
+        data += chunk
+    return data.split(b"\n", 1)[0]
+
+
+def mount_args(
+    manifests: Sequence[str | os.PathLike[str]] | None,
+    mountpoint: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    root: str | None = None,
+    prefetch: bool = True,
+    log_level: str | None = None,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``ttfs mount`` arguments for a mount (absolute paths, so any cwd works)."""
+    args: list[str] = []
+    if cache_dir is not None:
+        args += ["--cache-dir", os.path.abspath(cache_dir)]
+    if root is not None:
+        args += ["--root", root]
+    if not prefetch:
+        args.append("--no-prefetch")
+    if log_level is not None:
+        args += ["--log-level", log_level]
+    args += list(extra_args)
+    args += [os.path.abspath(m) for m in manifests or ()]
+    args.append(os.path.abspath(mountpoint))
+    return args
+
+
+def mount_in_subprocess(
+    manifests: Sequence[str | os.PathLike[str]] | None,
+    mountpoint: str | os.PathLike[str],
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    root: str | None = None,
+    prefetch: bool = True,
+    log_file: str | os.PathLike[str] | None = None,
+    log_level: str | None = None,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    timeout: float = 60.0,
+) -> Daemon:
+    """Mount ``manifests`` (None: the truss-transfer lookup paths) at ``mountpoint`` in a
+    detached daemon and return once the mount serves; :func:`unmount` undoes it.
+
+    ``env`` replaces the daemon's environment (``TTFS_RETRY_ATTEMPTS`` etc. go there).
+
+    Raises:
+        MountError: the mountpoint is unusable or the daemon failed (with its reason).
+        ManifestError, ConfigError: reported by the daemon for bad input.
+    """
+    path = check_mountpoint(mountpoint)
+    if log_file is None:
+        base = Path(cache_dir) if cache_dir is not None else Path("/tmp")
+        log_file = default_log_file(Path(os.path.abspath(base)), path)
+    args = mount_args(
+        manifests,
+        path,
+        cache_dir=cache_dir,
+        root=root,
+        prefetch=prefetch,
+        log_level=log_level,
+        extra_args=extra_args,
+    )
+    return spawn(args, path, Path(log_file), timeout=timeout, env=env)
+
+
+def _fusermount(mountpoint: Path, *, lazy: bool) -> tuple[bool, str]:
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    if tool is not None:
+        cmd = [tool, "-u", *(["-z"] if lazy else []), str(mountpoint)]
+    elif os.geteuid() == 0 and shutil.which("umount"):
+        cmd = ["umount", *(["-l"] if lazy else []), str(mountpoint)]
+    else:
+        return False, "neither fusermount3 nor umount is available"
+    try:
+        done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError) as e:
+        return False, str(e)
+    return done.returncode == 0, (done.stderr or done.stdout).strip()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purpose (its parent reaps it)
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _stop(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def daemon_pid(mountpoint: Path, timeout: float = 2.0) -> int | None:
+    """The pid of the daemon serving ``mountpoint``, asked through the control attribute.
+
+    Runs the ``getxattr`` in a thread so a wedged daemon cannot hang the caller.
+    """
+    result: list[int | None] = [None]
+
+    def ask() -> None:
+        with contextlib.suppress(TtfsError, OSError, ValueError, TypeError):
+            result[0] = int(mount_status(mountpoint)["pid"])
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0]
+
+
+def unmount(
+    mountpoint: str | os.PathLike[str], *, pid: int | None = None, timeout: float = 30.0
+) -> bool:
+    """Unmount a ttfs mount (lazily when needed) and wait for its daemon to exit.
+
+    Returns True when a lazy unmount was needed. The daemon is found through the mount's
+    status unless ``pid`` is given; it gets SIGTERM if it outlives the unmount by ``timeout``.
+
+    Raises:
+        MountError: nothing is mounted there, or it cannot be unmounted.
+    """
+    path = Path(os.path.abspath(mountpoint))
+    if not is_mounted(path):
+        raise MountError(f"{path} is not mounted")
+    if pid is None:
+        pid = daemon_pid(path)
+    ok, why = _fusermount(path, lazy=False)
+    lazy = False
+    if not ok:
+        lazy = True
+        ok, why2 = _fusermount(path, lazy=True)
+        if not ok:
+            raise MountError(f"cannot unmount {path}: {why2 or why}")
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            _stop(pid)
+    return lazy

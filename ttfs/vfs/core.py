@@ -1,0 +1,550 @@
+"""ModelFs: the read-only model filesystem, without a kernel.
+
+:class:`ModelFs` answers ``lookup``, ``getattr``, ``readdir``, ``open``, ``read``, ``release``,
+``statfs`` and the extended attributes of the control protocol in ttfs types (:class:`Attr`,
+:data:`HandleId`); ``ttfs/fuse/ops.py`` only translates these to pyfuse3. Everything except
+``open`` and ``read`` is answered from the in-memory :class:`~ttfs.vfs.tree.Tree`, so listing
+and ``stat`` never reach the origin.
+
+The data path: ``read`` feeds the inode's readahead :class:`~ttfs.vfs.readahead.StreamTable`
+(which may queue blocks ahead at READAHEAD), then asks the fetcher for the bytes at DEMAND. The
+fetcher's single-flight makes concurrent readers of one block share one request.
+
+Background work, owned by :func:`open_model_fs`'s nursery:
+
+* the *opener* adds every file's blob to the fetcher (no network; it reads the cache index), so
+  status knows what is already local;
+* the *prefetch pass* (unless ``--no-prefetch``) requests every block in the order of
+  :mod:`ttfs.fetch.prefetch` and waits for every blob to be whole and verified;
+* a *materialize pass*, started by :meth:`ModelFs.materialize_nowait` (the
+  ``user.ttfs.materialize`` attribute), pins every blob, does the same, and records the outcome
+  that ``ttfs materialize`` waits for.
+
+Errors: methods raise :class:`OSError` with an errno for filesystem answers (ENOENT, EROFS,
+EISDIR, ...) and let :class:`~ttfs.errors.TtfsError` through for fetch failures;
+:func:`errno_for` is the one mapping the FUSE boundary applies to both.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+import trio
+
+from ..control import MATERIALIZE_XATTR, STATUS_XATTR, XATTR_MAX
+from ..errors import DownloadError, TransientError, TtfsError, UserError
+from ..fetch import Fetcher, Priority, Source
+from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
+from ..manifest import Pointer
+from .readahead import ReadaheadConfig, StreamTable
+from .tree import ROOT_INODE, Inode, Node, Tree
+
+log = logging.getLogger(__name__)
+
+HandleId = NewType("HandleId", int)
+
+FILE_MODE = stat.S_IFREG | 0o444
+DIR_MODE = stat.S_IFDIR | 0o555
+# st_blksize: stdio and Python's buffered IO size their buffers from it; 1 MiB is the largest
+# FUSE request the kernel sends (max_pages 256), so one buffered read is one request.
+BLKSIZE = 1024 * 1024
+_MAX_FAILURES_SHOWN = 20
+_MAX_REASON = 300
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+
+
+def erofs(what: str) -> OSError:
+    return OSError(errno.EROFS, f"read-only file system: {what}")
+
+
+def errno_for(exc: BaseException) -> int:
+    """The errno a failed request replies with (docs/semantics.md, "Errors").
+
+    A transient origin error that outlived the retry budget is EIO (EAGAIN would make readers
+    spin); a user error found while reading (an unsupported resolution type) is EIO too; every
+    other ttfs error carries its own errno; OSErrors keep theirs; anything else is EIO.
+    """
+    cause = exc.cause if isinstance(exc, DownloadError) else exc
+    if isinstance(cause, TransientError | UserError):
+        return errno.EIO
+    if isinstance(exc, TtfsError):
+        return int(getattr(exc, "errno", errno.EIO))
+    if isinstance(exc, OSError) and exc.errno:
+        return exc.errno
+    return errno.EIO
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    """What ``stat`` shows for one inode."""
+
+    ino: Inode
+    mode: int
+    size: int
+    nlink: int
+    uid: int
+    gid: int
+    mtime_ns: int
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def blocks(self) -> int:  # st_blocks is in 512-byte units: du shows the full size
+        return -(-self.size // 512)
+
+
+@dataclass(frozen=True, slots=True)
+class FsStats:
+    """``statfs``: a read-only filesystem exactly as big as its files, with nothing free."""
+
+    block_size: int
+    blocks: int
+    files: int
+    namemax: int = 255
+
+
+@dataclass(frozen=True, slots=True)
+class FsOptions:
+    prefetch: bool = True
+    readahead: ReadaheadConfig = field(default_factory=ReadaheadConfig)
+    small_file_limit: int = SMALL_FILE_LIMIT
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    mtime_ns: int = field(default_factory=time.time_ns)
+    info: dict[str, Any] = field(default_factory=dict)  # shown in the root status
+
+
+@dataclass(slots=True)
+class _File:
+    """Per file: its blob once opened, its readahead streams, its counters."""
+
+    node: Node
+    pointer: Pointer
+    streams: StreamTable
+    source: Source | None = None
+    reads: int = 0
+    read_bytes: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class _Pass:
+    """One prefetch or materialize pass over every file."""
+
+    kind: str
+    state: str = "waiting"  # waiting → planning → running → done | failed
+    failures: dict[str, str] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+
+
+def _short(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= _MAX_REASON else text[: _MAX_REASON - 3] + "..."
+
+
+class ModelFs:
+    """The filesystem of one mount. Build with :func:`open_model_fs`."""
+
+    def __init__(self, tree: Tree, fetcher: Fetcher, options: FsOptions) -> None:
+        self.tree = tree
+        self.fetcher = fetcher
+        self.options = options
+        self._files: dict[Inode, _File] = {
+            n.ino: _File(n, n.pointer, StreamTable(options.readahead))
+            for n in tree.files()
+            if n.pointer is not None
+        }
+        self._handles: dict[HandleId, _File] = {}
+        self._next_handle = 1
+        self._cache_bytes: dict[str, int] = {}  # blob id → bytes local when first opened
+        self._opened = trio.Event()
+        self._prefetch: _Pass | None = None
+        self._materialize: _Pass | None = None
+        self._generation = 0
+        self._nursery: trio.Nursery | None = None
+        self._failures: dict[str, str] = {}
+
+    # -- metadata (memory only; never blocks) ---------------------------------------------
+    def _node(self, ino: int) -> Node:
+        node = self.tree.node(ino)
+        if node is None:
+            raise OSError(errno.ENOENT, f"no inode {ino}")
+        return node
+
+    def _attr(self, node: Node) -> Attr:
+        opts = self.options
+        if node.is_dir:
+            return Attr(node.ino, DIR_MODE, 0, 2 + node.subdirs, opts.uid, opts.gid, opts.mtime_ns)
+        return Attr(node.ino, FILE_MODE, node.size, 1, opts.uid, opts.gid, opts.mtime_ns)
+
+    def getattr(self, ino: int) -> Attr:
+        return self._attr(self._node(ino))
+
+    def lookup(self, parent: int, name: str) -> Attr:
+        node = self._node(parent)
+        if not node.is_dir:
+            raise OSError(errno.ENOTDIR, node.path)
+        child = self.tree.child(node, name)
+        if child is None:
+            raise OSError(errno.ENOENT, name)
+        return self._attr(child)
+
+    def opendir(self, ino: int) -> None:
+        if not self._node(ino).is_dir:
+            raise OSError(errno.ENOTDIR, self._node(ino).path)
+
+    def readdir(self, ino: int, start: int) -> Iterator[tuple[str, Attr, int]]:
+        """Entries after the ``start``-th, each with the offset that resumes after it."""
+        node = self._node(ino)
+        if node.children is None:
+            raise OSError(errno.ENOTDIR, node.path)
+        for i in range(start, len(node.entries)):
+            name = node.entries[i]
+            child = self.tree.node(node.children[name])
+            assert child is not None
+            yield name, self._attr(child), i + 1
+
+    def access(self, ino: int, mode: int) -> bool:
+        node = self._node(ino)
+        if mode & os.W_OK:
+            raise erofs(node.path or "/")
+        return not (mode & os.X_OK and not node.is_dir)
+
+    def statfs(self) -> FsStats:
+        total = sum(f.pointer.size for f in self._files.values())
+        return FsStats(block_size=4096, blocks=-(-total // 4096), files=len(self.tree))
+
+    # -- data -------------------------------------------------------------------------------
+    async def _source(self, f: _File) -> Source:
+        if f.source is None:
+            try:
+                source = await self.fetcher.add(f.pointer)
+            except TtfsError as e:
+                f.error = _short(e)
+                self._failures[f.node.path] = f.error
+                raise DownloadError(f.pointer.file_name, e) from e
+            self._cache_bytes.setdefault(source.blob.blob_id, source.blob.bytes_present)
+            f.source = source
+        return f.source
+
+    async def open(self, ino: int, flags: int) -> HandleId:
+        """Open a file for reading.
+
+        Raises:
+            OSError: EROFS for any write intent, EISDIR for a directory, ENOENT.
+            DownloadError: the file's blob cannot be opened in the cache.
+        """
+        node = self._node(ino)
+        if flags & _WRITE_FLAGS:
+            raise erofs(node.path)
+        if node.is_dir:
+            raise OSError(errno.EISDIR, node.path)
+        f = self._files[node.ino]
+        await self._source(f)
+        fh = HandleId(self._next_handle)
+        self._next_handle += 1
+        self._handles[fh] = f
+        return fh
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes:
+        """``size`` bytes at ``offset`` (fewer at the end of the file).
+
+        Raises:
+            OSError: EBADF for an unknown handle.
+            DownloadError: the bytes could not be fetched (after the fetcher's retries).
+        """
+        f = self._handles.get(HandleId(fh))
+        if f is None:
+            raise OSError(errno.EBADF, f"no handle {fh}")
+        source = f.source
+        assert source is not None
+        blob = source.blob
+        if offset >= blob.size or size <= 0:
+            return b""
+        ahead = f.streams.on_read(offset, size, blob.size)
+        if ahead is not None:
+            self.fetcher.request_nowait(
+                source, blob.blocks_for(ahead[0], ahead[1] - ahead[0]), Priority.READAHEAD
+            )
+        try:
+            data = await self.fetcher.read(source, offset, size, Priority.DEMAND)
+        except TtfsError as e:
+            f.error = _short(e)
+            raise DownloadError(f.pointer.file_name, e) from e
+        f.reads += 1
+        f.read_bytes += len(data)
+        return data
+
+    def release(self, fh: int) -> None:
+        self._handles.pop(HandleId(fh), None)
+
+    # -- extended attributes: the control protocol (ttfs/control.py) ------------------------
+    def listxattr(self, ino: int) -> list[str]:
+        node = self._node(ino)
+        if node.ino == ROOT_INODE:
+            return [STATUS_XATTR, MATERIALIZE_XATTR]
+        return [STATUS_XATTR] if not node.is_dir else []
+
+    def getxattr(self, ino: int, name: str) -> bytes:
+        """The value of a control attribute.
+
+        Raises:
+            OSError: ENODATA for any other name.
+        """
+        node = self._node(ino)
+        doc: dict[str, Any] | None = None
+        if name == STATUS_XATTR:
+            if node.ino == ROOT_INODE:
+                doc = self.status()
+            elif not node.is_dir:
+                doc = self.file_status(self._files[node.ino])
+        elif name == MATERIALIZE_XATTR and node.ino == ROOT_INODE:
+            doc = self._pass_doc(self._materialize)
+        if doc is None:
+            raise OSError(errno.ENODATA, name)
+        value = json.dumps(doc, separators=(",", ":")).encode()
+        if len(value) > XATTR_MAX:  # cannot happen with the caps above; never reply ERANGE
+            value = json.dumps({"error": "status too large"}).encode()
+        return value
+
+    def setxattr(self, ino: int, name: str, value: bytes) -> None:
+        """Only ``user.ttfs.materialize`` on the root is writable; everything else is EROFS."""
+        node = self._node(ino)
+        if name == MATERIALIZE_XATTR and node.ino == ROOT_INODE:
+            self.materialize_nowait()
+            return
+        raise erofs(f"setxattr {name} on {node.path or '/'}")
+
+    # -- status -------------------------------------------------------------------------------
+    def file_status(self, f: _File) -> dict[str, Any]:
+        p = f.pointer
+        source = f.source
+        checker = None
+        local = 0
+        verified = complete = done = False
+        origin = cache = 0
+        if source is not None:
+            blob = source.blob
+            checker = blob.spec.checker
+            local = blob.bytes_present
+            complete = blob.complete
+            verified = blob.verified and complete
+            done = source.done.is_set()
+            origin = source.origin_bytes
+            cache = self._cache_bytes.get(blob.blob_id, 0)
+        verify = (
+            "pending"
+            if checker is None
+            else (checker.algorithm or f"unavailable: {checker.reason or p.hashtype}")
+        )
+        error = self._failures.get(f.node.path) or (
+            str(source.failure) if source is not None and source.failure else None
+        )
+        return {
+            "path": f.node.path,
+            "file_name": p.file_name,
+            "size": p.size,
+            "local_bytes": local,
+            "local_pct": round(100.0 * local / p.size, 2) if p.size else 100.0,
+            "complete": complete,
+            "verified": verified,
+            "done": done,
+            "verify": verify,
+            "hashtype": p.hashtype,
+            "hash": p.hash,
+            "bytes_by_source": {"cache": cache, "origin": origin},
+            "reads": f.reads,
+            "read_bytes": f.read_bytes,
+            "error": error if error else f.error,
+        }
+
+    def _pass_doc(self, p: _Pass | None) -> dict[str, Any]:
+        if p is None:
+            return {"state": "idle", "generation": self._generation, "failures": []}
+        return {
+            "state": p.state,
+            "generation": self._generation if p.kind == "materialize" else 0,
+            "seconds": round((p.finished or time.monotonic()) - p.started, 3),
+            "failures": [
+                {"file": k, "reason": v} for k, v in list(p.failures.items())[:_MAX_FAILURES_SHOWN]
+            ],
+            "failure_count": len(p.failures),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The root's ``user.ttfs.status`` document (docs/semantics.md, "Control")."""
+        files = list(self._files.values())
+        total = local = complete = verified = done = 0
+        for f in files:
+            total += f.pointer.size
+            if f.source is not None:
+                blob = f.source.blob
+                local += blob.bytes_present
+                complete += blob.complete
+                verified += blob.verified and blob.complete
+                done += f.source.done.is_set()
+        failures = dict(self._failures)
+        for f in files:
+            if f.source is not None and f.source.failure is not None:
+                failures.setdefault(f.node.path, _short(f.source.failure))
+        stats = self.fetcher.statistics()
+        prefetch = (
+            self._pass_doc(self._prefetch)
+            if self.options.prefetch
+            else {"state": "off", "failures": []}
+        )
+        return {
+            "ttfs": 1,
+            "pid": os.getpid(),
+            **self.options.info,
+            "prefix": self.tree.prefix,
+            "files": len(files),
+            "opened": sum(f.source is not None for f in files),
+            "bytes_total": total,
+            "bytes_local": local,
+            "complete": complete,
+            "verified": verified,
+            "done": done,
+            "failures": [
+                {"file": k, "reason": v} for k, v in list(failures.items())[:_MAX_FAILURES_SHOWN]
+            ],
+            "failure_count": len(failures),
+            "prefetch": prefetch,
+            "materialize": self._pass_doc(self._materialize),
+            "fetcher": {
+                "queued": stats.queued,
+                "inflight_requests": stats.inflight_requests,
+                "origin_bytes": stats.origin_bytes,
+                "origin_requests": stats.origin_requests,
+                "retries": stats.retries,
+            },
+        }
+
+    # -- background passes ------------------------------------------------------------------
+    def materialize_nowait(self) -> None:
+        """Start a materialize pass unless one is running (idempotent; never blocks)."""
+        if self._materialize is not None and self._materialize.state in (
+            "waiting",
+            "planning",
+            "running",
+        ):
+            return
+        assert self._nursery is not None, "use open_model_fs()"
+        self._generation += 1
+        self._materialize = _Pass("materialize")
+        self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
+        self._nursery.start_soon(self._run_pass, self._materialize)
+
+    async def wait_opened(self) -> None:
+        await self._opened.wait()
+
+    async def _open_all(self) -> None:
+        # One at a time: the fetcher opens blobs under one lock, so a reader's open() waits
+        # for at most one background open (which may re-check a partial blob's blocks).
+        for f in self._files.values():
+            try:
+                await self._source(f)
+            except DownloadError as e:
+                log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
+        self._opened.set()
+
+    async def _run_pass(self, p: _Pass) -> None:
+        try:
+            await self._pass(p)
+        except Exception as e:  # a bug here must not take the mount down
+            log.exception("%s pass failed", p.kind)
+            p.failures.setdefault("(all)", _short(e))
+        finally:
+            p.state = "failed" if p.failures else "done"
+            p.finished = time.monotonic()
+            log.info(
+                "%s pass %s in %.2fs (%d failure(s))",
+                p.kind,
+                p.state,
+                p.finished - p.started,
+                len(p.failures),
+            )
+
+    async def _pass(self, p: _Pass) -> None:
+        await self._opened.wait()
+        by_name: dict[str, _File] = {}
+        for f in self._files.values():
+            if f.source is None:
+                p.failures[f.node.path] = f.error or "cannot open"
+            else:
+                by_name.setdefault(f.pointer.file_name, f)
+        pointers = [f.pointer for f in by_name.values()]
+
+        def request(segment: Segment) -> None:
+            source = by_name[segment.pointer.file_name].source
+            assert source is not None
+            blocks = source.blob.blocks_for(segment.start, segment.end - segment.start)
+            self.fetcher.request_nowait(source, blocks, Priority.PREFETCH)
+
+        async def read(pointer: Pointer, offset: int, length: int) -> bytes:
+            source = by_name[pointer.file_name].source
+            assert source is not None
+            return await self.fetcher.read(source, offset, length, Priority.PREFETCH)
+
+        p.state = "planning"
+        for segment in initial_segments(pointers, small_limit=self.options.small_file_limit):
+            request(segment)
+        for segment in await plan(pointers, read, small_limit=self.options.small_file_limit):
+            request(segment)
+        p.state = "running"
+
+        async def complete(f: _File) -> None:
+            assert f.source is not None
+            try:
+                await self.fetcher.complete(f.source, Priority.PREFETCH)
+            except TtfsError as e:
+                p.failures[f.node.path] = self._failures[f.node.path] = _short(e)
+            else:
+                self._failures.pop(f.node.path, None)
+                f.error = None
+
+        async with trio.open_nursery() as nursery:
+            seen: set[str] = set()
+            for f in by_name.values():
+                assert f.source is not None
+                if f.source.blob.blob_id not in seen:
+                    seen.add(f.source.blob.blob_id)
+                    nursery.start_soon(complete, f)
+        # Files sharing a blob share its outcome.
+        for f in self._files.values():
+            if (
+                f.source is not None
+                and f.node.path not in p.failures
+                and not f.source.done.is_set()
+            ):
+                p.failures[f.node.path] = "not complete"
+
+
+@asynccontextmanager
+async def open_model_fs(
+    tree: Tree, fetcher: Fetcher, options: FsOptions | None = None
+) -> AsyncIterator[ModelFs]:
+    """Run a :class:`ModelFs` with its background opener and prefetch for the block's duration."""
+    fs = ModelFs(tree, fetcher, options or FsOptions())
+    async with trio.open_nursery() as nursery:
+        fs._nursery = nursery
+        nursery.start_soon(fs._open_all)
+        if fs.options.prefetch:
+            fs._prefetch = _Pass("prefetch")
+            nursery.start_soon(fs._run_pass, fs._prefetch)
+        try:
+            yield fs
+        finally:
+            nursery.cancel_scope.cancel()
