@@ -29,7 +29,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[N
     for name in list(os.environ):
         if name.startswith(_STRIP_PREFIXES) or name in _STRIP_EXACT:
             monkeypatch.delenv(name, raising=False)
-    secrets = tmp_path / "secrets"
+    secrets = tmp_path / "ttfs-secrets"
     secrets.mkdir()
     monkeypatch.setenv("TTFS_MANIFEST_PATHS", "")
     monkeypatch.setenv("TTFS_SECRETS_DIR", str(secrets))

