@@ -11,16 +11,17 @@ Crash safety rests on checksums, not on syncing every write (docs/architecture.m
 
     pwrite(chunk) -> journal record (block, bytes valid, xxh3 of that prefix)   every chunk
                   -> presence + checksums persisted in the index                 every flush
-    complete blob -> hash against the manifest -> fdatasync -> "verified" persisted
+    complete blob -> hashed against the manifest -> "verified" persisted with the boot id
 
 The *journal* (``<data>.journal``, 16 bytes per 256 KiB chunk, appended without fsync) is what
 makes a killed process lose almost nothing: the kernel keeps both the data and the journal, and
 the next open replays it, re-checking every record against the data file. Even a partly
 received block resumes where it stopped. After a power loss the page cache is gone: journal
 records, index bits and data may disagree, so every present block of an unverified blob is
-checksummed when the blob is opened and a block that does not match is dropped. A verified blob
-was fdatasync'd before its flag was persisted; if its data file changes (size or mtime) it is
-no longer trusted.
+checksummed when the blob is opened and a block that does not match is dropped. A "verified"
+flag is trusted only in the boot that wrote it, unless the data was fdatasync'd first (done on
+release): after a reboot an unsynced blob is checked again. Syncing is thus kept off the hot
+path. If a verified blob's data file changes (size or mtime) it is no longer trusted.
 
 Everything here is synchronous and may block on disk: the fetch layer calls the slow parts
 (``open_blob``, ``flush``, ``verify``, ``check_blocks``) through ``trio.to_thread``; ``pread``
@@ -77,6 +78,17 @@ def _block_sum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown"
+
+
+BOOT_ID = _boot_id()
+
+
 class Blob:
     """An open blob: its sparse data file and the in-memory presence map.
 
@@ -110,6 +122,7 @@ class Blob:
         self.n_present = sum(present)
         self.atime = time.time()
         self._dirty = False
+        self._synced = False
         self.refs = 0
 
     # -- block arithmetic (pure) -------------------------------------------------------------
@@ -219,6 +232,23 @@ class Blob:
             self._dirty = True
         return ok
 
+    def hash_blocks(self, hasher: Any, first: int, end: int) -> None:
+        """Feed blocks ``[first, end)`` to ``hasher`` (blocking; the fetcher calls it in order).
+
+        Raises:
+            CacheError: the data file could not be read.
+        """
+        offset, stop = self.block_range(first)[0], self.block_range(end - 1)[1]
+        try:
+            while offset < stop:
+                chunk = os.pread(self.fd, min(_READ_CHUNK, stop - offset), offset)
+                if not chunk:
+                    raise CacheError(f"{self.path} is shorter than expected")
+                hasher.update(chunk)
+                offset += len(chunk)
+        except OSError as e:
+            raise CacheError(f"cannot read {self.path}: {e}") from e
+
     def check_blocks(self) -> list[int]:
         """Re-read every present block and drop those whose checksum differs; returns them."""
         bad = []
@@ -288,6 +318,8 @@ class Blob:
             "sums": self.sums.tobytes(),
             "verified": self.verified and self.complete,
             "stat": self.stat_key() if self.verified and self.complete else None,
+            # None once the data is known to be on disk; else the boot it is trusted in.
+            "boot": None if self._synced else BOOT_ID,
             "atime": self.atime,
         }
 
@@ -457,11 +489,13 @@ class BlockStore:
                 present = bytearray(record["present"])
                 sums = array("Q")
                 sums.frombytes(record["sums"])
-                verified = bool(record.get("verified")) and tuple(record.get("stat") or ()) == (
-                    st.st_size,
-                    st.st_mtime_ns,
+                verified = (
+                    bool(record.get("verified"))
+                    and tuple(record.get("stat") or ()) == (st.st_size, st.st_mtime_ns)
+                    and record.get("boot") in (None, BOOT_ID)
                 )
             blob = Blob(self, spec, path, fd, self.block_size, present, sums, verified)
+            blob._synced = verified and isinstance(record, dict) and record.get("boot") is None
             if not verified:
                 if blob.n_present:
                     blob.check_blocks()
@@ -482,7 +516,8 @@ class BlockStore:
             if blob.refs > 0:
                 return
             self._open.pop(blob.blob_id, None)
-        if self._persist(blob) and not blob.partial:
+        # A verified blob is synced once, here, so its flag survives a reboot.
+        if self._persist(blob, sync=blob.verified and not blob._synced) and not blob.partial:
             self._reset_journal(blob)  # everything it vouched for is in the index now
         if blob.journal_fd is not None:
             with contextlib.suppress(OSError):
@@ -511,6 +546,7 @@ class BlockStore:
             except OSError as e:
                 log.warning("fdatasync %s failed: %s", blob.path, e)
                 return False
+            blob._synced = True
         blob._dirty = False
         # On failure the entry stays dirty: a later flush retries, a crash re-reads the journal.
         ok = self._index_set(blob.blob_id, blob._record())
@@ -543,8 +579,8 @@ class BlockStore:
         return True
 
     def mark_verified(self, blob: Blob) -> None:
-        """Persist a successful whole-blob verification: data synced first (blocking)."""
-        self._persist(blob, sync=True)
+        """Persist a whole-blob verification (blocking; trusted in this boot until synced)."""
+        self._persist(blob)
 
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -558,6 +594,8 @@ class BlockStore:
         """Whether the index says a complete, verified blob with this size is on disk."""
         record = self._index.get(blob_id)
         if not (isinstance(record, dict) and record.get("verified") and record.get("size") == size):
+            return False
+        if record.get("boot") not in (None, BOOT_ID):
             return False
         try:
             st = os.stat(self.data_path(blob_id))

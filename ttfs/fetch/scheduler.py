@@ -17,8 +17,9 @@ they need and at what :class:`Priority`; the fetcher turns queued blocks into ra
 * **Retries.** A run that breaks resumes at its first block that did not land (the
   :class:`~ttfs.blocks.RunWriter` lands blocks as they complete), with jittered exponential
   backoff that honours ``Retry-After``, bounded by attempts and by time.
-* **Verification.** When the last block of a blob lands it is hashed against the manifest in a
-  worker thread; a mismatch discards the blob and fetches it once more, then fails for good.
+* **Verification.** A follower task per blob hashes the contiguous prefix of present blocks in
+  a worker thread while the rest downloads, so completion costs only the tail; a mismatch
+  discards the blob and fetches it once more, then fails for good.
 
 INVARIANT (single-flight): between looking a block up in ``_blocks`` and inserting its state
 there is no checkpoint; adding an ``await`` there would let two fetches of one block start.
@@ -71,7 +72,9 @@ class Source:
     runs_inflight: int = 0
     deferred: list[tuple[int, int, str, int]] = field(default_factory=list)
     verify_attempts: int = 0
-    verifying: trio.Event | None = None
+    discards: int = 0
+    # Replaced (and the old one set) whenever a block lands, the blob is discarded or finishes.
+    changed: trio.Event = field(default_factory=trio.Event)
     failure: BaseException | None = None
     done: trio.Event = field(default_factory=trio.Event)
     origin_bytes: int = 0
@@ -132,6 +135,9 @@ class Fetcher:
             self._sources[blob_id] = source
             if blob.complete and (blob.verified or not self._must_verify(source)):
                 source.done.set()
+            else:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._follow, source)
             return source
 
     def source(self, blob_id: str) -> Source:
@@ -203,64 +209,83 @@ class Fetcher:
         return blob.pread(offset, length)
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
-        """Fetch every missing block and verify the blob; return when it is whole and checked.
+        """Fetch every missing block; return when the blob is whole and verified.
 
         Raises:
             IntegrityError: the blob did not match its hash twice in a row.
             TtfsError: a block could not be fetched.
         """
-        if source.failure is not None and not source.done.is_set():
-            source.failure = None  # a new attempt after an earlier failure
-        blob = source.blob
-        if blob.n_blocks:
-            await self.ensure(source, range(blob.n_blocks), prio)
-        await self._verify(source)
-        if source.failure is not None:
-            raise source.failure
-
-    # -- verification ------------------------------------------------------------------------
-    async def _verify(self, source: Source) -> None:
         blob = source.blob
         while not source.done.is_set():
-            if source.verifying is not None:
-                await source.verifying.wait()
-                if source.failure is not None:
-                    raise source.failure
-                continue
-            if not blob.complete:
-                await self.ensure(source, range(blob.n_blocks), Priority.PREFETCH)
-                continue
-            if not self._must_verify(source):
-                await trio.to_thread.run_sync(self.store.mark_verified, blob)
-                source.done.set()
-                return
-            source.verifying = trio.Event()
-            try:
-                ok = await trio.to_thread.run_sync(blob.verify)
-                if ok:
+            if source.failure is not None:
+                raise source.failure
+            generation = source.discards
+            if blob.n_blocks:
+                await self.ensure(source, range(blob.n_blocks), prio)
+            while (
+                not source.done.is_set()
+                and source.failure is None
+                and source.discards == generation
+            ):
+                await source.changed.wait()
+
+    # -- verification ------------------------------------------------------------------------
+    def _notify(self, source: Source) -> None:
+        event, source.changed = source.changed, trio.Event()
+        event.set()
+
+    async def _follow(self, source: Source) -> None:
+        """Hash the blob in order while it downloads, then mark it verified (or discard it).
+
+        Hashing follows the contiguous prefix of present blocks in a worker thread, so by the
+        time the last block lands only the tail is left to hash instead of the whole blob.
+        """
+        blob = source.blob
+        checker = blob.spec.checker
+        verify = self._must_verify(source)
+        try:
+            while True:
+                hasher = checker.new(blob.size) if verify else None
+                k = 0
+                while k < blob.n_blocks:
+                    if not blob.present[k]:
+                        await source.changed.wait()
+                        continue
+                    j = k + 1
+                    while j < blob.n_blocks and blob.present[j] and j - k < 32:
+                        j += 1
+                    if hasher is not None:
+                        await trio.to_thread.run_sync(blob.hash_blocks, hasher, k, j)
+                    k = j
+                if hasher is None or hasher.hexdigest() == checker.expected:
+                    if hasher is not None:
+                        blob.verified = True
                     await trio.to_thread.run_sync(self.store.mark_verified, blob)
                     source.done.set()
-                    log.info(
-                        "verified %s (%s)", source.pointer.file_name, blob.spec.checker.algorithm
-                    )
+                    if hasher is not None:
+                        log.info("verified %s (%s)", source.pointer.file_name, checker.algorithm)
                     return
                 source.verify_attempts += 1
-                expected = blob.spec.checker
                 if source.verify_attempts >= 2:
                     source.failure = IntegrityError(
                         f"{source.pointer.file_name}: content does not match "
-                        f"{expected.algorithm} {expected.expected} (fetched twice)"
+                        f"{checker.algorithm} {checker.expected} (fetched twice)"
                     )
-                    raise source.failure
+                    log.error("%s", source.failure)
+                    return
                 log.warning(
                     "%s: %s mismatch; discarding and fetching again",
                     source.pointer.file_name,
-                    expected.algorithm,
+                    checker.algorithm,
                 )
                 await trio.to_thread.run_sync(blob.discard)
-            finally:
-                event, source.verifying = source.verifying, None
-                event.set()
+                source.discards += 1
+                self.request_nowait(source, range(blob.n_blocks), Priority.PREFETCH)
+        except TtfsError as e:
+            source.failure = e
+            log.error("cannot verify %s: %s", source.pointer.file_name, e)
+        finally:
+            self._notify(source)
 
     # -- dispatch ---------------------------------------------------------------------------
     async def _dispatcher(self) -> None:
@@ -334,10 +359,13 @@ class Fetcher:
         def sink(chunk: memoryview) -> None:
             source.origin_bytes += len(chunk)
             self.origin_bytes += len(chunk)
-            for index in writer.write(chunk):
+            landed = writer.write(chunk)
+            for index in landed:
                 state = self._blocks.pop((bid, index), None)
                 if state is not None:
                     state.event.set()
+            if landed:
+                self._notify(source)
 
         try:
             while writer.next_block <= last:
@@ -387,15 +415,6 @@ class Fetcher:
                 heapq.heappush(self._heap, entry)
             source.deferred.clear()
             self._wakeup.set()
-        if blob.complete and not source.done.is_set() and source.verifying is None:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._verify_quietly, source)
-
-    async def _verify_quietly(self, source: Source) -> None:
-        try:
-            await self._verify(source)
-        except TtfsError as e:
-            log.error("%s", e)
 
     def _fail(self, source: Source, first: int, last: int, error: BaseException) -> None:
         bid = source.blob.blob_id
