@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -148,6 +149,7 @@ class Resolver:
         progress: bool | None = None,
         monitor_secs: float = 30.0,
         report: ResolveReport | None = None,
+        page_after: bool = False,
     ) -> None:
         self.fetcher = fetcher
         self.download_dir = download_dir
@@ -155,6 +157,9 @@ class Resolver:
         self._progress = progress
         self._monitor_secs = monitor_secs
         self._files_open = trio.CapacityLimiter(64)  # bounds open data files, not throughput
+        self._page_after = page_after
+        self._pager: trio.Nursery | None = None
+        self._page_lock = trio.Lock()
 
     async def run(self, pointers: Sequence[Pointer]) -> ResolveReport:
         """Resolve every pointer; on the first failure cancel the rest and raise.
@@ -174,9 +179,13 @@ class Resolver:
             async with trio.open_nursery() as nursery:
                 if progress is not None:
                     nursery.start_soon(progress.run, self._bytes_ready)
-                async with trio.open_nursery() as files:
-                    for pointer, dest in plan:
-                        files.start_soon(self._one, pointer, dest, failure, files.cancel_scope)
+                async with trio.open_nursery() as pager:
+                    self._pager = pager if self._page_after else None
+                    async with trio.open_nursery() as files:
+                        for pointer, dest in plan:
+                            files.start_soon(self._one, pointer, dest, failure, files.cancel_scope)
+                    # Paging is best effort: one more second, then it is abandoned (as upstream).
+                    pager.cancel_scope.deadline = trio.current_time() + 1.0
                 nursery.cancel_scope.cancel()
         finally:
             self.report.total_download_time_secs = time.monotonic() - started
@@ -191,6 +200,30 @@ class Resolver:
         )
         return self.report
 
+    async def _page(self, dest: Path) -> None:
+        """Read a finished file once to warm the page cache (TRUSS_TRANSFER_PAGE_AFTER_DOWNLOAD).
+
+        One file at a time, 25 ms pauses between 128 MiB reads, as truss-transfer does, so it
+        competes as little as possible with the downloads still running.
+        """
+        try:
+            await trio.sleep(0.5)
+            async with self._page_lock:
+                fd = await trio.to_thread.run_sync(os.open, dest, os.O_RDONLY)
+                paged = 0
+                try:
+                    for _ in itertools.count():
+                        chunk = await trio.to_thread.run_sync(os.read, fd, 128 * 1024 * 1024)
+                        if not chunk:
+                            break
+                        paged += len(chunk)
+                        await trio.sleep(0.025)
+                finally:
+                    os.close(fd)
+                log.debug("paged %s into the page cache (%d bytes)", dest, paged)
+        except OSError as e:
+            log.debug("paging %s failed: %s", dest, e)
+
     def _bytes_ready(self) -> int:
         return sum(s.blob.bytes_present for s in self.fetcher.sources())
 
@@ -200,6 +233,8 @@ class Resolver:
         try:
             async with self._files_open:
                 await self._download(pointer, dest)
+            if self._pager is not None:
+                self._pager.start_soon(self._page, dest)
         except TtfsError as e:
             error = e if isinstance(e, DownloadError) else DownloadError(pointer.file_name, e)
             if not failure:
@@ -309,6 +344,7 @@ async def resolve(
     monitor_secs: float = 30.0,
     providers: ProviderSet | None = None,
     report: ResolveReport | None = None,
+    page_after: bool = False,
 ) -> ResolveReport:
     """Open the cache and a fetcher, resolve ``pointers`` into ``download_dir``.
 
@@ -324,7 +360,12 @@ async def resolve(
     try:
         async with open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher:
             resolver = Resolver(
-                fetcher, download_dir, progress=progress, monitor_secs=monitor_secs, report=report
+                fetcher,
+                download_dir,
+                progress=progress,
+                monitor_secs=monitor_secs,
+                report=report,
+                page_after=page_after,
             )
             report = await resolver.run(pointers)
         store.pinned = {p.hash for p in pointers}

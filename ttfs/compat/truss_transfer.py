@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from ..config import Settings
+from ..config import Settings, truthy
 from ..errors import TtfsError
 from ..manifest import Manifest, ModelRepo, find_manifests, merge_pointers, validate_pointers
 from ..resolve import ResolveReport, resolve, write_stats
@@ -129,9 +129,16 @@ def lazy_data_resolve(
         if pointers:
             settings = Settings.from_env()
             monitor = float(os.environ.get("TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS") or 30)
+            page_after = truthy(os.environ.get("TRUSS_TRANSFER_PAGE_AFTER_DOWNLOAD"))
             trio.run(
                 lambda: resolve(
-                    pointers, target, settings, progress=False, monitor_secs=monitor, report=report
+                    pointers,
+                    target,
+                    settings,
+                    progress=False,
+                    monitor_secs=monitor,
+                    report=report,
+                    page_after=page_after,
                 )
             )
         report.success = True
