@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 .PHONY: run test bench lint typecheck clean
 
 run:
-	@scripts/bootstrap.sh
+	@scripts/bootstrap.sh fuse,loaders
 	$(PY) -m ttfs.demo.run
 
 test:
