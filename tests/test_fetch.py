@@ -191,3 +191,15 @@ async def test_empty_and_tiny_blobs(settings: Settings) -> None:
             await fetcher.complete(source)
             assert await fetcher.read(source, 0, 10) == data
     assert [c[0] for c in fake.calls] == ["one"]
+
+
+async def test_permanent_failure_fails_the_rest_of_the_blob_at_once(settings: Settings) -> None:
+    """A 404 on one run must not cost one request (or one retry budget) per remaining run."""
+    data = ramp(64 * BS)
+    fake = FakeProvider({"m.bin": data}, missing={"m.bin"})
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        with pytest.raises(ObjectNotFound):
+            await fetcher.complete(source)
+        assert fetcher.statistics().queued["PREFETCH"] == 0
+    assert len(fake.calls) <= settings.max_connections - settings.demand_reserved

@@ -48,6 +48,10 @@ from ..providers import Provider, ProviderSet
 log = logging.getLogger(__name__)
 
 
+# Blocks complete() queues at once (x2 with the look-ahead window): 4096 x 2 MiB = 8 GiB.
+_COMPLETE_WINDOW = 4096
+
+
 class Priority(IntEnum):
     DEMAND = 0
     READAHEAD = 1
@@ -220,8 +224,14 @@ class Fetcher:
             if source.failure is not None:
                 raise source.failure
             generation = source.discards
-            if blob.n_blocks:
-                await self.ensure(source, range(blob.n_blocks), prio)
+            # Windows of blocks bound the queue's memory for huge blobs; the next window is
+            # queued before waiting for the current one so the connections never run dry.
+            window = _COMPLETE_WINDOW
+            for start in range(0, blob.n_blocks, window):
+                ahead = range(start + window, min(start + 2 * window, blob.n_blocks))
+                if ahead:
+                    self.request_nowait(source, ahead, prio)
+                await self.ensure(source, range(start, min(start + window, blob.n_blocks)), prio)
             while (
                 not source.done.is_set()
                 and source.failure is None
@@ -421,8 +431,15 @@ class Fetcher:
         log.warning(
             "fetch of %s blocks %d-%d failed: %s", source.pointer.file_name, first, last, error
         )
-        for index in range(first, last + 1):
-            state = self._blocks.pop((bid, index), None)
+        doomed = [(bid, index) for index in range(first, last + 1)]
+        # The blocks of this blob still queued would fail the same way (the object is gone,
+        # stale or unreachable after a whole retry budget): fail them now instead of spending a
+        # retry budget on each. A later request starts afresh.
+        doomed += [
+            key for key, state in self._blocks.items() if key[0] == bid and not state.inflight
+        ]
+        for key in doomed:
+            state = self._blocks.pop(key, None)
             if state is not None:
                 state.error = error
                 state.event.set()
