@@ -43,7 +43,7 @@ from ..errors import MountError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
 from ..providers import ProviderSet
-from ..vfs.core import FsOptions, open_model_fs
+from ..vfs.core import FsOptions, ModelFs, open_model_fs
 from ..vfs.readahead import ReadaheadConfig
 from ..vfs.tree import Tree
 from . import kernel
@@ -119,7 +119,9 @@ def check_fuse_device() -> None:
         raise MountError("not permitted: /dev/fuse is not readable and writable by this user")
 
 
-async def _probe(config: MountConfig, files: int, on_ready: Callable[[Ready], None] | None) -> None:
+async def _probe(
+    config: MountConfig, fs: ModelFs, files: int, on_ready: Callable[[Ready], None] | None
+) -> None:
     """Wait until the mount answers through the kernel, tune it, announce readiness."""
     mountpoint = config.mountpoint
     with trio.fail_after(config.ready_timeout):
@@ -132,6 +134,7 @@ async def _probe(config: MountConfig, files: int, on_ready: Callable[[Ready], No
         )
     )
     log.info("kernel tuning: %s", tuning.describe())
+    fs.serving()
     ready = Ready(mountpoint, os.getpid(), files, tuning)
     log.info("serving %d file(s) at %s (pid %d)", files, mountpoint, ready.pid)
     notify_systemd(f"READY=1\nSTATUS=serving {files} files at {mountpoint}\nMAINPID={ready.pid}")
@@ -175,7 +178,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
             **config.info,
         }
         options = FsOptions(prefetch=config.prefetch, readahead=config.readahead, info=info)
-        fs = await stack.enter_async_context(open_model_fs(tree, fetcher, options))
+        fs = await stack.enter_async_context(open_model_fs(tree, fetcher, options, serving=False))
         ops = FuseOps(fs)
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(config))
@@ -188,7 +191,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as main_scope:
                 nursery.start_soon(_signals, config.drain_seconds, main_scope)
-                nursery.start_soon(_probe, config, files, on_ready)
+                nursery.start_soon(_probe, config, fs, files, on_ready)
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
             if main_scope.cancelled_caught:
                 log.warning("requests still running after %.0fs; stopped", config.drain_seconds)

@@ -170,6 +170,7 @@ class ModelFs:
         self._next_handle = 1
         self._cache_bytes: dict[str, int] = {}  # blob id → bytes local when first opened
         self._opened = trio.Event()
+        self._serving = trio.Event()
         self._prefetch: _Pass | None = None
         self._materialize: _Pass | None = None
         self._generation = 0
@@ -450,6 +451,11 @@ class ModelFs:
     async def wait_opened(self) -> None:
         await self._opened.wait()
 
+    def serving(self) -> None:
+        """The mount answers: let the background prefetch start (it would otherwise compete
+        with the mount's own start-up for the CPU and delay readiness)."""
+        self._serving.set()
+
     async def _open_all(self) -> None:
         # One at a time: the fetcher opens blobs under one lock, so a reader's open() waits
         # for at most one background open (which may re-check a partial blob's blocks).
@@ -478,6 +484,8 @@ class ModelFs:
             )
 
     async def _pass(self, p: _Pass) -> None:
+        if p.kind == "prefetch":
+            await self._serving.wait()
         await self._opened.wait()
         by_name: dict[str, _File] = {}
         for f in self._files.values():
@@ -534,10 +542,16 @@ class ModelFs:
 
 @asynccontextmanager
 async def open_model_fs(
-    tree: Tree, fetcher: Fetcher, options: FsOptions | None = None
+    tree: Tree, fetcher: Fetcher, options: FsOptions | None = None, *, serving: bool = True
 ) -> AsyncIterator[ModelFs]:
-    """Run a :class:`ModelFs` with its background opener and prefetch for the block's duration."""
+    """Run a :class:`ModelFs` with its background opener and prefetch for the block's duration.
+
+    With ``serving=False`` the prefetch waits for :meth:`ModelFs.serving` (the FUSE layer calls
+    it once the mount answers).
+    """
     fs = ModelFs(tree, fetcher, options or FsOptions())
+    if serving:
+        fs.serving()
     async with trio.open_nursery() as nursery:
         fs._nursery = nursery
         nursery.start_soon(fs._open_all)
