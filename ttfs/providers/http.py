@@ -13,7 +13,7 @@ Why the redirect handling is ours and not httpx's:
 Every response is checked: a ``Content-Range`` total that differs from the manifest size is a
 :class:`~ttfs.errors.StaleManifest` (never silent corruption); a body shorter than promised is a
 :class:`~ttfs.errors.TransientError` that the scheduler retries from the first missing block.
-Errors are mapped from httpx in one place (:func:`_mapped`). URLs are logged without query
+Errors are mapped from httpx in one place (:mod:`._stream`). URLs are logged without query
 strings.
 """
 
@@ -21,44 +21,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
-from typing import NoReturn
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
 import trio
 
 from ..config import Settings
-from ..errors import (
-    AccessDenied,
-    ObjectNotFound,
-    ProviderError,
-    StaleManifest,
-    TransientError,
-)
+from ..errors import AccessDenied, ProviderError
 from ..manifest import HttpResolution, Pointer
 from ..secrets import get_hf_token
+from ._stream import make_client, mapped, status_error, stream_body
 from .base import Sink, redact_url
 
 log = logging.getLogger(__name__)
 
-# httpcore reads the socket 64 KiB at a time; every read costs a trip through h11, httpcore and
-# trio. 256 KiB reads cut the client's CPU per byte by ~20% on the 2-core VM (measured: 128 MiB
-# in 8 ranges, 0.51 s CPU at 64 KiB vs 0.41 s at 256 KiB). A class attribute of a private
-# module: if a future httpcore drops it, we only lose the speed-up.
-SOCKET_READ = 256 * 1024
-with contextlib.suppress(ImportError, AttributeError):
-    from httpcore._async.http11 import AsyncHTTP11Connection
-
-    AsyncHTTP11Connection.READ_NUM_BYTES = max(AsyncHTTP11Connection.READ_NUM_BYTES, SOCKET_READ)
 MAX_REDIRECTS = 8
-_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _HUB_SUFFIXES = ("huggingface.co", "hf.co")
-_TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 @dataclass(slots=True)
@@ -90,42 +70,6 @@ def _signed_url_ttl(url: str) -> float:
     return float("inf")
 
 
-def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("retry-after")
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    with contextlib.suppress(TypeError, ValueError):
-        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    return None
-
-
-@contextlib.contextmanager
-def _mapped(url: str) -> Iterator[None]:
-    """Translate httpx transport errors into our tree, once, for every request."""
-    try:
-        yield
-    except httpx.TimeoutException as e:
-        raise TransientError(f"timed out on {redact_url(url)} ({type(e).__name__})") from e
-    except httpx.TransportError as e:
-        raise TransientError(f"network error on {redact_url(url)}: {type(e).__name__}: {e}") from e
-
-
-def _status_error(response: httpx.Response, url: str, pointer: Pointer) -> NoReturn:
-    status = response.status_code
-    where = f"HTTP {status} from {redact_url(url)} for {pointer.file_name}"
-    if status in _TRANSIENT_STATUS or 500 <= status < 600:
-        raise TransientError(where, retry_after=_retry_after(response))
-    if status == 404:
-        raise ObjectNotFound(where)
-    if status in (401, 403, 410):
-        raise AccessDenied(where)
-    raise ProviderError(where)
-
-
 class HttpProvider:
     """Range reads of ``http`` pointers (plain URLs and Hugging Face resolve URLs)."""
 
@@ -133,23 +77,7 @@ class HttpProvider:
 
     def __init__(self, settings: Settings, client: httpx.AsyncClient | None = None) -> None:
         self._settings = settings
-        limits = httpx.Limits(
-            max_connections=settings.max_connections + 8,
-            max_keepalive_connections=settings.max_connections + 8,
-            keepalive_expiry=30.0,
-        )
-        timeout = httpx.Timeout(
-            connect=settings.connect_timeout,
-            read=settings.stall_timeout,  # no byte for this long = a stalled range
-            write=settings.stall_timeout,
-            pool=None,  # the scheduler bounds concurrency; waiting for a slot is not a stall
-        )
-        self._client = client or httpx.AsyncClient(
-            limits=limits,
-            timeout=timeout,
-            follow_redirects=False,
-            headers={"user-agent": "ttfs/0.1", "accept-encoding": "identity"},
-        )
+        self._client = client or make_client(settings)
         self._targets: dict[str, _Target] = {}
         self._resolving: dict[str, trio.Event] = {}
         self._tokens: dict[str, str | None] = {}
@@ -244,7 +172,7 @@ class HttpProvider:
             headers = self._headers(pointer, auth, start, end)
             request = self._client.build_request("GET", url, headers=headers)
             self.requests += 1
-            with _mapped(url):
+            with mapped(url):
                 response = await self._client.send(request, stream=True)
             try:
                 if response.is_redirect and "location" in response.headers:
@@ -255,7 +183,7 @@ class HttpProvider:
                     url = next_url
                     continue
                 if response.status_code not in (200, 206):
-                    _status_error(response, url, pointer)
+                    status_error(response, url, pointer)
                 if resolve_for is not None:
                     ttl = _signed_url_ttl(url)
                     # Keep a 30 s margin so a range is not started on a URL about to expire.
@@ -265,62 +193,8 @@ class HttpProvider:
                     if pending is not None:
                         self._resolved(resolve_for, pending)
                     resolve_for = None
-                await self._stream(pointer, url, response, start, end, sink)
+                await stream_body(pointer, url, response, start, end, sink)
                 return
             finally:
                 await response.aclose()
         raise ProviderError(f"too many redirects for {redact_url(url)} ({pointer.file_name})")
-
-    async def _stream(
-        self, pointer: Pointer, url: str, response: httpx.Response, start: int, end: int, sink: Sink
-    ) -> None:
-        skip = 0
-        if response.status_code == 206:
-            m = _CONTENT_RANGE.match(response.headers.get("content-range", ""))
-            if not m:
-                raise TransientError(f"bad Content-Range from {redact_url(url)}")
-            first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
-            if total != "*" and int(total) != pointer.size:
-                raise StaleManifest(
-                    f"{pointer.file_name}: origin object has {total} bytes but the manifest "
-                    f"says {pointer.size} (stale manifest?) at {redact_url(url)}"
-                )
-            if first != start or last < start:
-                raise TransientError(
-                    f"origin answered range {first}-{last}, asked {start}-{end - 1}"
-                )
-        else:
-            # 200: the server ignored Range. Correct but wasteful: skip to our start.
-            length = response.headers.get("content-length")
-            if length is not None and int(length) != pointer.size:
-                raise StaleManifest(
-                    f"{pointer.file_name}: origin object has {length} bytes but the manifest "
-                    f"says {pointer.size} (stale manifest?) at {redact_url(url)}"
-                )
-            skip = start
-            log.warning("%s ignores Range requests; reading the whole body", redact_url(url))
-        want = end - start
-        got = 0
-        with _mapped(url):
-            # No chunk_size: re-chunking copies every byte through a BytesIO.
-            async for chunk in response.aiter_raw():
-                view = memoryview(chunk)
-                if skip:
-                    cut = min(skip, len(view))
-                    view = view[cut:]
-                    skip -= cut
-                    if not view:
-                        continue
-                if got + len(view) > want:
-                    view = view[: want - got]
-                if view:
-                    sink(view)
-                    got += len(view)
-                if got >= want and skip == 0 and response.status_code != 206:
-                    return  # a 200 body goes on past our range: drop the connection
-                # A 206 body ends by itself: reading to its end returns the connection to the
-                # pool (returning early would close it).
-        if got < want:
-            raise TransientError(
-                f"short body from {redact_url(url)}: {got} of {want} bytes ({pointer.file_name})"
-            )
