@@ -374,3 +374,58 @@ def test_mount_refuses_bad_input_with_one_line(tmp_path: Path, model: Path, orig
         assert text in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert ttfs("status", str(tmp_path / "mnt")).returncode != 0
     assert "is not mounted" in ttfs("umount", str(tmp_path / "mnt")).stderr
+
+
+def test_programmatic_mount_in_a_subprocess_and_unmount(
+    tmp_path: Path, model: Path, origin: Origin
+) -> None:
+    from ttfs.fuse.daemon import mount_in_subprocess, unmount
+
+    manifest = tmp_path / "m.json"
+    write_manifest(origin, model, manifest)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.log"
+    daemon = mount_in_subprocess(
+        [manifest], mnt, cache_dir=tmp_path / "cache", prefetch=False, log_file=log
+    )
+    try:
+        assert daemon.mountpoint == mnt and daemon.log_file == log
+        assert status(mnt)["pid"] == daemon.pid
+        assert files_of(mnt) == files_of(model)
+        assert "kernel tuning" in log.read_text()
+        assert unmount(mnt) is False  # not busy: a plain unmount
+        assert not is_mounted(mnt) and not os.path.exists(f"/proc/{daemon.pid}/cmdline")
+    finally:
+        stop_daemon(mnt, daemon.pid)
+
+
+_SERVE_ON_A_FILE = r"""
+import sys
+from pathlib import Path
+from ttfs.config import Settings
+from ttfs.fuse.serve import MountConfig, run
+from ttfs.manifest import load_manifest
+config = MountConfig(
+    pointers=load_manifest(sys.argv[1]).pointers,
+    mountpoint=Path(sys.argv[2]),
+    settings=Settings.from_env(cache_dir=Path(sys.argv[3])),
+)
+try:
+    run(config)
+except Exception as e:
+    print(type(e).__name__, e)
+"""
+
+
+def test_a_mount_failure_inside_the_daemon_is_one_error_not_a_group(
+    tmp_path: Path, model: Path, origin: Origin
+) -> None:
+    manifest = tmp_path / "m.json"
+    write_manifest(origin, model, manifest)
+    target = tmp_path / "a-file"
+    target.write_text("not a directory")
+    out = run_py(_SERVE_ON_A_FILE, str(manifest), str(target), str(tmp_path / "cache")).stdout
+    # The kernel mounts over a file, then the root (a directory) cannot be looked up there.
+    assert out.startswith("MountError the new mount at"), out
+    assert not is_mounted(target)

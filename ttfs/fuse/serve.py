@@ -39,7 +39,7 @@ import trio
 
 from ..blocks import BlockStore
 from ..config import Settings
-from ..errors import MountError
+from ..errors import MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
 from ..providers import ProviderSet
@@ -124,8 +124,15 @@ async def _probe(
 ) -> None:
     """Wait until the mount answers through the kernel, tune it, announce readiness."""
     mountpoint = config.mountpoint
-    with trio.fail_after(config.ready_timeout):
-        st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    try:
+        with trio.fail_after(config.ready_timeout):
+            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+    except trio.TooSlowError:
+        raise MountError(
+            f"the new mount at {mountpoint} did not answer within {config.ready_timeout:.0f}s"
+        ) from None
+    except OSError as e:
+        raise MountError(f"the new mount at {mountpoint} does not answer: {e.strerror}") from e
     if not stat.S_ISDIR(st.st_mode):
         raise MountError(f"{mountpoint}: the new mount does not look like a directory")
     tuning = await trio.to_thread.run_sync(
@@ -206,9 +213,34 @@ def _close_session() -> None:
         log.info("closing the FUSE session: %s", e)
 
 
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first TtfsError (or KeyboardInterrupt) among the leaves of a nursery's group."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, TtfsError | KeyboardInterrupt):
+            return exc
+    return None
+
+
 def run(config: MountConfig, *, on_ready: Callable[[Ready], None] | None = None) -> None:
-    """``trio.run(serve, ...)``: the body of ``ttfs mount --foreground``."""
-    trio.run(lambda: serve(config, on_ready=on_ready))
+    """``trio.run(serve, ...)``: the body of ``ttfs mount --foreground``.
+
+    Nurseries wrap errors in exception groups; a TtfsError inside one is re-raised alone so
+    the CLI prints its one line.
+
+    Raises:
+        TtfsError: see :func:`serve`.
+    """
+    try:
+        trio.run(lambda: serve(config, on_ready=on_ready))
+    except BaseExceptionGroup as group:
+        error = _first_error(group)
+        if error is None:
+            raise
+        raise error from group
 
 
 __all__ = [
