@@ -13,7 +13,9 @@ Proves:
   and the next run completes from where the first stopped: at most one block per file is fetched
   twice;
 * a full cache disk fails with one clear line and nothing half-written at the destination;
-* an unreachable origin fails naming the file.
+* an unreachable origin fails naming the file;
+* the HF token from the secrets dir reaches the hub only when ``HF_ENDPOINT`` names it, never the
+  CDN, and never appears in the CLI's output, even at debug level.
 """
 
 from __future__ import annotations
@@ -279,3 +281,39 @@ def test_origin_down_fails_naming_the_file(origin: Origin, tmp_path: Path) -> No
     assert not (out / "sub" / "only.bin").exists() and not leftovers(out)
     report = json.loads(Path(os.environ["TTFS_STATS_FILE"]).read_text())
     assert report["success"] is False
+
+
+# -- the token through the CLI --------------------------------------------------------------------
+
+
+def test_cli_token_reaches_the_hf_endpoint_hub_only(origin: Origin, tmp_path: Path) -> None:
+    token = "hf_cliTOKEN0123456789"
+    origin.hub_token = token  # the hub answers 401 to anything else
+    (Path(os.environ["TTFS_SECRETS_DIR"]) / "hf_access_token").write_text(token + "\n")
+    files = write_random_files(
+        origin.root / HF_REPO, {"model.safetensors": 11 * MiB, "config.json": 1482}, seed=8
+    )
+    manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files, hf_repo=HF_REPO))
+
+    # Without HF_ENDPOINT a 127.0.0.1 hub is just some host: no token, so 401.
+    out = tmp_path / "out"
+    denied = run_cli(resolve_cmd(manifest, out), cli_env(tmp_path / "cache"))
+    assert denied.returncode != 0
+    line = final_error(denied)
+    assert "401" in line and token not in denied.stderr
+    assert all("authorization" not in r.headers for r in origin.stats.snapshot().request_log)
+
+    origin.reset_stats()
+    env = cli_env(tmp_path / "cache", HF_ENDPOINT=origin.base_url, TTFS_LOG="debug")
+    result = run_cli(resolve_cmd(manifest, out), env)
+    assert result.returncode == 0, result.stderr
+    assert_same_files(out, files)
+    assert token not in result.stderr and token not in result.stdout
+    log = origin.stats.snapshot().request_log
+    hub_port = int(origin.base_url.rsplit(":", 1)[1])
+    assert any(r.port != hub_port for r in log)  # the big file went through the CDN
+    for r in log:
+        if r.port == hub_port:
+            assert r.headers.get("authorization") == f"Bearer {token}"
+        else:
+            assert "authorization" not in r.headers
