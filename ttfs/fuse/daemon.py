@@ -145,6 +145,13 @@ def spawn(
         os.close(write_fd)
     try:
         message = _wait_line(read_fd, proc, timeout)
+    except BaseException:  # interrupted while waiting: do not leave a half-started mount behind
+        _stop(proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if is_mounted(mountpoint):
+            _fusermount(mountpoint, lazy=True)
+        raise
     finally:
         os.close(read_fd)
     if message.startswith(READY):

@@ -274,7 +274,8 @@ class ModelFs:
         blob = source.blob
         if offset >= blob.size or size <= 0:
             return b""
-        ahead = f.streams.on_read(offset, size, blob.size)
+        # A whole blob needs no readahead: skip the bookkeeping on the warm path.
+        ahead = None if blob.complete else f.streams.on_read(offset, size, blob.size)
         if ahead is not None:
             self.fetcher.request_nowait(
                 source, blob.blocks_for(ahead[0], ahead[1] - ahead[0]), Priority.READAHEAD
