@@ -1,17 +1,30 @@
 """Origins. ``ProviderSet`` picks the provider for a pointer's resolution type.
 
-Only this package imports httpx and the cloud SDKs.
+Only this package (and :mod:`ttfs.create`) imports httpx and the cloud SDKs; the SDKs are
+imported lazily, when the first pointer of their kind is read.
 """
 
 from __future__ import annotations
 
 from ..config import Settings
 from ..errors import ConfigError
-from ..manifest import HttpResolution, Pointer
+from ..manifest import AzureResolution, GcsResolution, HttpResolution, Pointer, S3Resolution
+from .azure import AzureProvider
 from .base import Provider, Sink, redact_url
+from .gcs import GcsProvider
 from .http import HttpProvider
+from .s3 import S3Provider
 
-__all__ = ["HttpProvider", "Provider", "ProviderSet", "Sink", "redact_url"]
+__all__ = [
+    "AzureProvider",
+    "GcsProvider",
+    "HttpProvider",
+    "Provider",
+    "ProviderSet",
+    "S3Provider",
+    "Sink",
+    "redact_url",
+]
 
 
 class ProviderSet:
@@ -30,13 +43,17 @@ class ProviderSet:
         kind = type(pointer.resolution).resolution_type
         provider = self._providers.get(kind)
         if provider is None:
-            if isinstance(pointer.resolution, HttpResolution):
+            resolution = pointer.resolution
+            if isinstance(resolution, HttpResolution):
                 provider = HttpProvider(self._settings)
-            else:
-                raise ConfigError(
-                    f"{pointer.file_name}: resolution type {kind!r} is not supported yet "
-                    "(only http/Hugging Face pointers can be fetched)"
-                )
+            elif isinstance(resolution, S3Resolution):
+                provider = S3Provider(self._settings)
+            elif isinstance(resolution, GcsResolution):
+                provider = GcsProvider(self._settings)
+            elif isinstance(resolution, AzureResolution):
+                provider = AzureProvider(self._settings)
+            else:  # pragma: no cover - the manifest parser knows no other type
+                raise ConfigError(f"{pointer.file_name}: resolution type {kind!r} is not supported")
             self._providers[kind] = provider
         return provider
 
