@@ -368,6 +368,8 @@ async def test_failures_map_to_errnos_and_materialize_names_the_file(settings: S
         assert isinstance(e.value.cause, TransientError)
         assert errno_for(e.value) == errno.EIO  # not EAGAIN: the retry budget is spent
         fake.fail_next = 0
+        root = status(fs)
+        assert {f["file"] for f in root["failures"]} == {"gone", "flaky"}  # type: ignore[union-attr]
         # The filesystem keeps serving other files.
         fh3 = await fs.open(ino_of(fs, "good"), os.O_RDONLY)
         assert await fs.read(fh3, 0, 100) == good
@@ -378,7 +380,8 @@ async def test_failures_map_to_errnos_and_materialize_names_the_file(settings: S
         assert [f["file"] for f in mat["failures"]] == ["gone"]
         assert "404" in mat["failures"][0]["reason"]
         assert status(fs, "flaky")["verified"] and not status(fs, "gone")["local_bytes"]
-        assert status(fs, "gone")["error"]
+        assert status(fs, "gone")["error"] and status(fs, "flaky")["error"] is None
+        assert status(fs)["failure_count"] == 1
 
 
 def test_errno_for_maps_every_exception() -> None:

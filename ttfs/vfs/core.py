@@ -287,6 +287,7 @@ class ModelFs:
             raise DownloadError(f.pointer.file_name, e) from e
         f.reads += 1
         f.read_bytes += len(data)
+        f.error = None  # the origin answered again
         return data
 
     def release(self, fh: int) -> None:
@@ -351,9 +352,6 @@ class ModelFs:
             if checker is None
             else (checker.algorithm or f"unavailable: {checker.reason or p.hashtype}")
         )
-        error = self._failures.get(f.node.path) or (
-            str(source.failure) if source is not None and source.failure else None
-        )
         return {
             "path": f.node.path,
             "file_name": p.file_name,
@@ -369,8 +367,17 @@ class ModelFs:
             "bytes_by_source": {"cache": cache, "origin": origin},
             "reads": f.reads,
             "read_bytes": f.read_bytes,
-            "error": error if error else f.error,
+            "error": self._error_of(f),
         }
+
+    def _error_of(self, f: _File) -> str | None:
+        """Why this file is not (yet) servable: a failed pass, a failed verification, or the
+        last failed read (cleared by the next successful one)."""
+        if f.node.path in self._failures:
+            return self._failures[f.node.path]
+        if f.source is not None and f.source.failure is not None:
+            return _short(f.source.failure)
+        return f.error
 
     def _pass_doc(self, p: _Pass | None) -> dict[str, Any]:
         if p is None:
@@ -397,10 +404,7 @@ class ModelFs:
                 complete += blob.complete
                 verified += blob.verified and blob.complete
                 done += f.source.done.is_set()
-        failures = dict(self._failures)
-        for f in files:
-            if f.source is not None and f.source.failure is not None:
-                failures.setdefault(f.node.path, _short(f.source.failure))
+        failures = {f.node.path: e for f in files if (e := self._error_of(f)) is not None}
         stats = self.fetcher.statistics()
         prefetch = (
             self._pass_doc(self._prefetch)
