@@ -259,14 +259,14 @@ def mount_cmd(
     ready_fd: int | None,
     **opts: Any,
 ) -> None:
-    """Mount the files of MANIFEST... at MOUNTPOINT, lazily: ``[MANIFEST]... MOUNTPOINT``.
+    """Mount the files of [MANIFEST]... at MOUNTPOINT, lazily.
 
     Returns once the whole tree is visible (sizes right, no byte fetched); the daemon keeps
-    serving in the background (``--foreground`` stays attached). Reads fetch the byte ranges
+    serving in the background (--foreground stays attached). Reads fetch the byte ranges
     they need first while the background prefetch fetches everything else. Without MANIFEST the
     truss-transfer lookup paths are used. Relative file names appear under MOUNTPOINT; absolute
-    ones with a prefix removed (see --root), so ``ttfs mount m.json /app/model_cache`` serves
-    exactly the paths the manifest names.
+    ones with a prefix removed (see --root), so 'ttfs mount m.json /app/model_cache' serves
+    exactly the paths the manifest names (docs/semantics.md).
     """
     from .fuse import daemon as spawner
     from .vfs.tree import Tree
@@ -354,7 +354,7 @@ def materialize_cmd(mountpoint: Path, progress: bool, timeout: float | None, **o
     """Make every file of the mount at MOUNTPOINT local and verified; exit 0 only then.
 
     Works from any process that sees the mountpoint: it asks the daemon through the
-    ``user.ttfs.materialize`` attribute and follows ``user.ttfs.status``.
+    user.ttfs.materialize attribute and follows user.ttfs.status.
     """
     import time
 
