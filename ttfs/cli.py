@@ -204,7 +204,13 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
 
 
 @cli.command("mount")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument(
+    "paths",
+    nargs=-1,
+    required=True,
+    metavar="[MANIFEST]... MOUNTPOINT",
+    type=click.Path(path_type=Path),
+)
 @click.option(
     "--foreground", "-f", is_flag=True, help="Serve in this process until unmounted or signalled."
 )
