@@ -24,9 +24,15 @@ RULES: dict[str, set[str]] = {
     "ttfs.resolve": {"pyfuse3", "httpx", "diskcache", "ttfs.fuse", "ttfs.vfs", "ttfs.cli"},
     "ttfs.compat": {"pyfuse3", "ttfs.fuse", "ttfs.cli"},
     "ttfs.control": {"pyfuse3", "ttfs.fuse"},
+    "ttfs.create": {"pyfuse3", "diskcache", "ttfs.blocks", "ttfs.fetch", "ttfs.vfs", "ttfs.fuse",
+                    "ttfs.cli", "ttfs.resolve", "ttfs.compat"},
 }
-ONLY_IN = {"pyfuse3": "ttfs.fuse", "diskcache": "ttfs.blocks", "httpx": "ttfs.providers"}
-ALLOWED_ELSEWHERE = {"httpx": {"ttfs.demo"}}
+ONLY_IN = {"pyfuse3": "ttfs.fuse", "diskcache": "ttfs.blocks", "httpx": "ttfs.providers",
+           "huggingface_hub": "ttfs.providers", "boto3": "ttfs.providers",
+           "botocore": "ttfs.providers", "google": "ttfs.providers", "azure": "ttfs.providers"}
+ALLOWED_ELSEWHERE = {"httpx": {"ttfs.demo", "ttfs.create"}, "huggingface_hub": {"ttfs.create"},
+                     "boto3": {"ttfs.create"}, "botocore": {"ttfs.create"},
+                     "google": {"ttfs.create"}, "azure": {"ttfs.create"}}
 
 
 def iter_imports() -> Iterator[tuple[str, str]]:

@@ -14,11 +14,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
 
 import trio
 
 from ..config import Settings, truthy
+from ..create import create_manifest
 from ..errors import TtfsError
 from ..manifest import Manifest, ModelRepo, find_manifests, merge_pointers, validate_pointers
 from ..resolve import ResolveReport, resolve, write_stats
@@ -77,17 +77,17 @@ class PyModelRepo:
 def create_basetenpointer_from_models(
     models: Sequence[PyModelRepo], model_path: str = "/app/model_cache"
 ) -> str:
-    """Build a manifest (pretty JSON) from model repos.
+    """Build a manifest from model repos: pretty JSON ``{"pointers": [...], "models": null}``.
+
+    Repos are processed in order (spec §2.1); Hugging Face repos, ``gs://``, ``s3://`` and
+    ``azure://`` prefixes are routed by ``kind`` and ``repo_id`` (spec §2.2).
 
     Raises:
-        NotImplementedError: manifest creation from repos and buckets is not implemented yet.
+        Exception: (a TtfsError) an unknown ``kind``, a bad URI, missing credentials, a repo
+            that does not exist or cannot be read, nothing listed or nothing matched.
     """
-    for model in models:
-        model.to_model_repo()  # validates kind like upstream
-    raise NotImplementedError(
-        "create_basetenpointer_from_models: creating manifests from Hugging Face/S3/GCS/Azure "
-        "is not implemented in this ttfs version yet"
-    )
+    repos = [model.to_model_repo() for model in models]  # validates kind like upstream
+    return create_manifest(repos, model_path).dumps()
 
 
 def _download_dir(download_dir: str | None) -> str:
@@ -115,12 +115,14 @@ def lazy_data_resolve(
     report = ResolveReport()
     try:
         manifests = find_manifests()
-        jit: list[Any] = [m.to_model_repo() for m in models or []]
+        jit: list[ModelRepo] = [m.to_model_repo() for m in models or []]
         for manifest in manifests:
             jit.extend(manifest.models or ())
-        if jit:
-            create_basetenpointer_from_models([], model_path or "")
-        pointers = merge_pointers([*manifests, Manifest(pointers=(), source="<jit>")])
+        # JIT models (spec §3.2 step 4): expanded with the creator, merged last.
+        jit_manifest = (
+            create_manifest(jit, model_path or "") if jit else Manifest(pointers=(), source="<jit>")
+        )
+        pointers = merge_pointers([*manifests, jit_manifest])
         log.info(
             "Successfully merged %d manifests. Total pointers: %d", len(manifests), len(pointers)
         )

@@ -68,6 +68,7 @@ class CloudProvider:
         self._http = client or make_client(settings)
         self._targets: dict[Hashable, Target] = {}
         self._lock = trio.Lock()
+        self._told: set[Hashable] = set()
         self.requests = 0
 
     async def aclose(self) -> None:
@@ -89,6 +90,10 @@ class CloudProvider:
         """The ``If-Match`` value the pointer's hash implies, or None."""
         return None
 
+    def unverifiable(self, pointer: Pointer) -> str | None:
+        """Why the pointer's content cannot be checked against its hash, or None if it can."""
+        return None
+
     # -- reads ------------------------------------------------------------------------------
     async def _target(self, pointer: Pointer) -> Target:
         key = self._object_key(pointer)
@@ -106,6 +111,20 @@ class CloudProvider:
         if end <= start:
             return
         etag = self.if_match(pointer)
+        key = self._object_key(pointer)
+        if key not in self._told:
+            self._told.add(key)
+            reason = self.unverifiable(pointer)
+            if reason is not None:
+                log.warning(
+                    "%s: content cannot be verified against hash %s (%s); %s",
+                    pointer.file_name,
+                    pointer.hash,
+                    reason,
+                    "If-Match pins the listed object version"
+                    if etag is not None
+                    else "only the size is checked",
+                )
         for attempt in range(2):
             target = await self._target(pointer)
             headers = dict(target.headers)
@@ -116,8 +135,8 @@ class CloudProvider:
                 await ranged_get(self._http, pointer, target.url, start, end, sink, headers)
                 return
             except AccessDenied:
-                if self._targets.get(self._object_key(pointer)) is target:
-                    del self._targets[self._object_key(pointer)]
+                if self._targets.get(key) is target:
+                    del self._targets[key]
                 self._forget(pointer)
                 if attempt == 0:
                     log.info("%s: access refused; signing again", pointer.file_name)

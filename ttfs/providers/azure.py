@@ -110,6 +110,9 @@ class AzureProvider(CloudProvider):
     def if_match(self, pointer: Pointer) -> str | None:
         return azure_if_match(pointer.hash)
 
+    def unverifiable(self, pointer: Pointer) -> str | None:
+        return "an Azure etag is not a content hash"
+
     async def _sign(self, pointer: Pointer) -> Target:
         r = _resolution(pointer)
         key = (pointer.runtime_secret_name, r.account_name)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import re
 from collections.abc import Hashable, Mapping
 from typing import Any
 from urllib.parse import quote
@@ -122,6 +123,11 @@ class GcsProvider(CloudProvider):
 
     def _forget(self, pointer: Pointer) -> None:
         self._creds.pop(pointer.runtime_secret_name, None)
+
+    def unverifiable(self, pointer: Pointer) -> str | None:
+        if pointer.hashtype.lower() == "md5" and re.fullmatch(r"[0-9a-fA-F]{32}", pointer.hash):
+            return None
+        return f"hashtype {pointer.hashtype!r} with hash that is not an MD5 (random fallback?)"
 
     async def _sign(self, pointer: Pointer) -> Target:
         r = _resolution(pointer)

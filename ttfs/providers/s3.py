@@ -96,6 +96,14 @@ class S3Provider(CloudProvider):
     def if_match(self, pointer: Pointer) -> str | None:
         return s3_if_match(pointer.hash)
 
+    def unverifiable(self, pointer: Pointer) -> str | None:
+        m = _ETAG_HASH.match(pointer.hash)
+        if m is None:
+            return "not an S3 etag (random fallback hash)"
+        if "-" in m.group(1):
+            return "multipart S3 etag: it depends on the unknown part size"
+        return None
+
     async def _sign(self, pointer: Pointer) -> Target:
         r = _resolution(pointer)
         client: Any = self._boto.get(pointer.runtime_secret_name)
