@@ -66,6 +66,14 @@ def common_options(f: F) -> F:
             help="Ranged GETs in flight [default: 32].",
         ),
         click.option(
+            "--shared-cache",
+            type=click.Path(file_okay=False, path_type=Path),
+            envvar="TTFS_SHARED_CACHE",
+            help="Shared cache directory replicas share (b10fs rules, docs/b10fs.md) [default: "
+            "TRUSS_TRANSFER_CACHE_DIR when BASETEN_FS_ENABLED and USE_BASETEN_FS_TRUSS_TRANSFER "
+            "are set, else off].",
+        ),
+        click.option(
             "--no-verify",
             is_flag=True,
             default=False,
@@ -89,6 +97,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         cache_max_bytes=opts.get("cache_size"),
         max_connections=opts.get("max_connections"),
         verify=False if opts.get("no_verify") else None,
+        shared_cache_dir=opts.get("shared_cache"),
     )
 
 
@@ -299,6 +308,8 @@ def mount_cmd(
                 extra += ["--max-connections", str(opts["max_connections"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
+            if opts.get("shared_cache"):
+                extra += ["--shared-cache", str(Path(opts["shared_cache"]).absolute())]
             if read_ahead_kb is not None:
                 extra += ["--read-ahead-kb", str(read_ahead_kb)]
             if max_background is not None:

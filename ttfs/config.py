@@ -14,10 +14,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .units import MiB, parse_size
+
+if TYPE_CHECKING:
+    from .blocks.shared import SharedCacheConfig
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +84,8 @@ class Settings:
     flush_interval: float = 0.5
     verify: bool = True
     hf_endpoint: str | None = None
+    # The b10fs shared cache tier (docs/b10fs.md); None = off.
+    shared_cache: SharedCacheConfig | None = None
     secrets_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -130,6 +135,12 @@ class Settings:
         if env.get("TTFS_VERIFY") is not None:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
+        # b10fs: BASETEN_FS_ENABLED + USE_BASETEN_FS_TRUSS_TRANSFER, or --shared-cache DIR.
+        from .blocks.shared import SharedCacheConfig
+
+        values["shared_cache"] = SharedCacheConfig.from_env(
+            env, overrides.pop("shared_cache_dir", None)
+        )
         values["secrets_env"] = env
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:

@@ -10,6 +10,13 @@ An existing destination with the right size is skipped when it is the very file 
 an earlier resolve produced, or when its content hashes to the manifest hash; otherwise it is
 replaced. Files whose hash cannot be checked locally fall back to upstream's size rule, and
 the log says so.
+
+With the b10fs shared cache on (docs/b10fs.md) the upstream decision runs first (cleanup, space,
+speed), the files are taken in a random order per process (spec §3.6) so that replicas starting
+together fetch different blobs first, and a file's task ends only after its blob is published.
+Unlike upstream, a cache hit is not a symlink into b10fs: the bytes are read from the shared
+entry (in parallel ranges), verified, and placed like any other download, so the result is
+always a plain local file.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import shutil
 import sys
 import time
@@ -60,9 +68,19 @@ class ResolveReport:
     file_downloads: list[FileDownload] = field(default_factory=list)
     skipped: int = 0
     origin_bytes: int = 0
+    shared_bytes: int = 0
     success: bool = False
+    b10fs_enabled: bool = False
+    b10fs_decision_to_use: bool = False
+    b10fs_read_speed_mbps: float | None = None
+    # hot: a file whose bytes came from the shared cache; cold: from the origin while reads
+    # from the shared cache were allowed (upstream's B10fsUsage metric).
+    b10fs_hot_starts_files: int = 0
+    b10fs_hot_starts_bytes: int = 0
+    b10fs_cold_starts_files: int = 0
+    b10fs_cold_starts_bytes: int = 0
 
-    def stats_json(self, *, b10fs_enabled: bool = False) -> dict[str, object]:
+    def stats_json(self) -> dict[str, object]:
         downloaded = sum(f.file_size_bytes for f in self.file_downloads)
         secs = self.total_download_time_secs
         return {
@@ -78,13 +96,13 @@ class ResolveReport:
                 }
                 for f in self.file_downloads
             ],
-            "b10fs_read_speed_mbps": None,
-            "b10fs_decision_to_use": False,
-            "b10fs_enabled": b10fs_enabled,
-            "b10fs_hot_starts_files": 0,
-            "b10fs_hot_starts_bytes": 0,
-            "b10fs_cold_starts_files": 0,
-            "b10fs_cold_starts_bytes": 0,
+            "b10fs_read_speed_mbps": self.b10fs_read_speed_mbps,
+            "b10fs_decision_to_use": self.b10fs_decision_to_use,
+            "b10fs_enabled": self.b10fs_enabled,
+            "b10fs_hot_starts_files": self.b10fs_hot_starts_files,
+            "b10fs_hot_starts_bytes": self.b10fs_hot_starts_bytes,
+            "b10fs_cold_starts_files": self.b10fs_cold_starts_files,
+            "b10fs_cold_starts_bytes": self.b10fs_cold_starts_bytes,
             "success": self.success,
             "timestamp": int(time.time()),
         }
@@ -171,6 +189,21 @@ class Resolver:
         self.report.total_manifest_size_bytes = sum(p.size for p in pointers)
         # Destinations first: a hostile name fails the resolve before any byte is written.
         plan = [(p, destination(self.download_dir, p.file_name)) for p in pointers]
+        tier = self.fetcher.tier
+        if tier is None:
+            log.info("b10cache is not enabled for read or write.")
+        else:
+            log.info("b10cache is enabled (%s).", tier.config.directory)
+            try:
+                decision = await tier.prepare(pointers)
+            except TtfsError as e:
+                self.report.total_download_time_secs = time.monotonic() - started
+                raise DownloadError("b10cache", e) from e
+            self.report.b10fs_enabled = True
+            self.report.b10fs_decision_to_use = decision.read
+            self.report.b10fs_read_speed_mbps = decision.speed_mbps
+            # Replicas that start together then fetch different blobs first (spec §3.6).
+            random.shuffle(plan)
         failure: list[DownloadError] = []
         total = self.report.total_manifest_size_bytes
         show = self._progress if self._progress is not None else sys.stderr.isatty()
@@ -190,6 +223,7 @@ class Resolver:
         finally:
             self.report.total_download_time_secs = time.monotonic() - started
             self.report.origin_bytes = self.fetcher.origin_bytes
+            self.report.shared_bytes = self.fetcher.shared_bytes
         if failure:
             raise failure[0]
         if progress is not None:
@@ -254,6 +288,7 @@ class Resolver:
         t0 = time.monotonic()
         source = await self.fetcher.add(pointer)
         before = source.blob.bytes_present
+        origin_before, shared_before = source.origin_bytes, source.shared_bytes
         monitor = trio.CancelScope()
         error: TtfsError | None = None
         async with trio.open_nursery() as nursery:
@@ -268,8 +303,18 @@ class Resolver:
             raise error
         await trio.to_thread.run_sync(_place, source.blob.path, dest)
         await trio.to_thread.run_sync(store.record_output, dest, pointer.hash)
+        await self.fetcher.settled(source)  # published to the shared cache (if it is on)
         secs = time.monotonic() - t0
-        if source.blob.size > before:
+        from_origin = source.origin_bytes > origin_before
+        report = self.report
+        if source.shared_bytes > shared_before and not from_origin:
+            report.b10fs_hot_starts_files += 1
+            report.b10fs_hot_starts_bytes += pointer.size
+            log.info("Using b10cache for %s (%d bytes)", pointer.file_name, pointer.size)
+        elif from_origin and report.b10fs_decision_to_use:
+            report.b10fs_cold_starts_files += 1
+            report.b10fs_cold_starts_bytes += pointer.size
+        if source.blob.size > before and (from_origin or source.shared_bytes == shared_before):
             self.report.file_downloads.append(
                 FileDownload(
                     pointer.file_name,

@@ -20,6 +20,10 @@ they need and at what :class:`Priority`; the fetcher turns queued blocks into ra
 * **Verification.** A follower task per blob hashes the contiguous prefix of present blocks in
   a worker thread while the rest downloads, so completion costs only the tail; a mismatch
   discards the blob and fetches it once more, then fails for good.
+* **Shared cache (b10fs).** With ``settings.shared_cache`` a :class:`~ttfs.fetch.tiers.SharedTier`
+  decides per blob whether runs read the shared entry or the origin, parks background runs of
+  blobs another replica is fetching, and publishes verified blobs (see ``tiers.py``). Bytes are
+  counted by source: ``origin_bytes`` and ``shared_bytes``.
 
 INVARIANT (single-flight): between looking a block up in ``_blocks`` and inserting its state
 there is no checkpoint; adding an ``await`` there would let two fetches of one block start.
@@ -44,6 +48,7 @@ from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
 from ..providers import Provider, ProviderSet
+from .tiers import BlobTier, SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +87,8 @@ class Source:
     failure: BaseException | None = None
     done: trio.Event = field(default_factory=trio.Event)
     origin_bytes: int = 0
+    shared_bytes: int = 0  # bytes read from the shared cache (b10fs) tier
+    tier: BlobTier | None = None  # the shared tier's state for this blob (None: tier off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +98,9 @@ class FetcherStatistics:
     origin_bytes: int
     origin_requests: int
     retries: int
+    shared_bytes: int = 0
+    shared_requests: int = 0
+    shared_corrupt: int = 0
 
 
 class Fetcher:
@@ -112,6 +122,10 @@ class Fetcher:
         self.origin_bytes = 0
         self.origin_requests = 0
         self.retries = 0
+        self.shared_bytes = 0
+        self.shared_requests = 0
+        shared = settings.shared_cache
+        self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         if settings.use_range:
             self._unit_blocks = max(1, settings.background_unit // store.block_size)
             self._per_blob = settings.per_blob_connections
@@ -137,8 +151,12 @@ class Fetcher:
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
             source = Source(blob, pointer, provider)
             self._sources[blob_id] = source
+            if self.tier is not None:
+                source.tier = self.tier.track(source)
             if blob.complete and (blob.verified or not self._must_verify(source)):
                 source.done.set()
+                if self.tier is not None:
+                    self.tier.on_done(source)  # publish a blob that was already local
             else:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._follow, source)
@@ -256,6 +274,7 @@ class Fetcher:
         try:
             while True:
                 hasher = checker.new(blob.size) if verify else None
+                shared_before = source.shared_bytes
                 k = 0
                 while k < blob.n_blocks:
                     if not blob.present[k]:
@@ -274,14 +293,21 @@ class Fetcher:
                     source.done.set()
                     if hasher is not None:
                         log.info("verified %s (%s)", source.pointer.file_name, checker.algorithm)
+                    if self.tier is not None:
+                        self.tier.on_done(source)
                     return
-                source.verify_attempts += 1
+                # A corrupt shared-cache entry is not the origin's fault: it costs no attempt
+                # (the tier ignores the entry from now on, so this happens once per blob).
+                if self.tier is None or not await self.tier.on_mismatch(source, shared_before):
+                    source.verify_attempts += 1
                 if source.verify_attempts >= 2:
                     source.failure = IntegrityError(
                         f"{source.pointer.file_name}: content does not match "
                         f"{checker.algorithm} {checker.expected} (fetched twice)"
                     )
                     log.error("%s", source.failure)
+                    if self.tier is not None:
+                        self.tier.on_failed(source)
                     return
                 log.warning(
                     "%s: %s mismatch; discarding and fetching again",
@@ -294,6 +320,8 @@ class Fetcher:
         except TtfsError as e:
             source.failure = e
             log.error("cannot verify %s: %s", source.pointer.file_name, e)
+            if self.tier is not None:
+                self.tier.on_failed(source)
         finally:
             self._notify(source)
 
@@ -309,6 +337,14 @@ class Fetcher:
             if entry is not None:
                 prio, _, bid, index = entry
                 source = self._sources[bid]
+                if self.tier is not None and not self.tier.may_dispatch(
+                    source, prio == Priority.DEMAND
+                ):
+                    # The shared tier holds this blob back (looking it up, or another replica
+                    # fetches it); it re-queues the parked entries when that changes.
+                    heapq.heappop(self._heap)
+                    source.deferred.append(entry)
+                    continue
                 allowed = self._inflight_total < max_total and (
                     prio == Priority.DEMAND or self._inflight_background < max_background
                 )
@@ -327,6 +363,8 @@ class Fetcher:
                     source.runs_inflight += 1
                     self._nursery.start_soon(self._run, source, index, last, background)
                     continue
+            if self.tier is not None and self._inflight_background < max_background:
+                self.tier.on_idle()  # room for background work: maybe lock another blob
             await self._wakeup.wait()
 
     def _peek(self) -> tuple[int, int, str, int] | None:
@@ -365,10 +403,15 @@ class Fetcher:
         writer = blob.writer(first)
         attempt = 0
         started = time.monotonic()
+        from_shared = False  # chosen per attempt: the shared tier's entry or the origin
 
         def sink(chunk: memoryview) -> None:
-            source.origin_bytes += len(chunk)
-            self.origin_bytes += len(chunk)
+            if from_shared:
+                source.shared_bytes += len(chunk)
+                self.shared_bytes += len(chunk)
+            else:
+                source.origin_bytes += len(chunk)
+                self.origin_bytes += len(chunk)
             landed = writer.write(chunk)
             for index in landed:
                 state = self._blocks.pop((bid, index), None)
@@ -381,9 +424,15 @@ class Fetcher:
             while writer.next_block <= last:
                 start = writer.pos
                 end = blob.block_range(last)[1]
-                self.origin_requests += 1
+                shared = self.tier.shared_entry(source) if self.tier is not None else None
+                from_shared = shared is not None
                 try:
-                    await source.provider.read_range(source.pointer, start, end, sink)
+                    if shared is not None and self.tier is not None:
+                        self.shared_requests += 1
+                        await self.tier.read_range(source, shared, start, end, sink)
+                    else:
+                        self.origin_requests += 1
+                        await source.provider.read_range(source.pointer, start, end, sink)
                     if writer.next_block <= last:
                         raise TransientError(f"{source.pointer.file_name}: range ended early")
                 except TransientError as e:
@@ -443,6 +492,22 @@ class Fetcher:
             if state is not None:
                 state.error = error
                 state.event.set()
+        if self.tier is not None:
+            self.tier.on_failed(source)
+
+    def has_background_work(self, source: Source) -> bool:
+        """Whether background blocks of ``source`` are queued, parked or in flight."""
+        if source.runs_inflight or any(e[0] != Priority.DEMAND for e in source.deferred):
+            return True
+        bid = source.blob.blob_id
+        return any(
+            key[0] == bid and state.prio != Priority.DEMAND for key, state in self._blocks.items()
+        )
+
+    async def settled(self, source: Source) -> None:
+        """Wait until a complete blob's publish to the shared cache (if any) is over."""
+        if self.tier is not None:
+            await self.tier.settled(source)
 
     # -- housekeeping ----------------------------------------------------------------------
     async def _flusher(self) -> None:
@@ -456,7 +521,14 @@ class Fetcher:
             if not state.inflight:
                 queued[state.prio.name] += 1
         return FetcherStatistics(
-            queued, self._inflight_total, self.origin_bytes, self.origin_requests, self.retries
+            queued,
+            self._inflight_total,
+            self.origin_bytes,
+            self.origin_requests,
+            self.retries,
+            self.shared_bytes,
+            self.shared_requests,
+            self.tier.corrupt_entries if self.tier is not None else 0,
         )
 
     async def aclose(self) -> None:
@@ -474,6 +546,8 @@ async def open_fetcher(
     try:
         async with trio.open_nursery() as nursery:
             fetcher._nursery = nursery
+            if fetcher.tier is not None:
+                fetcher.tier.start(nursery)
             nursery.start_soon(fetcher._dispatcher)
             nursery.start_soon(fetcher._flusher)
             try:
@@ -488,6 +562,8 @@ async def open_fetcher(
         raise
     finally:
         with trio.CancelScope(shield=True):
+            if fetcher.tier is not None:
+                await trio.to_thread.run_sync(fetcher.tier.close)
             await fetcher.aclose()
             await providers.aclose()
             await trio.to_thread.run_sync(store.flush)
