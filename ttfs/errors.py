@@ -108,7 +108,9 @@ class DownloadError(TtfsError):
     """A file could not be downloaded; the message names the file and the cause."""
 
     def __init__(self, file_name: str, cause: BaseException) -> None:
-        super().__init__(f"{file_name}: {cause}")
+        text = str(cause)
+        # Most causes already name the file; say it once.
+        super().__init__(text if file_name in text else f"{file_name}: {text}")
         self.file_name = file_name
         self.cause = cause
         if isinstance(cause, TtfsError):

@@ -516,6 +516,9 @@ class BlockStore:
             if blob.refs > 0:
                 return
             self._open.pop(blob.blob_id, None)
+        if blob.n_present == 0 and not blob.partial and blob.size:
+            self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
+            return
         # A verified blob is synced once, here, so its flag survives a reboot.
         if self._persist(blob, sync=blob.verified and not blob._synced) and not blob.partial:
             self._reset_journal(blob)  # everything it vouched for is in the index now
@@ -524,6 +527,17 @@ class BlockStore:
                 os.close(blob.journal_fd)
         with contextlib.suppress(OSError):
             os.close(blob.fd)
+
+    def _forget(self, blob: Blob) -> None:
+        for fd in (blob.journal_fd, blob.fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        for path in (blob.path, Path(f"{blob.path}.journal")):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        with contextlib.suppress(sqlite3.Error, OSError, diskcache.Timeout):
+            self._index.delete(blob.blob_id)
 
     # -- persistence ------------------------------------------------------------------------
     def flush(self) -> None:
