@@ -13,7 +13,7 @@ test:
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench:
-	@TTFS_BOOTSTRAP_BENCH=1 scripts/bootstrap.sh test
+	@TTFS_BOOTSTRAP_BENCH=1 scripts/bootstrap.sh test,bench
 	$(PY) -m bench $(BENCH_ARGS)
 
 lint:
