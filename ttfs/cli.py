@@ -482,6 +482,132 @@ def umount_cmd(mountpoint: Path, timeout: float, **opts: Any) -> None:
     click.echo(f"ttfs: unmounted {mountpoint}" + (" (lazily)" if lazy else ""), err=True)
 
 
+# --------------------------------------------------------------------------------------------
+# Creating manifests: create (docs/providers.md)
+# --------------------------------------------------------------------------------------------
+
+
+@cli.command("create")
+@click.option(
+    "--hf",
+    "hf_repos",
+    multiple=True,
+    metavar="ORG/REPO[@REVISION]",
+    help="A Hugging Face model repo, pinned to a commit (a branch is resolved, with a warning).",
+)
+@click.option("--s3", "s3_uris", multiple=True, metavar="s3://BUCKET/PREFIX", help="An S3 prefix.")
+@click.option(
+    "--gcs", "gcs_uris", multiple=True, metavar="gs://BUCKET[/PREFIX]", help="A GCS prefix."
+)
+@click.option(
+    "--azure",
+    "azure_uris",
+    multiple=True,
+    metavar="azure://ACCOUNT/CONTAINER/PREFIX",
+    help="An Azure Blob prefix (or https://ACCOUNT.blob.core.windows.net/CONTAINER/PREFIX).",
+)
+@click.option(
+    "--models",
+    "models_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="A JSON/YAML list of model repos (the manifest 'models' format), added after the "
+    "sources above.",
+)
+@click.option(
+    "--allow", multiple=True, metavar="GLOB", help="Keep only matching files (repeatable)."
+)
+@click.option("--ignore", multiple=True, metavar="GLOB", help="Drop matching files (repeatable).")
+@click.option("--volume-folder", default="", help="Folder under the model path [default: none].")
+@click.option(
+    "--model-path", default="/app/model_cache", show_default=True, help="Root of every file_name."
+)
+@click.option(
+    "--secret",
+    metavar="NAME",
+    default="hf_access_token",
+    show_default=True,
+    help="runtime_secret_name of every source (/secrets/NAME or TRUSS_SECRET_NAME).",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the manifest here (atomically) instead of stdout.",
+)
+@control_options
+@handles_errors
+def create_cmd(
+    hf_repos: tuple[str, ...],
+    s3_uris: tuple[str, ...],
+    gcs_uris: tuple[str, ...],
+    azure_uris: tuple[str, ...],
+    models_file: Path | None,
+    allow: tuple[str, ...],
+    ignore: tuple[str, ...],
+    volume_folder: str,
+    model_path: str,
+    secret: str,
+    output: Path | None,
+    **opts: Any,
+) -> None:
+    """Build a bptr manifest from Hugging Face repos and S3/GCS/Azure prefixes.
+
+    Sources are processed in the order --hf, --s3, --gcs, --azure, then --models; the patterns
+    use truss-transfer's glob dialect (only '*', which also matches '/'; ignore wins). Same
+    output as truss_transfer.create_basetenpointer_from_models: pretty JSON with
+    '"models": null'.
+    """
+    from .create import create_manifest
+    from .errors import ConfigError
+    from .manifest import ModelRepo, parse_manifest
+
+    def repo(repo_id: str, kind: str, revision: str = "") -> ModelRepo:
+        return ModelRepo(
+            repo_id=repo_id,
+            revision=revision,
+            volume_folder=volume_folder,
+            kind=kind,
+            allow_patterns=allow or None,
+            ignore_patterns=ignore or None,
+            runtime_secret_name=secret,
+        )
+
+    repos = [repo(r.partition("@")[0], "hf", r.partition("@")[2]) for r in hf_repos]
+    repos += [repo(u, "s3") for u in s3_uris]
+    repos += [repo(u, "gcs") for u in gcs_uris]
+    repos += [repo(u, "azure") for u in azure_uris]
+    if models_file is not None:
+        import json
+
+        import yaml
+
+        doc = yaml.safe_load(models_file.read_text())
+        if isinstance(doc, list):
+            doc = {"models": doc}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{models_file}: expected a list of model repos")
+        listed = parse_manifest(
+            json.dumps({"pointers": [], "models": doc.get("models")}), source=str(models_file)
+        )
+        repos += list(listed.models or ())
+    if not repos:
+        raise ConfigError("nothing to create: give --hf, --s3, --gcs, --azure or --models")
+    manifest = create_manifest(repos, model_path)
+    text = manifest.dumps() + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, output)
+    click.echo(
+        f"ttfs: {len(manifest.pointers)} pointer(s), "
+        f"{sum(p.size for p in manifest.pointers)} bytes from {len(repos)} source(s)"
+        + (f" written to {output}" if output is not None else ""),
+        err=True,
+    )
+
+
 def main() -> None:
     cli(prog_name="ttfs")
 
