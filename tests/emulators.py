@@ -360,3 +360,67 @@ def service_account_json(
             "token_uri": token_uri,
         }
     )
+
+
+# -- helpers shared by the cloud tests ----------------------------------------------------------
+
+
+def ttfs_cli(
+    *args: str, env: Mapping[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """``python -m ttfs ARGS`` in a child process (the test's environment unless ``env``)."""
+    return subprocess.run(
+        [sys.executable, "-m", "ttfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=dict(os.environ if env is None else env),
+        cwd=REPO,
+        check=False,
+    )
+
+
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every regular file under ``root`` by relative path."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def assert_secret_free(secrets: Mapping[str, str], **texts: str) -> None:
+    """No secret value appears in any of the named texts (logs, outputs, request logs)."""
+    leaks = [
+        f"{what} contains {name}"
+        for what, text in texts.items()
+        for name, value in secrets.items()
+        if value and value in text
+    ]
+    assert not leaks, "; ".join(leaks)
+
+
+def mount_and_read(
+    manifest: Path,
+    root: str,
+    mountpoint: Path,
+    cache: Path,
+    env: Mapping[str, str],
+) -> tuple[dict[str, bytes], str, str]:
+    """Mount ``manifest`` (``--root root``), read every file, return (files, status, log).
+
+    ``status`` is the text of ``ttfs status`` and ``--json`` after everything was read and
+    materialized; ``log`` the daemon's log.
+    """
+    from tests.mount_helpers import mounted, require_fuse
+
+    require_fuse()
+    with mounted(manifest, mountpoint, cache, "--root", root, env=env) as m:
+        files = read_tree(mountpoint)
+        done = ttfs_cli("materialize", "--no-progress", str(mountpoint), env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+        text = ttfs_cli("status", str(mountpoint), env=env)
+        as_json = ttfs_cli("status", "--json", str(mountpoint), env=env)
+        assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
+        status = text.stdout + text.stderr + as_json.stdout + as_json.stderr
+        return files, status, m.log_text()
