@@ -50,6 +50,7 @@ class FakeProvider:
     missing: set[str] = field(default_factory=set)
     corrupt_times: int = 0
     gate: trio.Event | None = None
+    gates: dict[str, trio.Event] = field(default_factory=dict)  # per file name
     name: str = "fake"
     calls: list[tuple[str, int, int]] = field(default_factory=list)
     bytes_served: int = 0
@@ -58,6 +59,8 @@ class FakeProvider:
         self.calls.append((pointer.file_name, start, end))
         if self.gate is not None:
             await self.gate.wait()
+        if pointer.file_name in self.gates:
+            await self.gates[pointer.file_name].wait()
         if self.latency:
             await trio.sleep(self.latency)
         if pointer.file_name in self.missing:

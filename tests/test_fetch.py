@@ -203,3 +203,22 @@ async def test_permanent_failure_fails_the_rest_of_the_blob_at_once(settings: Se
             await fetcher.complete(source)
         assert fetcher.statistics().queued["PREFETCH"] == 0
     assert len(fake.calls) <= settings.max_connections - settings.demand_reserved
+
+
+async def test_prefetch_pauses_while_a_reader_waits(settings: Settings) -> None:
+    settings = settings.replace(max_connections=4, demand_reserved=1)
+    big, hot = ramp(64 * BS, 1), ramp(BS, 2)
+    gate = trio.Event()
+    fake = FakeProvider({"big.bin": big, "hot.bin": hot}, gates={"hot.bin": gate})
+    async with fetcher_for(settings, fake) as fetcher:
+        big_src = await fetcher.add(pointer_for("big.bin", big))
+        hot_src = await fetcher.add(pointer_for("hot.bin", hot))
+        async with trio.open_nursery() as n:
+            n.start_soon(fetcher.read, hot_src, 0, 10)  # a reader waits (gated origin)
+            await trio.sleep(0.05)
+            fetcher.request_nowait(big_src, range(big_src.blob.n_blocks), Priority.PREFETCH)
+            await trio.sleep(0.2)
+            assert [c[0] for c in fake.calls] == ["hot.bin"]  # no prefetch started meanwhile
+            gate.set()
+        await fetcher.complete(big_src)  # and it resumes once the reader is served
+        assert big_src.blob.pread(0, len(big)) == big

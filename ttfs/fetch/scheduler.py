@@ -117,6 +117,7 @@ class Fetcher:
         self._wakeup = trio.Event()
         self._inflight_total = 0
         self._inflight_background = 0
+        self._demand_inflight = 0
         self._nursery: trio.Nursery | None = None
         self._open_lock = trio.Lock()
         self.origin_bytes = 0
@@ -348,6 +349,10 @@ class Fetcher:
                 allowed = self._inflight_total < max_total and (
                     prio == Priority.DEMAND or self._inflight_background < max_background
                 )
+                # Pause (not cancel) prefetch while a reader waits: on a small machine every
+                # background stream costs CPU the demand stream needs (first-tensor latency
+                # doubled on the 2-core VM). Readahead keeps going: it serves the reader.
+                allowed = allowed and (prio != Priority.PREFETCH or self._demand_inflight == 0)
                 if allowed and prio != Priority.DEMAND and source.runs_inflight >= self._per_blob:
                     # This blob has its share; park the entry until one of its runs ends.
                     heapq.heappop(self._heap)
@@ -360,6 +365,8 @@ class Fetcher:
                     background = prio != Priority.DEMAND
                     if background:
                         self._inflight_background += 1
+                    else:
+                        self._demand_inflight += 1
                     source.runs_inflight += 1
                     self._nursery.start_soon(self._run, source, index, last, background)
                     continue
@@ -469,6 +476,8 @@ class Fetcher:
             self._inflight_total -= 1
             if background:
                 self._inflight_background -= 1
+            else:
+                self._demand_inflight -= 1
             source.runs_inflight -= 1
             for entry in source.deferred:
                 heapq.heappush(self._heap, entry)
