@@ -28,7 +28,11 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
   spec="."
   [ -n "$extras" ] && spec=".[$extras]"
+  # Machines of this project keep the CPU build of torch in /opt/wheels; without it pip would
+  # fetch a multi-GB CUDA build from PyPI.
+  links=()
+  [ -d /opt/wheels ] && links=(--find-links /opt/wheels)
   echo "bootstrap: pip install -e '$spec'"
-  "$venv/bin/pip" install -q -e "$spec"
+  "$venv/bin/pip" install -q "${links[@]}" -e "$spec"
   touch "$stamp"
 fi
