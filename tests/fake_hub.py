@@ -81,7 +81,7 @@ class Request:
     role: str  # "hub" or "cdn"
     method: str
     path: str
-    headers: dict[str, str]
+    headers: dict[str, str]  # names in lower case
     status: int = 0
 
 
@@ -218,7 +218,12 @@ class _Handler(BaseHTTPRequestHandler):
         self._handle(head=True)
 
     def _handle(self, *, head: bool) -> None:
-        record = Request(self.server_role, self.command, self.path, dict(self.headers.items()))
+        record = Request(
+            self.server_role,
+            self.command,
+            self.path,
+            {k.lower(): v for k, v in self.headers.items()},
+        )
         self._request = record
         self.fake._record(record)
         try:
