@@ -101,7 +101,9 @@ def _hub_error(e: Exception, repo: ModelRepo, token: str | None, endpoint: str) 
         return _Definite(
             ObjectNotFound(f"{where}: revision '{repo.revision}' not found in {repo.repo_id}")
         )
-    if isinstance(e, errors.RemoteEntryNotFoundError):
+    # huggingface_hub < 1.0 called the remote one EntryNotFoundError
+    entry_not_found = getattr(errors, "RemoteEntryNotFoundError", errors.EntryNotFoundError)
+    if isinstance(e, entry_not_found):
         return _Definite(ObjectNotFound(f"{where}: file not found: {e.server_message or e}"))
     if isinstance(e, errors.RepositoryNotFoundError) or status in (401, 403):
         if status == 401 or (status == 403 and token is not None):
