@@ -36,3 +36,13 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   "$venv/bin/pip" install -q "${links[@]}" -e "$spec"
   touch "$stamp"
 fi
+
+# Azurite, the Azure Blob emulator of the provider tests (npm, cached in the ignored .work/).
+# The test fixture installs it too when this step could not run.
+if [[ ",$extras," == *",test,"* ]] && command -v npm >/dev/null 2>&1 \
+    && [ ! -x .work/azurite/node_modules/.bin/azurite-blob ]; then
+  echo "bootstrap: npm install azurite@3.35.0 into .work/azurite"
+  mkdir -p .work/azurite
+  npm install --prefix .work/azurite --no-audit --no-fund --loglevel=error azurite@3.35.0 \
+    >/dev/null || echo "bootstrap: npm install azurite failed; the Azure tests will retry" >&2
+fi
