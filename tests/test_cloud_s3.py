@@ -406,3 +406,76 @@ def test_jit_models_and_manifest_models(
     monkeypatch.setenv("TTFS_MANIFEST_PATHS", str(manifest))
     lazy_data_resolve(str(out))
     assert (tmp_path / "from-manifest" / "README.md").read_bytes() == b"# llama\n"
+
+
+def test_secrets_stay_with_their_hosts(
+    bucket: Bucket, s3_env: dict[str, str], moto: Emulator, tmp_path: Path
+) -> None:
+    """One manifest from a private HF repo and an S3 prefix (a --models file, two secrets):
+    the HF token reaches only the hub, the AWS keys reach nobody (presigned URLs)."""
+    from tests.fake_hub import FakeHub
+
+    hf_token = "hf_mixed_" + secrets.token_hex(12)
+    root = tmp_path / "model_cache"
+    models = [
+        {
+            "repo_id": "org/secret-model",
+            "revision": "main",
+            "allow_patterns": None,
+            "ignore_patterns": None,
+            "volume_folder": "hf",
+            "runtime_secret_name": "hf-token",
+            "kind": "hf",
+        },
+        {
+            "repo_id": f"s3://{bucket.name}/models/llama",
+            "revision": "",
+            "allow_patterns": ["*.json"],
+            "ignore_patterns": None,
+            "volume_folder": "s3",
+            "runtime_secret_name": SECRET_NAME,
+            "kind": "s3",
+        },
+    ]
+    models_file = tmp_path / "models.json"
+    models_file.write_text(json.dumps(models))
+    with FakeHub() as hub:
+        weights = __import__("random").Random(3).randbytes(10 << 20)
+        hub.add_repo(
+            "org/secret-model",
+            {"config.json": b"{}", "model.safetensors": weights},
+            private=True,
+            readers=[hf_token],
+        )
+        env = dict(s3_env, HF_ENDPOINT=hub.url, HF_TOKEN=hf_token)
+        manifest = tmp_path / "manifest.json"
+        created = ttfs_cli(
+            "create",
+            "--models",
+            str(models_file),
+            "--model-path",
+            str(root),
+            "-o",
+            str(manifest),
+            env=env,
+        )
+        assert created.returncode == 0, created.stderr
+        resolved = ttfs_cli(
+            "resolve", str(manifest), "--cache-dir", str(tmp_path / "cache"), env=env
+        )
+        assert resolved.returncode == 0, resolved.stderr
+        assert (root / "hf" / "model.safetensors").read_bytes() == weights
+        assert (root / "s3" / "config.json").read_bytes() == bucket.files["config.json"]
+        hub_log = json.dumps([r.__dict__ for r in hub.log()])
+        assert any(r.headers.get("authorization") == f"Bearer {hf_token}" for r in hub.log("hub"))
+        assert all("authorization" not in r.headers for r in hub.log("cdn"))
+    assert_secret_free({**KEYS}, hub_and_cdn_requests=hub_log)
+    # S3 is where the AWS keys belong, yet only the key id travels (in the presigned URL).
+    assert_secret_free(
+        {"hf token": hf_token, "secret access key": SECRET_KEY}, moto_log=moto.log_text()
+    )
+    assert_secret_free(
+        {"hf token": hf_token, **KEYS},
+        create=created.stdout + created.stderr,
+        resolve=resolved.stdout + resolved.stderr,
+    )
