@@ -1,5 +1,7 @@
-"""``make bench``: run every benchmark and print its tables."""
+"""``make bench`` (``python -m bench``): run every benchmark and print its tables."""
 
-from . import resolve
+import sys
 
-resolve.main()
+from .driver import main
+
+sys.exit(main())
