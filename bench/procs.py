@@ -116,6 +116,9 @@ class Children:
             raise KeyboardInterrupt(f"signal {signum}")
 
         self._old = signal.signal(signal.SIGTERM, on_term)
+        # A shell starts background jobs with SIGINT ignored; Ctrl-C / kill -INT must still stop
+        # the benchmark cleanly.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, *exc: object) -> None:
