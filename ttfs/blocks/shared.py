@@ -455,10 +455,25 @@ class SharedCache:
             return probe / MiB / secs
         return None
 
-    def decide(self, blobs: Iterable[tuple[str, int]]) -> Decision:
+    def measure(self, sizes: Mapping[str, int]) -> SpaceStats:
+        """Space stats without cleanup: for a caller that does not know its whole manifest,
+        where deleting "foreign" entries could delete its own.
+
+        Raises:
+            CacheError: the directory cannot be measured.
+        """
+        cached = sum(size for blob_id, size in sizes.items() if self.has_entry(blob_id, size))
+        try:
+            vfs = os.statvfs(self.directory)
+        except OSError as e:
+            raise CacheError(f"cannot measure b10cache directory {self.directory}: {e}") from e
+        return SpaceStats(available_bytes=vfs.f_bavail * vfs.f_frsize, cached_bytes=cached)
+
+    def decide(self, blobs: Iterable[tuple[str, int]], *, cleanup: bool = True) -> Decision:
         """Cleanup, then the write (headroom) and read (speed) decisions, logged as upstream.
 
-        ``blobs`` is the manifest's ``(hash, size)`` in the order the speed check walks it.
+        ``blobs`` is the manifest's ``(hash, size)`` in the order the speed check walks it;
+        ``cleanup=False`` when that may not be the whole manifest (nothing is deleted then).
 
         Raises:
             CacheError: the directory cannot be created, listed or measured.
@@ -466,7 +481,11 @@ class SharedCache:
         ordered = list(blobs)
         sizes = dict(ordered)
         self.ensure_dir()
-        space = self.cleanup(sizes)
+        if cleanup:
+            space = self.cleanup(sizes)
+        else:
+            log.info("b10cache: cleanup skipped (this process does not know its whole manifest)")
+            space = self.measure(sizes)
         write = self.write_allowed(space, sum(sizes.values()))
         desired = desired_speed(self.config)
         speed: float | None = None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import functools
 import heapq
 import logging
 import os
@@ -142,12 +143,15 @@ class SharedTier:
         self._nursery.start_soon(fn, *args)
 
     # -- the decision ------------------------------------------------------------------------
-    async def prepare(self, pointers: Sequence[Pointer], *, strict: bool = True) -> Decision:
+    async def prepare(
+        self, pointers: Sequence[Pointer], *, strict: bool = True, whole: bool = True
+    ) -> Decision:
         """Cleanup, space stats and the read/write decision, once per fetcher (spec §3.6).
 
         ``resolve`` calls it with the whole manifest before downloading. Otherwise the first
-        request prepares it with the blobs the fetcher knows by then (a mount opens every
-        file first), and a failure there only turns the tier off.
+        request prepares it with the blobs the fetcher knows by then (``whole=False``: no
+        cleanup, since entries of blobs not opened yet would look foreign), and a failure
+        there only turns the tier off (``strict=False``).
 
         Raises:
             CacheError: (``strict`` only) the directory cannot be created, listed or measured.
@@ -159,7 +163,9 @@ class SharedTier:
             for p in pointers:
                 blobs.setdefault(p.hash, p.size)
             try:
-                decision = await trio.to_thread.run_sync(self.cache.decide, list(blobs.items()))
+                decision = await trio.to_thread.run_sync(
+                    functools.partial(self.cache.decide, list(blobs.items()), cleanup=whole)
+                )
             except CacheError as e:
                 if strict:
                     raise
@@ -171,7 +177,8 @@ class SharedTier:
     async def _decision(self) -> Decision:
         if self.decision is not None:
             return self.decision
-        return await self.prepare([s.pointer for s in self.fetcher.sources()], strict=False)
+        pointers = [s.pointer for s in self.fetcher.sources()]
+        return await self.prepare(pointers, strict=False, whole=False)
 
     # -- hooks called by the fetcher -----------------------------------------------------------
     def track(self, source: Source) -> BlobTier:

@@ -346,7 +346,8 @@ class ModelFs:
             verified = blob.verified and complete
             done = source.done.is_set()
             origin = source.origin_bytes
-            cache = self._cache_bytes.get(blob.blob_id, 0)
+            # Local at open, plus what the shared (b10fs) cache tier supplied since.
+            cache = self._cache_bytes.get(blob.blob_id, 0) + source.shared_bytes
         verify = (
             "pending"
             if checker is None
@@ -435,6 +436,8 @@ class ModelFs:
                 "origin_bytes": stats.origin_bytes,
                 "origin_requests": stats.origin_requests,
                 "retries": stats.retries,
+                "shared_bytes": stats.shared_bytes,
+                "shared_requests": stats.shared_requests,
             },
         }
 
