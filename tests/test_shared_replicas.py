@@ -215,3 +215,43 @@ def test_two_mounts_sharing_a_cache_fetch_each_blob_about_once(
             cache_total += cache
         assert origin_total <= 1.1 * TOTAL and cache_total >= 0.9 * TOTAL
     assert leftovers(shared) == []
+
+
+def test_truss_transfer_drop_in_fills_and_then_hits_b10fs(
+    origin: Origin,
+    files: dict[str, Path],
+    manifest: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import truss_transfer
+
+    shared = tmp_path / "b10fs"
+    env = b10fs_env(tmp_path / "cache1", shared, TTFS_MANIFEST_PATHS=str(manifest))
+    for name in (
+        "BASETEN_FS_ENABLED",
+        "USE_BASETEN_FS_TRUSS_TRANSFER",
+        "TRUSS_TRANSFER_CACHE_DIR",
+        "TRUSS_TRANSFER_B10FS_MIN_REQUIRED_AVAILABLE_SPACE_GB",
+        "TTFS_CACHE_DIR",
+        "TTFS_MANIFEST_PATHS",
+        "TTFS_STATS_FILE",
+    ):
+        monkeypatch.setenv(name, env[name])
+    stats_file = Path(env["TTFS_STATS_FILE"])
+    assert truss_transfer.lazy_data_resolve(str(tmp_path / "d1")) == str(tmp_path / "d1")
+    cold = json.loads(stats_file.read_text())
+    assert cold["b10fs_enabled"] is True and cold["b10fs_decision_to_use"] is True
+    assert (cold["b10fs_cold_starts_files"], cold["b10fs_cold_starts_bytes"]) == (len(SIZES), TOTAL)
+    assert cold["b10fs_hot_starts_files"] == 0 and len(cold["file_downloads"]) == len(SIZES)
+    # Another replica (fresh local cache): every file is a b10fs hit, nothing from the origin.
+    origin.reset_stats()
+    monkeypatch.setenv("TTFS_CACHE_DIR", str(tmp_path / "cache2"))
+    truss_transfer.lazy_data_resolve(str(tmp_path / "d2"))
+    assert origin.stats.snapshot().bytes_sent == 0
+    hot = json.loads(stats_file.read_text())
+    assert (hot["b10fs_hot_starts_files"], hot["b10fs_hot_starts_bytes"]) == (len(SIZES), TOTAL)
+    assert hot["b10fs_cold_starts_files"] == 0 and hot["file_downloads"] == []
+    assert_same_files(tmp_path / "d2", files)
+    # Plain local files, not symlinks into b10fs as upstream makes them.
+    assert not any(p.is_symlink() for p in (tmp_path / "d2").rglob("*"))
