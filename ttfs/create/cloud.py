@@ -30,10 +30,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import AccessDenied, ManifestError, ObjectNotFound, ProviderError
+from ..errors import AccessDenied, ManifestError, ObjectNotFound, ProviderError, TtfsError
 from ..manifest import AzureResolution, GcsResolution, ModelRepo, Pointer, Resolution, S3Resolution
 from ..providers.azure import make_container_client
-from ..providers.credentials import aws_credentials, azure_credentials, gcs_credentials
+from ..providers.credentials import aws_credentials, azure_credentials, gcs_credentials, scrub
 from ..providers.gcs import make_gcs_client
 from ..providers.s3 import make_s3_client
 from .patterns import filter_paths, show_patterns
@@ -164,6 +164,26 @@ def list_prefix(lister: Callable[[str], Iterable[Listed]], prefix: str) -> list[
     return objects
 
 
+def _listed(
+    lister: Callable[[str], Iterable[Listed]],
+    prefix: str,
+    repo: ModelRepo,
+    secrets: tuple[str | None, ...],
+) -> list[Listed]:
+    """:func:`list_prefix` with every failure a ProviderError whose text holds no secret."""
+    try:
+        return list_prefix(lister, prefix)
+    except TtfsError as e:
+        clean = scrub(str(e), secrets)
+        if clean == str(e):
+            raise
+        raise type(e)(clean) from None
+    except Exception as e:  # an SDK's transport error (requests, urllib3, aiohttp...)
+        raise ProviderError(
+            scrub(f"Failed to list objects: {repo.repo_id}: {type(e).__name__}: {e}", secrets)
+        ) from None
+
+
 # -- S3 ---------------------------------------------------------------------------------------
 
 
@@ -174,7 +194,9 @@ def create_s3(
     uri = parse_s3_uri(repo.repo_id)
     creds = aws_credentials(repo.runtime_secret_name, env)
     client = make_s3_client(creds)
-    objects = list_prefix(lambda p: _list_s3(client, uri.bucket, p, repo.repo_id), uri.prefix)
+    objects = _listed(
+        lambda p: _list_s3(client, uri.bucket, p, repo.repo_id), uri.prefix, repo, creds.secrets()
+    )
     return build_pointers(
         repo,
         model_path,
@@ -231,7 +253,9 @@ def create_gcs(
     uri = parse_gcs_uri(repo.repo_id)
     creds = gcs_credentials(repo.runtime_secret_name, env)
     client = make_gcs_client(creds)
-    objects = list_prefix(lambda p: _list_gcs(client, uri.bucket, p, repo.repo_id), uri.prefix)
+    objects = _listed(
+        lambda p: _list_gcs(client, uri.bucket, p, repo.repo_id), uri.prefix, repo, creds.secrets()
+    )
     return build_pointers(
         repo,
         model_path,

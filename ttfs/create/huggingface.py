@@ -31,6 +31,7 @@ from typing import Any
 from ..errors import AccessDenied, ManifestError, ObjectNotFound, ProviderError, TtfsError
 from ..manifest import HttpResolution, ModelRepo, Pointer
 from ..providers._sdk import sdk
+from ..providers.credentials import scrub
 from ..secrets import get_hf_token
 from .cloud import normalize_hash
 from .patterns import filter_paths, show_patterns
@@ -199,13 +200,13 @@ def create_hf(
             if definite is not None:
                 raise definite.error from None
             last = e
-            print(f"Attempt {attempt} failed: {_one_line(e)}", file=sys.stderr)
+            print(f"Attempt {attempt} failed: {scrub(_one_line(e), (token,))}", file=sys.stderr)
             if attempt < ATTEMPTS:
                 time.sleep(pause)
     else:
         raise ProviderError(
             f"Invalid metadata: Failed to get repo info for {repo.repo_id}: "
-            f"{_one_line(last) if last else 'unknown error'}"
+            f"{scrub(_one_line(last), (token,)) if last else 'unknown error'}"
         )
     if repo.revision != sha:
         print(

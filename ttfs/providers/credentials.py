@@ -51,6 +51,14 @@ AZURITE_URL = "http://127.0.0.1:10000"
 GCS_PUBLIC = "https://storage.googleapis.com"
 
 
+def scrub(text: str, secrets: tuple[str | None, ...]) -> str:
+    """``text`` with every secret value replaced by ``***`` (for third-party error texts)."""
+    for value in secrets:
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
 def _env(env: Mapping[str, str] | None) -> Mapping[str, str]:
     return os.environ if env is None else env
 
@@ -82,6 +90,9 @@ class AwsCredentials:
     region: str
     session_token: str | None = field(default=None, repr=False)
     endpoint_url: str | None = None
+
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self.secret_access_key, self.session_token, self.access_key_id)
 
 
 def parse_aws(text: str, env: Mapping[str, str] | None = None) -> AwsCredentials:
@@ -139,6 +150,13 @@ class GcsCredentials:
     def anonymous(self) -> bool:
         return self.service_account is None
 
+    def secrets(self) -> tuple[str | None, ...]:
+        if self.service_account is None:
+            return ()
+        return tuple(
+            str(self.service_account.get(k) or "") for k in ("private_key", "private_key_id")
+        )
+
 
 def gcs_endpoint(env: Mapping[str, str] | None = None) -> str | None:
     """The emulator base URL from ``STORAGE_EMULATOR_HOST`` (``http://`` added), or None."""
@@ -190,6 +208,9 @@ class AzureCredentials:
     endpoint: str
     account_key: str | None = field(default=None, repr=False)
     sas_token: str | None = field(default=None, repr=False)
+
+    def secrets(self) -> tuple[str | None, ...]:
+        return (self.account_key, self.sas_token)
 
 
 def _connection_string(text: str) -> dict[str, str]:
