@@ -20,8 +20,9 @@ import trio
 
 from . import __version__
 from .config import Settings
+from .create import expand_pointers
 from .errors import TtfsError
-from .manifest import find_manifests, load_manifest, merge_pointers, validate_pointers
+from .manifest import find_manifests, load_manifest
 from .resolve import STATS_FILE, ResolveReport, resolve, write_stats
 from .telemetry.logs import setup_logging
 from .units import parse_size
@@ -155,8 +156,7 @@ def resolve_cmd(
     report = ResolveReport()
     try:
         manifests = [load_manifest(manifest)] if manifest else find_manifests()
-        pointers = merge_pointers(manifests)
-        validate_pointers(pointers)
+        pointers = expand_pointers(manifests)
         report.total_manifest_size_bytes = sum(p.size for p in pointers)
         target = (
             download_dir
@@ -207,8 +207,7 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
             "(/bptr/bptr-manifest, /bptr/bptr-manifest.json, "
             "/static-bptr/static-bptr-manifest.json)"
         )
-    pointers = merge_pointers(loaded)
-    validate_pointers(pointers)
+    pointers = expand_pointers(loaded)
     return pointers, [m.source for m in loaded]
 
 

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 import trio
 
 from ..config import Settings, truthy
-from ..create import create_manifest
+from ..create import create_manifest, expand_pointers
 from ..errors import TtfsError
-from ..manifest import Manifest, ModelRepo, find_manifests, merge_pointers, validate_pointers
+from ..manifest import ModelRepo, find_manifests
 from ..resolve import ResolveReport, resolve, write_stats
 from ..telemetry.logs import setup_logging
 
@@ -115,18 +115,12 @@ def lazy_data_resolve(
     report = ResolveReport()
     try:
         manifests = find_manifests()
-        jit: list[ModelRepo] = [m.to_model_repo() for m in models or []]
-        for manifest in manifests:
-            jit.extend(manifest.models or ())
         # JIT models (spec §3.2 step 4): expanded with the creator, merged last.
-        jit_manifest = (
-            create_manifest(jit, model_path or "") if jit else Manifest(pointers=(), source="<jit>")
-        )
-        pointers = merge_pointers([*manifests, jit_manifest])
+        jit = [m.to_model_repo() for m in models or []]
+        pointers = expand_pointers(manifests, jit, model_path or "")
         log.info(
             "Successfully merged %d manifests. Total pointers: %d", len(manifests), len(pointers)
         )
-        validate_pointers(pointers)
         report.total_manifest_size_bytes = sum(p.size for p in pointers)
         if pointers:
             settings = Settings.from_env()

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from ..manifest import Manifest, ModelRepo, Pointer
+from ..manifest import Manifest, ModelRepo, Pointer, merge_pointers, validate_pointers
 from .cloud import create_azure, create_gcs, create_s3
 from .huggingface import create_hf
 
@@ -85,3 +85,31 @@ def create_manifest(
         log.info("%s: %d file(s)", repo.repo_id, len(found))
         pointers.extend(found)
     return Manifest(pointers=tuple(pointers), models=None, source="<created>")
+
+
+def expand_pointers(
+    manifests: Sequence[Manifest],
+    models: Sequence[ModelRepo] = (),
+    model_path: str = "",
+    env: Mapping[str, str] | None = None,
+) -> list[Pointer]:
+    """Every pointer a resolve or mount serves: the manifests' pointers plus their JIT models.
+
+    Spec §3.2 steps 3-6: the ``models`` of every manifest (after ``models`` given by the caller)
+    are expanded with the creator using ``model_path`` ("" from the CLIs, as upstream), the
+    result is merged after the manifests (§3.4) and validated (§3.5). Without models nothing
+    touches the network.
+
+    Raises:
+        ManifestError: a bad or hostile pointer, or a JIT model that lists nothing.
+        CredentialError, ProviderError, ConfigError: expanding a JIT model failed.
+    """
+    jit = list(models)
+    for manifest in manifests:
+        jit.extend(manifest.models or ())
+    merged = list(manifests)
+    if jit:
+        merged.append(create_manifest(jit, model_path, env))
+    pointers = merge_pointers(merged)
+    validate_pointers(pointers)
+    return pointers
