@@ -215,7 +215,6 @@ def test_lock_create_refresh_release(tmp_path: Path) -> None:
     os.utime(held.path, (old, old))
     assert a.refresh(held)
     assert time.time() - held.path.stat().st_mtime < 0.5
-    b.release(held)  # not b's: same token check passes only for the holder object
     a.release(held)
     assert not held.path.exists() and b.inspect_lock("h") is None
 
@@ -243,8 +242,9 @@ def test_stale_lock_rules_and_single_breaker(tmp_path: Path) -> None:
     assert not b.break_lock("h", info, "judged earlier")
     now = c.inspect_lock("h")
     assert now is not None and now.owner is not None and now.owner["token"] == fresh.token
+    a.release(held)  # a's lock was broken: releasing must not remove c's
+    assert c.inspect_lock("h") is not None
     c.release(fresh)
-    a.release(held)  # its lock is gone: nothing to do, nothing removed
     assert c.inspect_lock("h") is None
 
 

@@ -134,14 +134,14 @@ def test_a_killed_lock_holder_delays_others_only_until_the_stale_timeout(
     shared = tmp_path / "b10fs"
     origin.rate_limit = 256 * KiB  # the holder is slow: it is still fetching when killed
     holder = start_resolve(manifest, tmp_path / "out-a", b10fs_env(tmp_path / "cache-a", shared))
+    # Kill it once the small files are published (not mid-copy) and big ones are locked.
+    pointers = json.loads(manifest.read_text())["pointers"]
+    small = [shared / p["hash"] for p in pointers if p["size"] < MiB]
     deadline = time.monotonic() + 30
-    locks: list[Path] = []
-    while not locks:
+    while not (all(p.exists() for p in small) and list(shared.glob("*.lock"))):
         assert time.monotonic() < deadline, "the first replica never took a lock"
         assert holder.poll() is None, holder.communicate()[1]
-        locks = sorted(shared.glob("*.lock")) if shared.exists() else []
         time.sleep(0.05)
-    time.sleep(0.3)
     os.killpg(holder.pid, signal.SIGKILL)
     holder.wait()
     locks = sorted(shared.glob("*.lock"))
