@@ -53,6 +53,7 @@ from .procs import (
     machine_info,
     rmtree,
     run_measured,
+    with_repo_path,
 )
 
 MiB = 1 << 20
@@ -88,14 +89,15 @@ class Setup:
 
     # -- environment -----------------------------------------------------------------------
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TTFS_"))}
+        env = with_repo_path(
+            {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TTFS_"))}
+        )
         env.update(
             HF_ENDPOINT=self.hub.base_url,
             HF_HOME=str(self.work / "hf-home"),
             HF_HUB_DISABLE_TELEMETRY="1",
             HF_HUB_DISABLE_PROGRESS_BARS="1",
             TTFS_LOG="warn",
-            PYTHONPATH=str(REPO),
         )
         return env
 

@@ -62,6 +62,15 @@ class Measured:
         return self
 
 
+def with_repo_path(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the repo first on PYTHONPATH (children import ttfs and bench from the tree,
+    installed or not), keeping what was there (e.g. a wheels dir on the GPU machine)."""
+    out = dict(env)
+    rest = [out["PYTHONPATH"]] if out.get("PYTHONPATH") else []
+    out["PYTHONPATH"] = os.pathsep.join([str(REPO), *rest])
+    return out
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie counts as gone)."""
     try:

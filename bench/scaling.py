@@ -42,7 +42,14 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.procs import CHILDREN, BenchError, machine_info, proc_usage, stop_pid  # noqa: E402
+from bench.procs import (  # noqa: E402
+    CHILDREN,
+    BenchError,
+    machine_info,
+    proc_usage,
+    stop_pid,
+    with_repo_path,
+)
 
 MiB = 1 << 20
 GB = 1e9
@@ -222,11 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     data = work / "data"
     files = make_data(data, int(args.size_gib * (1 << 30)), args.files)
     total = sum(s for _, s, _ in files)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])]
-    )
-    env["TTFS_LOG"] = "warn"
+    env = with_repo_path(dict(os.environ, TTFS_LOG="warn"))
     results: dict[tuple[int, int], list[Result]] = {}
     with CHILDREN:
         origins = start_origins(data, args.origins, env)
