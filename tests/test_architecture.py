@@ -1,4 +1,4 @@
-"""Imports point down the layers of docs/architecture.md; third-party libraries stay in their layer."""
+"""Imports point down the layers of docs/architecture.md; libraries stay in their layer."""
 
 from __future__ import annotations
 
@@ -13,29 +13,77 @@ ROOT = Path(ttfs.__file__).parent
 # module prefix -> imports it must never make
 RULES: dict[str, set[str]] = {
     "ttfs.manifest": {"ttfs.blocks", "ttfs.fetch", "ttfs.providers", "ttfs.vfs", "ttfs.fuse"},
-    "ttfs.blocks": {"httpx", "pyfuse3", "ttfs.providers", "ttfs.fetch", "ttfs.vfs", "ttfs.fuse",
-                    "ttfs.cli"},
-    "ttfs.providers": {"pyfuse3", "diskcache", "ttfs.blocks", "ttfs.fetch", "ttfs.vfs",
-                       "ttfs.fuse", "ttfs.cli"},
-    "ttfs.fetch": {"pyfuse3", "httpx", "diskcache", "ttfs.vfs", "ttfs.fuse", "ttfs.cli",
-                   "ttfs.resolve"},
+    "ttfs.blocks": {
+        "httpx",
+        "pyfuse3",
+        "ttfs.providers",
+        "ttfs.fetch",
+        "ttfs.vfs",
+        "ttfs.fuse",
+        "ttfs.cli",
+    },
+    "ttfs.providers": {
+        "pyfuse3",
+        "diskcache",
+        "ttfs.blocks",
+        "ttfs.fetch",
+        "ttfs.vfs",
+        "ttfs.fuse",
+        "ttfs.cli",
+    },
+    "ttfs.fetch": {
+        "pyfuse3",
+        "httpx",
+        "diskcache",
+        "ttfs.vfs",
+        "ttfs.fuse",
+        "ttfs.cli",
+        "ttfs.resolve",
+    },
     "ttfs.vfs": {"pyfuse3", "httpx", "diskcache", "click", "ttfs.fuse", "ttfs.cli"},
     "ttfs.fuse": {"httpx", "diskcache", "ttfs.cli"},
     "ttfs.resolve": {"pyfuse3", "httpx", "diskcache", "ttfs.fuse", "ttfs.vfs", "ttfs.cli"},
     "ttfs.compat": {"pyfuse3", "ttfs.fuse", "ttfs.cli"},
     "ttfs.control": {"pyfuse3", "ttfs.fuse"},
     # b10fs storage half: synchronous files and locks only (the fetch layer schedules it).
-    "ttfs.blocks.shared": {"trio", "diskcache", "ttfs.blocks.store", "ttfs.resolve",
-                           "ttfs.compat", "ttfs.create"},
-    "ttfs.create": {"pyfuse3", "diskcache", "ttfs.blocks", "ttfs.fetch", "ttfs.vfs", "ttfs.fuse",
-                    "ttfs.cli", "ttfs.resolve", "ttfs.compat"},
+    "ttfs.blocks.shared": {
+        "trio",
+        "diskcache",
+        "ttfs.blocks.store",
+        "ttfs.resolve",
+        "ttfs.compat",
+        "ttfs.create",
+    },
+    "ttfs.create": {
+        "pyfuse3",
+        "diskcache",
+        "ttfs.blocks",
+        "ttfs.fetch",
+        "ttfs.vfs",
+        "ttfs.fuse",
+        "ttfs.cli",
+        "ttfs.resolve",
+        "ttfs.compat",
+    },
 }
-ONLY_IN = {"pyfuse3": "ttfs.fuse", "diskcache": "ttfs.blocks", "httpx": "ttfs.providers",
-           "huggingface_hub": "ttfs.providers", "boto3": "ttfs.providers",
-           "botocore": "ttfs.providers", "google": "ttfs.providers", "azure": "ttfs.providers"}
-ALLOWED_ELSEWHERE = {"httpx": {"ttfs.demo", "ttfs.create"}, "huggingface_hub": {"ttfs.create"},
-                     "boto3": {"ttfs.create"}, "botocore": {"ttfs.create"},
-                     "google": {"ttfs.create"}, "azure": {"ttfs.create"}}
+ONLY_IN = {
+    "pyfuse3": "ttfs.fuse",
+    "diskcache": "ttfs.blocks",
+    "httpx": "ttfs.providers",
+    "huggingface_hub": "ttfs.providers",
+    "boto3": "ttfs.providers",
+    "botocore": "ttfs.providers",
+    "google": "ttfs.providers",
+    "azure": "ttfs.providers",
+}
+ALLOWED_ELSEWHERE = {
+    "httpx": {"ttfs.demo", "ttfs.create"},
+    "huggingface_hub": {"ttfs.create"},
+    "boto3": {"ttfs.create"},
+    "botocore": {"ttfs.create"},
+    "google": {"ttfs.create"},
+    "azure": {"ttfs.create"},
+}
 
 
 def iter_imports() -> Iterator[tuple[str, str]]:

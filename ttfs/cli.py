@@ -172,7 +172,8 @@ def resolve_cmd(
     click.echo(
         f"resolved {len(pointers)} file(s), {report.total_manifest_size_bytes} bytes into "
         f"{target} in {report.total_download_time_secs:.2f}s "
-        f"({report.origin_bytes} bytes from origin, {report.skipped} already present)",
+        f"({report.origin_bytes} bytes from origin, {report.shared_bytes} from the shared "
+        f"cache, {report.skipped} already present)",
         err=True,
     )
 
