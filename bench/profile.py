@@ -39,21 +39,37 @@ GB = 1e9
 
 
 def summarize(folded: Path, top: int) -> str:
-    """Top self and inclusive functions of py-spy's raw (folded) output."""
+    """Top self and inclusive functions of py-spy's raw (folded) output.
+
+    Samples whose leaf is ``WorkerThread._work`` are trio's idle worker threads waiting for a
+    job on a lock (py-spy counts that wait as active): they are left out. With ``--threads``
+    the share of the main (trio) thread is shown too.
+    """
     self_c: Counter[str] = Counter()
     incl: Counter[str] = Counter()
-    total = 0
+    total = idle = main = 0
     for line in folded.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack:
             continue
         n = int(count)
-        frames = [_func(f) for f in stack.split(";")]
+        frames = stack.split(";")
+        thread = frames.pop(0) if frames[0].startswith("thread (") else ""
+        if not frames or frames[-1].startswith("WorkerThread._work "):
+            idle += n
+            continue
+        frames = [_func(f) for f in frames]
         total += n
+        main += n if "MainThread" in thread else 0
         self_c[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
-    out = [f"{total} samples", "", "| self % | function |", "|---|---|"]
+    if not total:
+        return "no samples"
+    out = [f"{total} samples ({idle} idle worker-thread samples left out)"]
+    if main:
+        out.append(f"main (trio) thread: {main / total:.0%} of the samples; the rest: workers")
+    out += ["", "| self % | function |", "|---|---|"]
     out += [f"| {n / total:.1%} | `{f}` |" for f, n in self_c.most_common(top)]
     out += ["", "| inclusive % | function |", "|---|---|"]
     out += [f"| {n / total:.1%} | `{f}` |" for f, n in incl.most_common(top)]
