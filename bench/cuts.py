@@ -36,15 +36,15 @@ def h11nocopy() -> None:
     extract = ReceiveBuffer._extract
 
     def maybe_extract_at_most(self: Any, count: int) -> bytearray | None:
-        data = self._data
+        data: bytearray = self._data
         if not data:
             return None
         if len(data) <= count:
             self._data = bytearray()
             self._next_line_search = 0
             self._multiple_lines_search = 0
-            return data  # type: ignore[no-any-return]
-        return extract(self, count)  # type: ignore[no-any-return]
+            return data
+        return extract(self, count)
 
     ReceiveBuffer.maybe_extract_at_most = maybe_extract_at_most  # type: ignore[method-assign]
 

@@ -564,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     all_results: dict[str, dict[str, list[Sample]]] = {}
     with CHILDREN, contextlib.ExitStack() as stack:
         nginx = stack.enter_context(Nginx(data, work / "nginx"))
-        hub = stack.enter_context(Hub(data, nginx.base("cdn")))
+        hub = Hub(data, nginx.base("cdn"))
+        stack.enter_context(hub)
         reader = stack.enter_context(Reader())
         print("bench: hashing the model (manifest, hub, checks) ...", flush=True)
         hub.warm()

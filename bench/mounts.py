@@ -186,10 +186,10 @@ class RcloneMount:
         pid = self.proc.pid
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            got, status, usage = os.wait4(pid, os.WNOHANG)
+            got, status, rusage = os.wait4(pid, os.WNOHANG)
             if got:
                 self.proc.returncode = os.waitstatus_to_exitcode(status)
-                self.cpu = usage.ru_utime + usage.ru_stime
+                self.cpu = rusage.ru_utime + rusage.ru_stime
                 break
             time.sleep(0.02)
         else:

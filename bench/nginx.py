@@ -183,7 +183,8 @@ class Nginx:
         with open(self.log, "rb") as f:
             f.seek(since)
             lines = f.read().decode(errors="replace").splitlines()
-        requests = body = busy = errors = 0
+        requests = body = errors = 0
+        busy = 0.0
         conns: set[str] = set()
         events: list[tuple[float, int]] = []
         for line in lines:

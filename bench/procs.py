@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -111,7 +111,7 @@ class Children:
     def __init__(self) -> None:
         self.pids: list[int] = []
         self._cleanups: list[tuple[str, object]] = []
-        self._old: object = None
+        self._old: Callable[[int, FrameType | None], object] | int | None = None
 
     def add(self, pid: int) -> None:
         self.pids.append(pid)
@@ -139,8 +139,8 @@ class Children:
             self.pids.clear()
         finally:
             signal.signal(signal.SIGINT, old_int)
-            if callable(self._old) or isinstance(self._old, int):
-                signal.signal(signal.SIGTERM, self._old)  # type: ignore[arg-type]
+            if self._old is not None:
+                signal.signal(signal.SIGTERM, self._old)
 
 
 CHILDREN = Children()

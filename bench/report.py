@@ -277,10 +277,12 @@ def render(
     out = [f"# ttfs benchmarks, {started}", ""]
     out += ["| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in info]
     shards = len(s.shards)
+    done = max((len(v) for res in results.values() for v in res.values()), default=0)
+    runs = f"{done} run(s)" + (f" of {s.args.runs} planned" if done < s.args.runs else "")
     out += [
         "",
         f"Model: {s.total / MiB:.0f} MiB in {len(s.files)} files ({shards} safetensors shards"
-        f"{f', {n_tensors} tensors' if n_tensors else ''}). {s.args.runs} run(s) of every item, "
+        f"{f', {n_tensors} tensors' if n_tensors else ''}). {runs} of every item, "
         "interleaved; medians with min-max. Every item starts cold (outputs and caches deleted, "
         "dirty pages synced). Origin: nginx on 127.0.0.1 behind a fake Hugging Face hub "
         f"(metadata, 302 to nginx). cdn = {RATE / 1e6:.0f} MB/s per connection + "

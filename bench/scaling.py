@@ -85,7 +85,7 @@ def make_data(data: Path, total: int, count: int) -> list[tuple[str, int, str]]:
         if doc.get("want") == want and all(
             (data / n).is_file() and (data / n).stat().st_size == s for n, s, _ in doc["files"]
         ):
-            return [tuple(x) for x in doc["files"]]  # type: ignore[misc]
+            return [(str(n), int(s), str(h)) for n, s, h in doc["files"]]
     each = total // count
     jobs = [(str(data / f"part-{i:03d}.bin"), i, each) for i in range(count)]
     t0 = time.monotonic()
@@ -221,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     print("# ttfs resolve scaling\n")
     print("| machine | |\n|---|---|")
-    for k, v in machine_info(tools=False):
-        print(f"| {k} | {v} |")
+    for key, value in machine_info(tools=False):
+        print(f"| {key} | {value} |")
     print(flush=True)
 
     work = args.work.resolve()
