@@ -59,7 +59,7 @@ from .procs import (
 MiB = 1 << 20
 Sample = dict[str, float]
 
-EAGER = ("resolve", "materialize", "snapshot", "hf_transfer", "aria2c", "rclone")
+EAGER = ("resolve", "materialize", "snapshot", "hf_transfer", "aria2c", "curl", "rclone")
 LAZY = ("tensor", "tensor_noprefetch", "tensor_rclone", "load_mount", "warm_read", "snapshot_load")
 ITEMS = EAGER + LAZY
 
@@ -276,6 +276,21 @@ def hf_transfer(s: Setup, profile: str, verify: bool) -> Sample:
     return sample
 
 
+def curl(s: Setup, profile: str, verify: bool) -> Sample:
+    """curl: one connection per file, every file at once (the floor of a plain HTTP client)."""
+    s.clean("out")
+    out = s.path("out")
+    out.mkdir(parents=True)
+    cmd = ["curl", "-sS", "--fail", "--parallel", "--parallel-max", "64", "--create-dirs"]
+    for rel, url in cdn_urls(s, profile).items():
+        cmd += ["-o", str(out / rel), url]
+    mark = s.mark()
+    m = run_measured(cmd, env=s.env()).check("curl")
+    sample = {"wall": m.wall, "cpu": m.cpu, "rss": m.maxrss, **s.origin(mark, m.wall)}
+    s.check_dir(out, "curl", verify)
+    return sample
+
+
 def aria2c(s: Setup, profile: str, verify: bool) -> Sample:
     s.clean("out")
     out = s.path("out")
@@ -451,6 +466,7 @@ FUNCS: dict[str, Callable[[Setup, str, bool], Sample]] = {
     "snapshot": snapshot,
     "hf_transfer": hf_transfer,
     "aria2c": aria2c,
+    "curl": curl,
     "rclone": rclone,
     "tensor": tensor,
     "tensor_noprefetch": tensor_noprefetch,

@@ -21,6 +21,7 @@ LABELS = {
     "snapshot": "huggingface_hub.snapshot_download (defaults: 8 workers)",
     "hf_transfer": "hf_transfer.download per file (100 x 10 MiB chunks)",
     "aria2c": "aria2c -x16 -s16 -k1M",
+    "curl": "curl --parallel (1 connection per file)",
     "rclone": "rclone mount --vfs-cache-mode full, cat every file",
 }
 
