@@ -44,6 +44,18 @@ class ByteSize(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(e), param, ctx)
 
 
+def _log_options() -> list[Callable[[F], F]]:
+    """``--log-level`` and ``--debug``, which every command has (declared once)."""
+    return [
+        click.option(
+            "--log-level",
+            type=click.Choice(["error", "warn", "info", "debug", "off"], case_sensitive=False),
+            help="Log level [default: TTFS_LOG, TRUSS_TRANSFER_LOG, RUST_LOG or info].",
+        ),
+        click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
+    ]
+
+
 def common_options(f: F) -> F:
     """Options every command that fetches shares (declared once)."""
     options = [
@@ -80,12 +92,7 @@ def common_options(f: F) -> F:
             default=False,
             help="Skip hashing blobs against the manifest.",
         ),
-        click.option(
-            "--log-level",
-            type=click.Choice(["error", "warn", "info", "debug", "off"], case_sensitive=False),
-            help="Log level [default: TTFS_LOG, TRUSS_TRANSFER_LOG, RUST_LOG or info].",
-        ),
-        click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
+        *_log_options(),
     ]
     for option in reversed(options):
         f = option(f)
@@ -186,12 +193,7 @@ def resolve_cmd(
 def control_options(f: F) -> F:
     """Options of the commands that only talk to a live mount."""
     options = [
-        click.option(
-            "--log-level",
-            type=click.Choice(["error", "warn", "info", "debug", "off"], case_sensitive=False),
-            help="Log level [default: TTFS_LOG, TRUSS_TRANSFER_LOG, RUST_LOG or info].",
-        ),
-        click.option("--debug", is_flag=True, help="Show tracebacks of errors."),
+        *_log_options(),
     ]
     for option in reversed(options):
         f = option(f)

@@ -42,6 +42,7 @@ from typing import Any
 
 from ..config import truthy
 from ..errors import CacheError, ConfigError
+from ..procs import process_alive
 from ..units import GiB, MiB
 
 log = logging.getLogger(__name__)
@@ -235,22 +236,6 @@ def _pid_namespace() -> str:
         return os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
-
-
-def _process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie counts as dead: it holds nothing any more)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return True
-    return state not in ("Z", "X")
 
 
 @dataclass(slots=True)
@@ -770,7 +755,7 @@ class SharedCache:
         owner = info.owner
         if owner is not None and self._me.same_machine(owner):
             pid = owner.get("pid")
-            if isinstance(pid, int) and pid != os.getpid() and not _process_alive(pid):
+            if isinstance(pid, int) and pid != os.getpid() and not process_alive(pid):
                 return f"its holder (pid {pid} on this host) is gone"
         return None
 

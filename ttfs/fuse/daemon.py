@@ -34,6 +34,7 @@ from pathlib import Path
 
 from ..control import mount_status
 from ..errors import MountError, TtfsError
+from ..procs import process_alive
 from .kernel import is_mounted
 
 READY = b"READY"
@@ -284,20 +285,6 @@ def _fusermount(mountpoint: Path, *, lazy: bool) -> tuple[bool, str]:
     return done.returncode == 0, (done.stderr or done.stdout).strip()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purpose (its parent reaps it)
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 def _stop(pid: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.kill(pid, signal.SIGTERM)
@@ -345,8 +332,8 @@ def unmount(
             raise MountError(f"cannot unmount {path}: {why2 or why}")
     if pid is not None:
         deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if _alive(pid):
+        if process_alive(pid):
             _stop(pid)
     return lazy
