@@ -823,6 +823,3 @@ class SharedCache:
             )
         ):
             self._unlink(held.path)
-
-    def forget(self, blob_id: str) -> None:
-        self._seen.pop(blob_id, None)
