@@ -77,7 +77,7 @@ ONLY_IN = {
     "azure": "ttfs.providers",
 }
 ALLOWED_ELSEWHERE = {
-    "httpx": {"ttfs.demo", "ttfs.create"},
+    "httpx": {"ttfs.create"},
     "huggingface_hub": {"ttfs.create"},
     "boto3": {"ttfs.create"},
     "botocore": {"ttfs.create"},
@@ -119,3 +119,13 @@ def test_layering() -> None:
                 if not any(module == h or module.startswith(h + ".") for h in homes):
                     violations.append(f"{module} imports {lib} (only {home} may)")
     assert not violations, "\n".join(sorted(set(violations)))
+
+
+def test_installed_package_does_not_need_the_demo() -> None:
+    """The demo origin and model generator live in the top-level ``demo/`` package, which is not
+    installed (pyproject's ``packages.find``); nothing installed may import it."""
+    assert not (ROOT / "demo").exists()
+    offenders = [
+        f"{m} imports {i}" for m, i in iter_imports() if i == "demo" or i.startswith("demo.")
+    ]
+    assert offenders == []
