@@ -45,6 +45,18 @@ RULES: dict[str, set[str]] = {
     "ttfs.resolve": {"pyfuse3", "httpx", "diskcache", "ttfs.fuse", "ttfs.vfs", "ttfs.cli"},
     "ttfs.compat": {"pyfuse3", "ttfs.fuse", "ttfs.cli"},
     "ttfs.control": {"pyfuse3", "ttfs.fuse"},
+    # The cache owner: a lock, a socket protocol, and a server over the fetcher.
+    "ttfs.owner": {
+        "pyfuse3",
+        "httpx",
+        "diskcache",
+        "ttfs.providers",
+        "ttfs.vfs",
+        "ttfs.fuse",
+        "ttfs.cli",
+        "ttfs.resolve",
+        "ttfs.compat",
+    },
     # b10fs storage half: synchronous files and locks only (the fetch layer schedules it).
     "ttfs.blocks.shared": {
         "trio",

@@ -39,9 +39,12 @@ import trio
 
 from .blocks import BlockStore, checker_for
 from .config import Settings
-from .errors import CacheError, DownloadError, TtfsError
+from .errors import CacheBusy, CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
 from .manifest import Pointer, destination
+from .owner import OwnerInfo, OwnerLock, claim
+from .owner.client import Completed, OwnerGone, complete_via_owner
+from .owner.server import serving
 from .providers import ProviderSet
 from .telemetry.progress import Progress
 
@@ -282,7 +285,7 @@ class Resolver:
 
     async def _download(self, pointer: Pointer, dest: Path) -> None:
         store = self.fetcher.store
-        if await trio.to_thread.run_sync(self._already_there, store, pointer, dest):
+        if await trio.to_thread.run_sync(already_there, store, pointer, dest):
             self.report.skipped += 1
             return
         t0 = time.monotonic()
@@ -325,40 +328,6 @@ class Resolver:
             )
         log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
 
-    def _already_there(self, store: BlockStore, pointer: Pointer, dest: Path) -> bool:
-        try:
-            st = dest.stat()
-        except OSError:
-            return False
-        if st.st_size != pointer.size or not dest.is_file():
-            log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
-            return False
-        if store.output_matches(dest, pointer.hash, pointer.size):
-            log.info(
-                "File %s already exists with correct size. Skipping download.", pointer.file_name
-            )
-            return True
-        verdict = _hash_file(dest, pointer)
-        if verdict is None:
-            log.info(
-                "File %s already exists with correct size; its hash (%s) cannot be "
-                "checked locally. Skipping download.",
-                pointer.file_name,
-                pointer.hashtype,
-            )
-            return True
-        if verdict:
-            log.info(
-                "File %s already exists and matches its hash. Skipping download.", pointer.file_name
-            )
-            store.record_output(dest, pointer.hash)
-            return True
-        log.warning(
-            "File %s exists with the right size but the wrong content. Redownloading.",
-            pointer.file_name,
-        )
-        return False
-
     async def _monitor(self, source: Source, dest: Path, scope: trio.CancelScope) -> None:
         """truss-transfer's per-file progress line, every ``monitor_secs`` (first tick skipped)."""
         with scope:
@@ -380,6 +349,42 @@ class Resolver:
                 last_t, last = now, cur
 
 
+def already_there(store: BlockStore | None, pointer: Pointer, dest: Path) -> bool:
+    """Whether ``dest`` already holds the pointer's content (skip it); ``store`` may be None
+    (a client of the cache's owner has no store: it hashes instead)."""
+    try:
+        st = dest.stat()
+    except OSError:
+        return False
+    if st.st_size != pointer.size or not dest.is_file():
+        log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
+        return False
+    if store is not None and store.output_matches(dest, pointer.hash, pointer.size):
+        log.info("File %s already exists with correct size. Skipping download.", pointer.file_name)
+        return True
+    verdict = _hash_file(dest, pointer)
+    if verdict is None:
+        log.info(
+            "File %s already exists with correct size; its hash (%s) cannot be "
+            "checked locally. Skipping download.",
+            pointer.file_name,
+            pointer.hashtype,
+        )
+        return True
+    if verdict:
+        log.info(
+            "File %s already exists and matches its hash. Skipping download.", pointer.file_name
+        )
+        if store is not None:
+            store.record_output(dest, pointer.hash)
+        return True
+    log.warning(
+        "File %s exists with the right size but the wrong content. Redownloading.",
+        pointer.file_name,
+    )
+    return False
+
+
 async def resolve(
     pointers: Sequence[Pointer],
     download_dir: str,
@@ -391,19 +396,130 @@ async def resolve(
     report: ResolveReport | None = None,
     page_after: bool = False,
 ) -> ResolveReport:
-    """Open the cache and a fetcher, resolve ``pointers`` into ``download_dir``.
+    """Resolve ``pointers`` into ``download_dir``: as the owner of the cache directory, or
+    through its owner when another process (a mount, another resolve) has it (ttfs.owner).
 
     Raises:
         DownloadError: the first file that failed.
         CacheError: the cache directory is unusable.
+        CacheBusy: another process owns the cache and could not serve this one in time.
     """
+    deadline = trio.current_time() + settings.owner_wait
+    while True:
+        got = await trio.to_thread.run_sync(claim, settings.cache_dir)
+        if isinstance(got, OwnerLock):
+            with got:
+                return await _resolve_owned(
+                    got,
+                    pointers,
+                    download_dir,
+                    settings,
+                    progress=progress,
+                    monitor_secs=monitor_secs,
+                    providers=providers,
+                    report=report,
+                    page_after=page_after,
+                )
+        try:
+            return await _resolve_through(got, pointers, download_dir, settings, report)
+        except OwnerGone as e:
+            if e.connected:
+                deadline = trio.current_time() + settings.owner_wait  # a new owner may be us
+            elif trio.current_time() >= deadline:
+                raise CacheBusy(
+                    f"cache directory {settings.cache_dir} is in use by {got.describe()}, "
+                    f"which cannot serve this process ({e}); waited {settings.owner_wait:g}s "
+                    "(TTFS_OWNER_WAIT)"
+                ) from e
+            log.info("%s; trying again", e)
+            await trio.sleep(0.2)
+
+
+async def _resolve_through(
+    owner: OwnerInfo,
+    pointers: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    report: ResolveReport | None,
+) -> ResolveReport:
+    """The client path: the owner completes and verifies the blobs; we place the files.
+
+    Raises:
+        OwnerGone: the owner cannot serve us (the caller retries or takes over).
+        DownloadError: the first file that failed.
+    """
+    report = report if report is not None else ResolveReport()
+    started = time.monotonic()
+    report.total_manifest_size_bytes = sum(p.size for p in pointers)
+    report.b10fs_enabled = settings.shared_cache is not None
+    plan = [(p, destination(download_dir, p.file_name)) for p in pointers]
+    log.info(
+        "cache directory %s is owned by %s; fetching through it",
+        settings.cache_dir,
+        owner.describe(),
+    )
+    todo: dict[str, list[tuple[Pointer, Path]]] = {}
+    for pointer, dest in plan:
+        if await trio.to_thread.run_sync(already_there, None, pointer, dest):
+            report.skipped += 1
+        else:
+            todo.setdefault(pointer.hash, []).append((pointer, dest))
+    failure: list[DownloadError] = []
+
+    async def place(done: Completed) -> None:
+        report.origin_bytes += done.origin_bytes
+        for pointer, dest in todo.get(done.blob_id, []):
+            try:
+                await trio.to_thread.run_sync(_place, done.path, dest)
+            except OSError as e:
+                failure.append(DownloadError(pointer.file_name, CacheError(str(e))))
+                return
+            secs = time.monotonic() - started
+            report.file_downloads.append(
+                FileDownload(pointer.file_name, pointer.size, secs, pointer.size / 2**20 / secs)
+            )
+            log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
+
+    wanted = [entries[0][0] for entries in todo.values()]
+    try:
+        if wanted:
+            await complete_via_owner(owner, wanted, place)
+    except DownloadError:
+        raise
+    except TtfsError as e:
+        raise DownloadError("(via the cache owner)", e) from e
+    finally:
+        report.total_download_time_secs = time.monotonic() - started
+    if failure:
+        raise failure[0]
+    report.success = True
+    log.info("All downloads completed successfully after %.2fs", report.total_download_time_secs)
+    return report
+
+
+async def _resolve_owned(
+    lock: OwnerLock,
+    pointers: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    *,
+    progress: bool | None,
+    monitor_secs: float,
+    providers: ProviderSet | None,
+    report: ResolveReport | None,
+    page_after: bool,
+) -> ResolveReport:
+    """The owner path: open the store and a fetcher, serve other processes while resolving."""
     store = await trio.to_thread.run_sync(
         lambda: BlockStore(
             settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
         )
     )
     try:
-        async with open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher:
+        async with (
+            open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher,
+            serving(fetcher, lock),
+        ):
             resolver = Resolver(
                 fetcher,
                 download_dir,
