@@ -89,6 +89,24 @@ def _boot_id() -> str:
 BOOT_ID = _boot_id()
 
 
+def fresh_data_file(path: Path, size: int) -> int:
+    """A new sparse data file of ``size`` bytes renamed over ``path``; returns its descriptor.
+
+    Blocking. Whoever has the old inode open keeps its bytes (see :meth:`Blob.discard`).
+    """
+    tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return fd
+
+
 class Blob:
     """An open blob: its sparse data file and the in-memory presence map.
 
@@ -118,6 +136,7 @@ class Blob:
         self.sums = sums
         self.partial: dict[int, int] = {}
         self.journal_fd: int | None = None
+        self.retired: list[int] = []  # descriptors of replaced data files, closed at release
         self.verified = verified
         self.n_present = sum(present)
         self.atime = time.time()
@@ -191,18 +210,28 @@ class Blob:
         os.write(self.journal_fd, _JOURNAL.pack(index, length, digest))
 
     def discard(self) -> None:
-        """Forget every block (a failed verification); the space is released by re-truncating."""
+        """Forget every block (a failed verification; blocking).
+
+        The data file is *replaced* by a fresh sparse one renamed into place, never truncated in
+        place: anyone still reading the old inode (a pread racing this, a copy in progress)
+        keeps the bytes it had instead of seeing them turn to zeros. The old descriptor is
+        closed only at release, so a racing ``pread`` never hits a reused descriptor number.
+        """
         self.present[:] = bytes(len(self.present))
         self.n_present = 0
         self.verified = False
         self.partial.clear()
         try:
-            os.ftruncate(self.fd, 0)
-            os.ftruncate(self.fd, self.size)
-            if self.journal_fd is not None:
-                os.ftruncate(self.journal_fd, 0)
+            fd = fresh_data_file(self.path, self.size)
         except OSError as e:
             raise CacheError(f"cannot reset {self.path}: {e}") from e
+        self.retired.append(self.fd)
+        self.fd = fd
+        if self.journal_fd is not None:
+            self.retired.append(self.journal_fd)
+            self.journal_fd = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{self.path}.journal")
         self._dirty = True
 
     # -- slow paths (call from a worker thread) ------------------------------------------------
@@ -414,8 +443,9 @@ class BlockStore:
         self.flush()
         with self._lock:
             for blob in self._open.values():
-                with contextlib.suppress(OSError):
-                    os.close(blob.fd)
+                for fd in [blob.fd, *blob.retired]:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
             self._open.clear()
         self._index.close()
 
@@ -473,9 +503,11 @@ class BlockStore:
                 if record is not None:
                     log.info("blob %s: index entry unusable, starting empty", spec.blob_id)
                 if st.st_size != spec.size:
-                    # Keep bytes of a same-sized file: the journal may vouch for them.
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, spec.size)
+                    # Keep bytes of a same-sized file: the journal may vouch for them. A
+                    # wrong-sized one is replaced, not truncated in place (see Blob.discard).
+                    new_fd = fresh_data_file(path, spec.size)
+                    os.close(fd)
+                    fd = new_fd
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(f"{path}.journal")
                 present = bytearray(n_blocks)
@@ -522,11 +554,12 @@ class BlockStore:
         if blob.journal_fd is not None:
             with contextlib.suppress(OSError):
                 os.close(blob.journal_fd)
-        with contextlib.suppress(OSError):
-            os.close(blob.fd)
+        for fd in [blob.fd, *blob.retired]:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _forget(self, blob: Blob) -> None:
-        for fd in (blob.journal_fd, blob.fd):
+        for fd in (blob.journal_fd, blob.fd, *blob.retired):
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)

@@ -37,7 +37,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -113,6 +113,9 @@ class Fetcher:
         self.retries = 0
         self.shared_bytes = 0
         self.shared_requests = 0
+        # Called (as tasks) after a blob was discarded: the mount drops the kernel's pages of
+        # its files, which may still hold the bytes that failed verification.
+        self.discard_listeners: list[Callable[[Source], Awaitable[None]]] = []
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         if settings.use_range:
@@ -317,6 +320,10 @@ class Fetcher:
                 await trio.to_thread.run_sync(blob.discard)
                 source.discards += 1
                 self.request_nowait(source, range(blob.n_blocks), Priority.PREFETCH)
+                # Not awaited: dropping kernel pages can wait on reads that need the refetch.
+                assert self._nursery is not None
+                for listener in self.discard_listeners:
+                    self._nursery.start_soon(listener, source)
         except TtfsError as e:
             source.failure = e
             log.error("cannot verify %s: %s", source.pointer.file_name, e)

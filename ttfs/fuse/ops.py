@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from ..errors import TtfsError
 from ..vfs.core import Attr, ModelFs, erofs, errno_for
@@ -98,6 +99,19 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, fs: ModelFs) -> None:
         super().__init__()
         self.fs = fs
+
+    async def invalidate_blob(self, blob_id: str) -> None:
+        """Drop the kernel's cached pages of every file whose content is ``blob_id`` (after a
+        failed verification discarded it: ``keep_cache`` would otherwise serve the bad bytes).
+
+        In a worker thread: the kernel waits for page locks held by reads in flight, which only
+        this event loop can answer.
+        """
+        for ino in self.fs.inodes_of(blob_id):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as e:  # ENOENT: the kernel never looked the inode up
+                log.debug("invalidate inode %d: %s", ino, e)
 
     # -- metadata ------------------------------------------------------------------------
     @boundary("lookup")

@@ -201,6 +201,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         options = FsOptions(prefetch=config.prefetch, readahead=config.readahead, info=info)
         fs = await stack.enter_async_context(open_model_fs(tree, fetcher, options, serving=False))
         ops = FuseOps(fs)
+        fetcher.discard_listeners.append(lambda source: ops.invalidate_blob(source.blob.blob_id))
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(config))
         except RuntimeError as e:

@@ -227,6 +227,10 @@ class ModelFs:
         total = sum(f.pointer.size for f in self._files.values())
         return FsStats(block_size=4096, blocks=-(-total // 4096), files=len(self.tree))
 
+    def inodes_of(self, blob_id: str) -> list[int]:
+        """The inodes whose content is ``blob_id`` (two names with one hash share a blob)."""
+        return [int(ino) for ino, f in self._files.items() if f.pointer.hash == blob_id]
+
     # -- data -------------------------------------------------------------------------------
     async def _source(self, f: _File) -> Source:
         if f.source is None:
