@@ -109,6 +109,11 @@ async def serving(fetcher: Fetcher, lock: OwnerLock) -> AsyncIterator[None]:
                 yield
             finally:
                 nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery wraps what the body raised; callers catch TtfsError: hand it back alone.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
     finally:
         sock.close()
         try:
