@@ -222,8 +222,13 @@ class Fetcher:
 
     async def read(
         self, source: Source, offset: int, length: int, prio: Priority = Priority.DEMAND
-    ) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first."""
+    ) -> bytes | bytearray:
+        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first.
+
+        Bytes in the page cache are read on the event loop; anything that could wait on the
+        device (pages evicted since they landed) is read in a worker thread, so one slow disk
+        read never stalls every other FUSE request.
+        """
         blob = source.blob
         length = max(0, min(length, blob.size - offset))
         if length == 0:
@@ -231,7 +236,10 @@ class Fetcher:
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        return blob.pread(offset, length)
+        data = blob.pread_cached(offset, length)
+        if data is not None:
+            return data
+        return await trio.to_thread.run_sync(blob.pread, offset, length)
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
         """Fetch every missing block; return when the blob is whole and verified.

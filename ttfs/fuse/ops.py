@@ -169,7 +169,9 @@ class FuseOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True, nonseekable=False)
 
     @boundary("read")
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3's stub says bytes; its handler takes any contiguous buffer (PyObject_GetBuffer
+    # in handlers.pxi), so a bytearray filled by preadv goes to the kernel without a copy.
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         return await self.fs.read(fh, off, size)
 
     async def flush(self, fh: int) -> None:

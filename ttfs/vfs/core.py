@@ -263,7 +263,7 @@ class ModelFs:
         self._handles[fh] = f
         return fh
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray:
         """``size`` bytes at ``offset`` (fewer at the end of the file).
 
         Raises:
@@ -516,7 +516,7 @@ class ModelFs:
         async def read(pointer: Pointer, offset: int, length: int) -> bytes:
             source = by_name[pointer.file_name].source
             assert source is not None
-            return await self.fetcher.read(source, offset, length, Priority.PREFETCH)
+            return bytes(await self.fetcher.read(source, offset, length, Priority.PREFETCH))
 
         p.state = "planning"
         for segment in initial_segments(pointers, small_limit=self.options.small_file_limit):
