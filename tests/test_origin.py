@@ -442,7 +442,9 @@ def test_throughput(tmp_path: Path) -> None:
     rate = size / elapsed / 1e6
     print(f"throughput: {rate:.0f} MB/s")
     assert n == size
-    assert rate >= 150, f"{rate:.0f} MB/s"
+    # A floor, not a benchmark: the origin must not be what a test of ttfs waits on, but the
+    # suite also runs on a loaded 2-core CI machine (measured 97 MB/s there against 400+ idle).
+    assert rate >= 30, f"{rate:.0f} MB/s"
 
 
 # -- lifecycle -------------------------------------------------------------------------------
