@@ -220,3 +220,34 @@ def test_a_mount_waits_for_a_resolve_that_owns_the_cache_then_fails_naming_it(
         result.stderr
     )
     assert "Traceback" not in result.stderr
+
+
+def test_a_client_takes_over_when_its_owner_finishes_first(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """A resolve of a small manifest owns the cache; a resolve of a bigger one becomes its
+    client, and when the owner is done and exits mid-way, the client takes the cache over and
+    resumes what the owner had landed for it."""
+    files = write_random_files(
+        origin_root, {"a.bin": 4 * MiB, "b.bin": 8 * MiB + 5, "c.bin": 7 * MiB}, seed=3
+    )
+    small = write_manifest(tmp_path / "small.json", manifest_for(origin, {"a.bin": files["a.bin"]}))
+    big = write_manifest(tmp_path / "big.json", manifest_for(origin, files))
+    cache = tmp_path / "cache"
+    origin.rate_limit = 1 * MiB
+    owner = start_resolve(small, tmp_path / "out-a", cli_env(cache))
+    deadline = time.monotonic() + 30
+    while (info := read_owner(cache)) is None or info.socket is None:
+        assert owner.poll() is None, owner.communicate()[1]
+        assert time.monotonic() < deadline, "the first resolve never owned the cache"
+        time.sleep(0.02)
+    client = start_resolve(big, tmp_path / "out-b", cli_env(cache))
+    finish(owner)
+    err = finish(client)
+    assert f"is owned by pid {owner.pid}" in err, err
+    assert "went away" in err, err
+    assert_same_files(tmp_path / "out-b", files)
+    served = origin.stats.snapshot().bytes_sent
+    total = sum(p.stat().st_size for p in files.values())
+    # Everything once, plus at most what sat in socket buffers when the owner exited.
+    assert total <= served <= total + 4 * MiB, (served, total)

@@ -122,3 +122,35 @@ def test_a_hash_mismatch_drops_the_pages_a_reader_has_cached(
         again = run_py(_READ_ALL, str(path)).stdout.split()[1]
         assert again == hashlib.sha256(good).hexdigest(), m.log_text()[-3000:]
         assert "mismatch; discarding" in m.log_text()
+
+
+def test_a_second_mount_of_one_cache_fails_naming_the_first(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    (origin_root / "x.bin").write_bytes(b"x" * 4096)
+    manifest = tmp_path / "manifest.json"
+    write_manifest(origin, origin_root, manifest, names=["x.bin"])
+    cache = tmp_path / "cache"
+    env = dict(os.environ, TTFS_OWNER_WAIT="1")
+    with mounted(manifest, tmp_path / "mnt1", cache) as first:
+        (tmp_path / "mnt2").mkdir()
+        log = str(tmp_path / "mnt2.log")
+        args = ["mount", "--cache-dir", str(cache), "--log-file", log]
+        done = subprocess.run(
+            [sys.executable, "-m", "ttfs", *args, str(manifest), str(tmp_path / "mnt2")],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        assert done.returncode != 0
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ttfs: error:")]
+        assert len(errors) == 1, done.stderr
+        assert f"in use by pid {first.pid}" in errors[0], errors
+        assert "Traceback" not in done.stderr
+        # The first mount still serves.
+        assert run_py(_READ_ALL, str(tmp_path / "mnt1" / "x.bin")).stdout.split()[1] == (
+            hashlib.sha256(b"x" * 4096).hexdigest()
+        )
