@@ -251,3 +251,36 @@ def test_a_client_takes_over_when_its_owner_finishes_first(
     total = sum(p.stat().st_size for p in files.values())
     # Everything once, plus at most what sat in socket buffers when the owner exited.
     assert total <= served <= total + 4 * MiB, (served, total)
+
+
+def test_a_client_rerun_skips_its_outputs_by_the_owners_records(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    """The owner remembers what a client placed (inode, mtime), so a client's second run skips
+    those files without hashing them, as an owner's own re-run would."""
+    slow = write_random_files(origin_root, {"slow.bin": 24 * MiB}, seed=1)
+    files = write_random_files(origin_root, {"x/one.bin": 3 * MiB, "two.json": 900}, seed=2)
+    cache = tmp_path / "cache"
+    origin.rate_limit = 1 * MiB  # the owner stays busy with slow.bin for the whole test
+    owner = start_resolve(
+        write_manifest(tmp_path / "slow.json", manifest_for(origin, slow)),
+        tmp_path / "out-slow",
+        cli_env(cache),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while (info := read_owner(cache)) is None or info.socket is None:
+            assert owner.poll() is None, owner.communicate()[1]
+            assert time.monotonic() < deadline, "the slow resolve never owned the cache"
+            time.sleep(0.02)
+        manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files))
+        first = finish(start_resolve(manifest, tmp_path / "out", cli_env(cache)))
+        assert f"is owned by pid {owner.pid}" in first, first
+        second = finish(start_resolve(manifest, tmp_path / "out", cli_env(cache)))
+        assert owner.poll() is None, "the owner finished too early for this test"
+    finally:
+        os.killpg(owner.pid, signal.SIGKILL)
+        owner.communicate()
+    assert_same_files(tmp_path / "out", files)
+    assert second.count("already exists with correct size. Skipping download.") == 2, second
+    assert "matches its hash" not in second, second

@@ -43,7 +43,13 @@ from .errors import CacheBusy, CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
 from .manifest import Pointer, destination
 from .owner import OwnerInfo, OwnerLock, claim
-from .owner.client import Completed, OwnerGone, complete_via_owner
+from .owner.client import (
+    Completed,
+    OwnerGone,
+    complete_via_owner,
+    outputs_match,
+    record_outputs,
+)
 from .owner.server import serving
 from .providers import ProviderSet
 from .telemetry.progress import Progress
@@ -453,15 +459,24 @@ async def _resolve_through(
     report.total_manifest_size_bytes = sum(p.size for p in pointers)
     report.b10fs_enabled = settings.shared_cache is not None
     plan = [(p, destination(download_dir, p.file_name)) for p in pointers]
+    placed: list[tuple[Path, str]] = []  # outputs the owner should remember
     log.info(
         "cache directory %s is owned by %s; fetching through it",
         settings.cache_dir,
         owner.describe(),
     )
     todo: dict[str, list[tuple[Pointer, Path]]] = {}
-    for pointer, dest in plan:
-        if await trio.to_thread.run_sync(already_there, None, pointer, dest):
+    # Destinations the owner recorded as our earlier outputs are skipped without hashing.
+    known = await outputs_match(owner, [(d, p) for p, d in plan])
+    for (pointer, dest), recorded in zip(plan, known, strict=True):
+        if recorded and await trio.to_thread.run_sync(_same_size_file, dest, pointer.size):
+            log.info(
+                "File %s already exists with correct size. Skipping download.", pointer.file_name
+            )
             report.skipped += 1
+        elif await trio.to_thread.run_sync(already_there, None, pointer, dest):
+            report.skipped += 1
+            placed.append((dest, pointer.hash))
         else:
             todo.setdefault(pointer.hash, []).append((pointer, dest))
     failure: list[DownloadError] = []
@@ -474,6 +489,7 @@ async def _resolve_through(
             except OSError as e:
                 failure.append(DownloadError(pointer.file_name, CacheError(str(e))))
                 return
+            placed.append((dest, pointer.hash))
             secs = time.monotonic() - started
             report.file_downloads.append(
                 FileDownload(pointer.file_name, pointer.size, secs, pointer.size / 2**20 / secs)
@@ -492,9 +508,18 @@ async def _resolve_through(
         report.total_download_time_secs = time.monotonic() - started
     if failure:
         raise failure[0]
+    await record_outputs(owner, placed)
     report.success = True
     log.info("All downloads completed successfully after %.2fs", report.total_download_time_secs)
     return report
+
+
+def _same_size_file(path: Path, size: int) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_size == size and path.is_file()
 
 
 async def _resolve_owned(

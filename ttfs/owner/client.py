@@ -7,10 +7,12 @@ blob's data file, which the caller then links or copies into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -108,3 +110,56 @@ async def complete_via_owner(
             nursery.cancel_scope.cancel()
     if failure is not None:
         raise failure
+
+
+async def _ask(owner: OwnerInfo, request: dict[str, Any]) -> dict[str, Any]:
+    """One short request and its one answer.
+
+    Raises:
+        OwnerGone: the owner cannot be reached or did not answer.
+    """
+    if not owner.socket:
+        raise OwnerGone(f"{owner.describe()} does not serve other processes", connected=False)
+    try:
+        stream = await trio.open_unix_socket(owner.socket)
+    except OSError as e:
+        raise OwnerGone(f"cannot reach {owner.describe()}: {e}", connected=False) from e
+    async with stream:
+        lines = LineStream(stream)
+        try:
+            await lines.send(request)
+            answer = await lines.receive()
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
+            raise OwnerGone(f"lost {owner.describe()}: {e}", connected=True) from e
+    if answer is None:
+        raise OwnerGone(f"{owner.describe()} went away", connected=True)
+    return answer
+
+
+async def outputs_match(owner: OwnerInfo, items: Sequence[tuple[Path, Pointer]]) -> list[bool]:
+    """Which destinations are, by the owner's records (inode, mtime), the verified files an
+    earlier resolve produced. False for all when the owner cannot say.
+    """
+    if not items:
+        return []
+    request = {
+        "op": "outputs_match",
+        "items": [{"path": str(d), "hash": p.hash, "size": p.size} for d, p in items],
+    }
+    try:
+        answer = await _ask(owner, request)
+    except OwnerGone:
+        return [False] * len(items)
+    results = answer.get("results")
+    if not isinstance(results, list) or len(results) != len(items):
+        return [False] * len(items)
+    return [r is True for r in results]
+
+
+async def record_outputs(owner: OwnerInfo, items: Sequence[tuple[Path, str]]) -> None:
+    """Ask the owner to remember placed outputs (best effort: a later run hashes instead)."""
+    if not items:
+        return
+    request = {"op": "record_outputs", "items": [{"path": str(d), "hash": h} for d, h in items]}
+    with contextlib.suppress(OwnerGone):
+        await _ask(owner, request)

@@ -7,6 +7,14 @@ A client sends one request and reads events until ``end``::
     <- {"event": "failed", "hash": h, "error": "IntegrityError", "message": "..."}
     <- {"event": "end"}
 
+Two short requests let a client use the owner's record of the outputs it placed (resolve's
+"skip a destination that is the file an earlier resolve produced", by inode and mtime)::
+
+    -> {"op": "outputs_match", "items": [{"path": p, "hash": h, "size": n}, ...]}
+    <- {"event": "matches", "results": [true, false, ...]}
+    -> {"op": "record_outputs", "items": [{"path": p, "hash": h}, ...]}
+    <- {"event": "recorded"}
+
 Pointers travel in manifest form and the owner parses them with the manifest validator, so a
 client cannot make the owner fetch anything a manifest could not name. A client that closes the
 socket early cancels nothing the owner shares with others; the owner simply stops reporting.

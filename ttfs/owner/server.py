@@ -16,6 +16,8 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -49,11 +51,45 @@ async def _complete_one(fetcher: Fetcher, pointer: Pointer, lines: LineStream) -
     )
 
 
+def _outputs_match(fetcher: Fetcher, items: list[dict[str, Any]]) -> list[bool]:
+    store = fetcher.store
+    return [
+        store.output_matches(Path(str(i["path"])), str(i["hash"]), int(i["size"])) for i in items
+    ]
+
+
+def _record_outputs(fetcher: Fetcher, items: list[dict[str, Any]]) -> None:
+    for item in items:
+        try:
+            fetcher.store.record_output(Path(str(item["path"])), str(item["hash"]))
+        except OSError as e:  # the client's path may not be visible here (another namespace)
+            log.debug("cannot record output %s: %s", item.get("path"), e)
+
+
+async def _outputs(fetcher: Fetcher, request: dict[str, Any], lines: LineStream) -> None:
+    items = request.get("items")
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        await lines.send({"event": "error", "message": "items must be a list of objects"})
+        return
+    try:
+        if request["op"] == "outputs_match":
+            results = await trio.to_thread.run_sync(_outputs_match, fetcher, items)
+            await lines.send({"event": "matches", "results": results})
+        else:
+            await trio.to_thread.run_sync(_record_outputs, fetcher, items)
+            await lines.send({"event": "recorded"})
+    except (KeyError, TypeError, ValueError) as e:
+        await lines.send({"event": "error", "message": f"bad item: {e}"})
+
+
 async def _handle(fetcher: Fetcher, stream: trio.SocketStream) -> None:
     lines = LineStream(stream)
     try:
         request = await lines.receive()
         if request is None:
+            return
+        if request.get("op") in ("outputs_match", "record_outputs"):
+            await _outputs(fetcher, request, lines)
             return
         if request.get("op") != "complete":
             await lines.send({"event": "error", "message": f"unknown op {request.get('op')!r}"})
