@@ -240,3 +240,14 @@ def test_no_private_state_across_modules() -> None:
     # Third-party private modules we knowingly use (documented where imported).
     allowed = {".._async"}
     assert [v for v in violations if not any(v.endswith(a[1:]) for a in allowed)] == []
+
+
+def test_only_cache_owners_open_the_block_store() -> None:
+    """The block store is correct with one writer only: it is opened where the owner lock of
+    the cache directory is held (ttfs.owner), i.e. by the mount daemon and a resolve."""
+    openers = set()
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "BlockStore":
+                openers.add(str(path.relative_to(ROOT)))
+    assert openers == {"fuse/serve.py", "resolve.py"}
