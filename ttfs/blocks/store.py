@@ -394,8 +394,10 @@ class RunWriter:
         self._hasher = xxhash.xxh3_64()
         done = blob.partial.get(first_block, 0)
         if done:
-            prefix = os.pread(blob.fd, done, start)
-            if len(prefix) == done:
+            # Runs start on the event loop: a prefix the page cache lost is fetched again (at
+            # most one block) rather than read from the device here.
+            prefix = blob.pread_cached(start, done) if _NOWAIT else os.pread(blob.fd, done, start)
+            if prefix is not None and len(prefix) == done:
                 self._hasher.update(prefix)
             else:
                 done = 0
