@@ -34,10 +34,11 @@ def test_sparse_file_and_presence_roundtrip(tmp_path: Path) -> None:
     with BlockStore(tmp_path, block_size=BS) as store:
         blob = store.open_blob(spec)
         assert blob.n_blocks == 6 and blob.bytes_present == 0
-        assert os.stat(blob.path).st_size == len(data)
-        assert os.stat(blob.path).st_blocks == 0  # sparse: nothing allocated yet
+        assert not blob.path.exists()  # nothing fetched: no file, no descriptor yet
         w = blob.writer(2)
         assert w.write(data[2 * BS : 2 * BS + 1000]) == []  # a partial block is not present
+        assert os.stat(blob.path).st_size == len(data)
+        assert os.stat(blob.path).st_blocks * 512 < 2 * BS  # sparse: only what was written
         assert w.write(data[2 * BS + 1000 : 4 * BS]) == [2, 3]
         assert blob.pread(2 * BS, 10) == data[2 * BS : 2 * BS + 10]
         assert blob.missing(range(6)) == [0, 1, 4, 5]
@@ -68,7 +69,7 @@ def test_killed_process_loses_nothing_thanks_to_the_journal(tmp_path: Path) -> N
     blob.writer(1).write(data[BS : 2 * BS])  # landed in memory, never flushed
     blob.writer(2).write(data[2 * BS : 2 * BS + 1000])  # half a block
     store._index.close()  # "kill -9": no release(), no close()
-    os.close(blob.fd)
+    store.fds.close_all()
     with BlockStore(tmp_path, block_size=BS) as again:
         reopened = again.open_blob(spec_for(data))
         assert list(reopened.present) == [1, 1, 0]
@@ -87,7 +88,7 @@ def test_journal_records_are_checked_against_the_data(tmp_path: Path) -> None:
     blob = store.open_blob(spec_for(data))
     blob.writer(0).write(data[:BS])
     store._index.close()
-    os.close(blob.fd)
+    store.fds.close_all()
     path = store.data_path("b1")
     with open(path, "r+b") as f:  # the page cache was lost: block 0 is zeros on disk
         f.write(bytes(BS))
@@ -179,8 +180,7 @@ def test_eviction_is_lru_and_spares_pinned(tmp_path: Path) -> None:
                 blob.writer(i).write(data[i * BS : (i + 1) * BS])
             blob.atime = 1000.0 + n
             store.release(blob)
-        store.pinned = {"blob0"}
-        freed = store.evict()
+        freed = store.evict({"blob0"})
         assert freed == 2 * BS  # 8 blocks > 6: the least recently used unpinned blob goes
         left = {bid for bid, _ in store.known()}
         assert left == {"blob0", "blob2", "blob3"}
@@ -191,12 +191,13 @@ def test_disk_full_is_cachefull(tmp_path: Path) -> None:
     data = ramp(2 * BS)
     with BlockStore(tmp_path, block_size=BS) as store:
         blob = store.open_blob(spec_for(data))
-        real_fd = blob.fd
-        blob.fd = os.open("/dev/full", os.O_WRONLY)
-        try:
-            with pytest.raises(CacheFull):
-                blob.writer(0).write(data[:BS])
-        finally:
-            os.close(blob.fd)
-            blob.fd = real_fd
+        with blob.lease() as real_fd:  # swap the leased descriptor for /dev/full
+            full = os.open("/dev/full", os.O_WRONLY)
+            blob._fd = full
+            try:
+                with pytest.raises(CacheFull):
+                    blob.writer(0).write(data[:BS])
+            finally:
+                os.close(full)
+                blob._fd = real_fd
         store.release(blob)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import trio
 
-from .blocks import BlockStore, checker_for
+from .blocks import BlockStore, checker_for, perms
 from .config import Settings
 from .errors import CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
@@ -146,7 +146,9 @@ def _place(src: Path, dest: Path) -> None:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise
             shutil.copyfile(src, tmp)  # uses copy_file_range/sendfile where the kernel can
-            os.chmod(tmp, 0o644)
+        # The blob is 0600 in the private cache; the output gets the mode of a file the user
+        # created (for a hard link that is the blob's inode, still unreachable via the cache).
+        perms.served_file(tmp)
         if dest.is_dir() and not dest.is_symlink():
             raise IsADirectoryError(errno.EISDIR, "destination is a directory", str(dest))
         os.replace(tmp, dest)
@@ -413,8 +415,7 @@ async def resolve(
                 page_after=page_after,
             )
             report = await resolver.run(pointers)
-        store.pinned = {p.hash for p in pointers}
-        await trio.to_thread.run_sync(store.evict)
+        await trio.to_thread.run_sync(store.evict, {p.hash for p in pointers})
         return report
     finally:
         await trio.to_thread.run_sync(store.close)

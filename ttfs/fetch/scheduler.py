@@ -126,7 +126,7 @@ class Fetcher:
         self._last_demand = -math.inf
         self._preemptible: set[trio.CancelScope] = set()
         self._nursery: trio.Nursery | None = None
-        self._open_lock = trio.Lock()
+        self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.origin_bytes = 0
         self.origin_requests = 0
         self.retries = 0
@@ -150,10 +150,14 @@ class Fetcher:
             ConfigError: no provider serves its resolution type.
         """
         blob_id = pointer.hash
-        async with self._open_lock:
-            source = self._sources.get(blob_id)
-            if source is not None:
-                return source
+        # Single-flight per blob, not one lock for all: opening a partial blob re-checks its
+        # blocks (seconds for a big one), and a reader of another file must not wait for it.
+        while (source := self._sources.get(blob_id)) is None and blob_id in self._adding:
+            await self._adding[blob_id].wait()
+        if source is not None:
+            return source
+        adding = self._adding[blob_id] = trio.Event()
+        try:
             provider = self.providers.for_pointer(pointer)
             spec = BlobSpec(blob_id, pointer.size, checker_for(pointer.hashtype, pointer.hash))
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
@@ -169,6 +173,9 @@ class Fetcher:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._follow, source)
             return source
+        finally:
+            del self._adding[blob_id]
+            adding.set()
 
     def source(self, blob_id: str) -> Source:
         return self._sources[blob_id]

@@ -42,6 +42,7 @@ from ..config import Settings
 from ..errors import MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
+from ..procs import raise_nofile_limit
 from ..providers import ProviderSet
 from ..vfs.core import FsOptions, ModelFs, open_model_fs
 from ..vfs.readahead import ReadaheadConfig
@@ -168,6 +169,11 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     """
     settings = config.settings
     mountpoint = config.mountpoint
+    before, after = raise_nofile_limit()
+    if after != before:
+        log.info("open-file limit (RLIMIT_NOFILE) raised from %d to %d", before, after)
+    else:
+        log.info("open-file limit (RLIMIT_NOFILE) is %d", after)
     tree = Tree.build(config.pointers, prefix=config.prefix, mountpoint=str(mountpoint))
     check_fuse_device()
     store = await trio.to_thread.run_sync(
