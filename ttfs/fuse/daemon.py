@@ -32,6 +32,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..blocks import perms
 from ..control import mount_status
 from ..errors import MountError, TtfsError
 from ..procs import process_alive
@@ -116,7 +117,12 @@ def spawn(
         MountError: the daemon failed (with its reason), died, or was not ready in time.
         TtfsError: the daemon reported another error class (its exit code is kept).
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        perms.make_private_dir(log_file.parent)
+        # Private like the cache: a log names the files and URLs of private models.
+        log_fd = perms.open_private(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as e:
+        raise MountError(f"cannot open the log file {log_file}: {e}") from e
     read_fd, write_fd = os.pipe()
     cmd = [
         python or sys.executable,
@@ -129,7 +135,7 @@ def spawn(
         *args,
     ]
     try:
-        with open(log_file, "ab") as log:
+        with open(log_fd, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,
