@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ttfs.demo.origin import Origin
+from demo.origin import Origin
 from ttfs.procs import process_alive
 
 REPO = Path(__file__).resolve().parent.parent

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     REPO,
     mounted,
@@ -34,7 +35,6 @@ from tests.mount_helpers import (
     wait_for,
     write_manifest,
 )
-from ttfs.demo.origin import Origin
 from ttfs.procs import process_alive
 
 pytestmark = pytest.mark.fuse

@@ -26,19 +26,33 @@ import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from ..errors import CacheError, CacheFull
 from . import perms
-
-if TYPE_CHECKING:
-    from .store import Blob
 
 log = logging.getLogger(__name__)
 
 # Descriptors kept open at most (data + journal). A few hundred cover every blob a loader and
 # the fetcher's connections touch at once; reopening costs one open(2) + fstat(2).
 MAX_OPEN = 256
+
+
+class Blob(Protocol):
+    """What the table needs of a blob (``ttfs.blocks.store.Blob``; a protocol keeps the import
+    pointing one way). The underscored fields belong to the table, under its lock."""
+
+    path: Path
+    _fd: int | None
+    _journal_fd: int | None
+    _leases: int
+    _ino: tuple[int, int] | None
+
+    @property
+    def size(self) -> int: ...
+
+    def forget_blocks(self) -> None: ...
 
 
 def default_limit() -> int:
