@@ -12,8 +12,8 @@ measures, each as a separate process:
 
 * mount: ``ttfs mount`` until it returns (the tree is visible);
 * find: ``find MNT -type f | wc -l`` (every file listed, checked against the manifest);
-* read: a child reads every file and compares its sha256 with the manifest's;
 * materialize: ``ttfs materialize MNT`` (everything local and verified);
+* read: a child reads every file and compares its sha256 with the manifest's;
 * status: ``ttfs status --json MNT``;
 
 then the daemon's peak RSS (VmHWM), its descriptors, its CPU seconds (utime + stime from
@@ -168,16 +168,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             out["find_s"] = round(secs, 2)
             out["listed"] = int(stdout.strip())
             print(f"find: {secs:.2f}s, {out['listed']} files", flush=True)
+            if args.materialize:
+                secs, _, _ = timed([*ttfs, "materialize", "--no-progress", str(mnt)], 3600)
+                out["materialize_s"] = round(secs, 2)
+                print(f"materialize: {secs:.2f}s", flush=True)
             if args.read:
                 secs, stdout, _ = timed(
                     [sys.executable, "-c", _READER, str(mnt), str(expected)], 3600
                 )
                 out["read_s"], out["read_mismatches"] = round(secs, 2), int(stdout)
                 print(f"read all: {secs:.2f}s, {out['read_mismatches']} mismatches", flush=True)
-            if args.materialize:
-                secs, _, _ = timed([*ttfs, "materialize", "--no-progress", str(mnt)], 3600)
-                out["materialize_s"] = round(secs, 2)
-                print(f"materialize: {secs:.2f}s", flush=True)
             if args.status:
                 try:
                     secs, stdout, _ = timed([*ttfs, "status", "--json", str(mnt)], 600)

@@ -95,10 +95,10 @@ def test_more_files_than_the_open_file_limit(tmp_path: Path) -> None:
             assert re.search(r"Max open files\s+1024\s+1024", limits), limits
             listed = {str(Path(d, f).relative_to(mnt)) for d, _, fs in os.walk(mnt) for f in fs}
             assert listed == set(files)
-            for rel, data in files.items():  # every file read through the kernel
-                assert (mnt / rel).read_bytes() == data, rel
             done = ttfs("materialize", str(mnt), timeout=120)
             assert done.returncode == 0, done.stderr
+            for rel, data in files.items():  # every file read through the kernel
+                assert (mnt / rel).read_bytes() == data, rel
             assert process_alive(pid)
             assert len(os.listdir(f"/proc/{pid}/fd")) < 512  # bounded, far under the limit
             text = log.read_text()
