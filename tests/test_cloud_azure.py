@@ -213,7 +213,7 @@ def test_connection_string_and_sas_token(
         container.name,
         account_key=AZURITE_KEY,
         permission=ContainerSasPermissions(read=True, list=True),
-        expiry=dt.datetime.now(dt.UTC) + dt.timedelta(hours=1),
+        expiry=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1),
     )
     secrets = {
         "connection string": json.dumps({"connection_string": azurite_connection_string(azurite)}),

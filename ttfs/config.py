@@ -60,6 +60,9 @@ class RetryPolicy:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     cache_dir: Path
+    # True when the user named the cache (``--cache-dir`` / ``TTFS_CACHE_DIR``). A resolve
+    # without one keeps its block store on the destination's filesystem (resolve.store_plan).
+    cache_dir_given: bool = False
     cache_max_bytes: int | None = None
     # Presence/checksum granularity and the unit of a demand fetch. 2 MiB: a demand miss on a
     # 25 MB/s CDN stream costs ~80 ms + latency, and 140 GB of blocks is a 70k-entry bitmap.
@@ -105,6 +108,9 @@ class Settings:
         values: dict[str, Any] = {}
         values["cache_dir"] = (
             Path(env["TTFS_CACHE_DIR"]) if env.get("TTFS_CACHE_DIR") else (default_cache_dir(env))
+        )
+        values["cache_dir_given"] = bool(env.get("TTFS_CACHE_DIR")) or (
+            overrides.get("cache_dir") is not None
         )
         if env.get("TTFS_CACHE_MAX_BYTES"):
             values["cache_max_bytes"] = _size(env, "TTFS_CACHE_MAX_BYTES")

@@ -65,7 +65,7 @@ def rfc3339(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC)
+        value = value.astimezone(dt.timezone.utc)
     text = value.strftime("%Y-%m-%dT%H:%M:%S")
     if value.microsecond:
         frac = f"{value.microsecond:06d}"
