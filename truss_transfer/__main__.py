@@ -11,6 +11,7 @@ import logging
 import sys
 
 from ttfs.errors import TtfsError
+from ttfs.providers import tune_httpcore
 from ttfs.telemetry.logs import setup_logging
 
 from . import lazy_data_resolve
@@ -21,6 +22,7 @@ log = logging.getLogger("ttfs.truss_transfer")
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     setup_logging(propagate=False)
+    tune_httpcore()  # our own process: larger socket reads
     try:
         lazy_data_resolve(args[0] if args else None)
     except (TtfsError, NotImplementedError) as e:

@@ -87,6 +87,9 @@ class Settings:
     flush_interval: float = 0.5
     verify: bool = True
     hf_endpoint: str | None = None
+    # The one proxy ranged GETs go through (TTFS_PROXY); HTTP(S)_PROXY are ignored for them
+    # (providers._stream.data_proxy says why).
+    proxy: str | None = field(default=None, repr=False)  # may carry user:password
     # The b10fs shared cache tier (docs/b10fs.md); None = off.
     shared_cache: SharedCacheConfig | None = None
     secrets_env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -141,6 +144,11 @@ class Settings:
         if env.get("TTFS_VERIFY") is not None:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
+        if env.get("TTFS_PROXY"):
+            proxy = env["TTFS_PROXY"].strip()
+            if "://" not in proxy:
+                raise ConfigError("TTFS_PROXY must be a URL like http://host:port")
+            values["proxy"] = proxy
         # b10fs: BASETEN_FS_ENABLED + USE_BASETEN_FS_TRUSS_TRANSFER, or --shared-cache DIR.
         from .blocks.shared import SharedCacheConfig
 
