@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 run:
 	@scripts/bootstrap.sh fuse,loaders
-	$(PY) -m ttfs.demo.run
+	$(PY) -m demo.run
 
 # The oldest Python the package supports (CUDA serving images: Ubuntu 22.04, Python 3.10).
 # (pyenv's shim on PATH may refuse to run it, so the interpreter itself comes first.)
@@ -30,8 +30,8 @@ bench:
 
 lint:
 	@scripts/bootstrap.sh test
-	$(VENV)/bin/ruff check ttfs truss_transfer tests
-	$(VENV)/bin/ruff format --check ttfs truss_transfer tests
+	$(VENV)/bin/ruff check ttfs truss_transfer demo tests
+	$(VENV)/bin/ruff format --check ttfs truss_transfer demo tests
 	$(VENV)/bin/mypy
 
 clean:

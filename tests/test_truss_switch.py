@@ -34,6 +34,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from ttfs.demo.origin import Origin
 
 import truss_transfer
 from tests.origin_helpers import (
@@ -46,7 +47,6 @@ from tests.origin_helpers import (
     write_manifest,
     write_random_files,
 )
-from ttfs.demo.origin import Origin
 from ttfs.units import MiB
 
 BLOCK = 2 * MiB
