@@ -766,6 +766,35 @@ class BlockStore:
         rows.sort(key=lambda row: row[1])
         return rows
 
+    def drop_unlinked(self) -> int:
+        """Delete every closed blob whose data file has no other hard link; returns bytes freed.
+
+        For a store whose blobs are linked into place as the outputs (a resolve's store on the
+        destination's filesystem): a blob no output links to any more is a second copy that
+        nobody asked for (a replaced or deleted output, a destination that was already right).
+        Blocking.
+        """
+        with self._lock:
+            busy = set(self._open)
+        freed = 0
+        for blob_id, _ in list(self.known()):
+            if blob_id in busy:
+                continue
+            path = self.data_path(blob_id)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_nlink > 1:
+                continue
+            for p in (path, Path(f"{path}.journal")):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            with contextlib.suppress(sqlite3.Error, OSError, diskcache.Timeout):
+                self._index.delete(blob_id)
+            freed += st.st_blocks * 512 if st is not None else 0
+        return freed
+
     def evict(self, keep: set[str] | None = None) -> int:
         """Delete least-recently-used blobs until the cache fits ``max_bytes``; returns bytes freed.
 

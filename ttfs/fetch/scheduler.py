@@ -36,6 +36,7 @@ import itertools
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -43,6 +44,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import trio
+
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
 
 from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import os
 import select
 import shutil
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from ..blocks import perms
 from ..control import mount_status
-from ..errors import MountError, TtfsError
+from ..errors import ConfigError, MountError, TtfsError
 from ..procs import process_alive
 from .kernel import is_mounted
 
@@ -49,6 +50,27 @@ class Daemon:
     pid: int
     mountpoint: Path
     log_file: Path
+
+
+FUSE_MISSING = (
+    "ttfs mount needs pyfuse3, which is not installed: pip install 'ttfs[fuse]' "
+    "(it builds against libfuse3: apt-get install fuse3 libfuse3-dev pkg-config gcc "
+    "python3-dev). 'ttfs resolve' needs no FUSE."
+)
+
+
+def require_pyfuse3() -> None:
+    """Fail with how to install it when pyfuse3 is missing (checked before spawning).
+
+    Raises:
+        ConfigError: pyfuse3 cannot be imported.
+    """
+    try:
+        found = importlib.util.find_spec("pyfuse3") is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        found = False
+    if not found:
+        raise ConfigError(FUSE_MISSING)
 
 
 def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:

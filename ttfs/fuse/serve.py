@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ from typing import Any
 
 import pyfuse3
 import trio
+
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
 
 from ..blocks import BlockStore
 from ..config import Settings
