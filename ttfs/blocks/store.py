@@ -593,6 +593,12 @@ class BlockStore:
         """Persist a whole-blob verification (blocking; trusted in this boot until synced)."""
         self._persist(blob)
 
+    def forget_verification(self, blob: Blob) -> None:
+        """The data file changed after verification: trust it no more (blocking)."""
+        blob.verified = False
+        blob._synced = False
+        self._persist(blob)
+
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._index.iterkeys()):
