@@ -223,3 +223,132 @@ def test_transformers_from_pretrained_through_the_fast_path(tmp_path: Path) -> N
             out = run_py(_LOAD, str(m.mountpoint), str(src), str(ref), env=env, timeout=180)
             assert int(out.stdout.strip()) >= 2
             assert all(d["served_by"] == "kernel" for d in walk_status(m.mountpoint))
+
+
+def _tamper(path: str, offset: int) -> None:
+    """Overwrite 4 KiB of a blob file in place, then put its mtime back (a careful tamperer)."""
+    st = os.stat(path)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\xee" * 4096, offset)
+    finally:
+        os.close(fd)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_blob_changed_after_verification_is_never_served_as_verified(
+    tmp_path: Path, manifest: Path, model: Path, origin: Origin
+) -> None:
+    """A write into a linked blob file (mtime restored) is caught by the next open: the open
+    goes to the daemon, which drops the changed block, fetches it again from the origin and
+    serves the right bytes; once verified again the name is a link again."""
+    cache = tmp_path / "cache"
+    want = sha256_file(model / "blob.bin")
+    with mounted(manifest, tmp_path / "mnt", cache) as m:
+        mnt = m.mountpoint
+        _materialize(mnt)
+        p = mnt / "blob.bin"
+        wait_for(p.is_symlink, 30, "the link")
+        target = os.readlink(p)
+        before = origin.stats.bytes_sent
+        _tamper(target, 3 * BS + 10)
+        # A fresh reader process: its open walks through the link, readlink sees the change.
+        out = run_py(
+            "import hashlib, sys\n"
+            "print(hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest())",
+            str(p),
+        )
+        assert out.stdout.strip() == want
+        assert origin.stats.bytes_sent - before >= BS  # the changed block came from the origin
+        wait_for(p.is_symlink, 30, "the link to come back after the recheck")
+        doc = file_status(p)
+        assert doc["served_by"] == "kernel" and doc["verified"] and doc["reads"] >= 1
+        assert sha256_file(Path(target)) == want  # the blob file itself was repaired
+        assert "changed block(s) dropped" in m.log_text()
+
+
+def test_a_change_between_mounts_that_keeps_size_and_mtime_is_caught(
+    tmp_path: Path, manifest: Path, model: Path, origin: Origin
+) -> None:
+    """The index trusts a verified blob by size and mtime; a mount that served it as a link
+    also remembers ctime and inode, so the next mount checks the blob again before linking it
+    (and repairs it from the origin)."""
+    cache = tmp_path / "cache"
+    want = sha256_file(model / "blob.bin")
+    with mounted(manifest, tmp_path / "mnt", cache) as m:
+        _materialize(m.mountpoint)
+        wait_for((m.mountpoint / "blob.bin").is_symlink, 30, "the link")
+        target = os.readlink(m.mountpoint / "blob.bin")
+    _tamper(target, 10)
+    before = origin.stats.bytes_sent
+    with mounted(manifest, tmp_path / "mnt2", cache, "--no-prefetch") as m:
+        p = m.mountpoint / "blob.bin"
+        assert sha256_file(p) == want
+        wait_for(p.is_symlink, 30, "the link after the recheck")
+        assert sha256_file(p) == want and sha256_file(Path(target)) == want
+        assert "blob.bin: blob file changed after verification" in m.log_text()
+    assert origin.stats.bytes_sent - before == BS  # exactly the changed block, again
+
+
+def test_no_fast_path_flag_and_env_keep_reads_in_the_daemon(
+    tmp_path: Path, manifest: Path, model: Path
+) -> None:
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache) as m:
+        _materialize(m.mountpoint)
+    for args, env in ((("--no-fast-path",), None), ((), daemon_env(TTFS_FAST_PATH="0"))):
+        with mounted(manifest, tmp_path / "mnt2", cache, *args, env=env) as m:
+            p = m.mountpoint / "m" / "model.safetensors"
+            assert not p.is_symlink()
+            assert sha256_file(p) == sha256_file(model / "m" / "model.safetensors")
+            doc = file_status(p)
+            assert doc["served_by"] == "daemon" and doc["reads"] > 0
+            assert doc["fast_path"] == "off (--no-fast-path)"
+            assert status(m.mountpoint)["served_by_kernel"] == 0
+
+
+def test_a_bind_mount_of_the_mountpoint_reads_through_the_links(
+    tmp_path: Path, manifest: Path, model: Path
+) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    with mounted(manifest, tmp_path / "mnt", tmp_path / "cache") as m:
+        _materialize(m.mountpoint)
+        wait_for(lambda: _all_links(m.mountpoint, NAMES), 30, "links")
+        subprocess.run(["mount", "--bind", str(m.mountpoint), str(other)], check=True)
+        try:
+            for name in NAMES:
+                assert (other / name).is_symlink()
+                assert sha256_file(other / name) == sha256_file(model / name)
+            assert all(d["served_by"] == "kernel" for d in walk_status(other))
+        finally:
+            subprocess.run(["umount", "-l", str(other)], check=False)
+
+
+def test_a_reader_that_cannot_see_the_cache_turns_the_fast_path_off(
+    tmp_path: Path, manifest: Path, model: Path
+) -> None:
+    """A process in its own mount namespace, where the cache directory is hidden (as in a
+    container given only the mountpoint), opens a file of the mount: the link would dangle, so
+    the fast path turns off for the mount and the open is served by the daemon."""
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache) as m:
+        mnt = m.mountpoint
+        _materialize(mnt)
+        wait_for(lambda: _all_links(mnt, NAMES), 30, "links")
+        script = (
+            f"mount -t tmpfs none {cache.resolve()} && "
+            f"sha256sum {mnt / 'blob.bin'} && test ! -L {mnt / 'blob.bin'}"
+        )
+        done = subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split()[0] == sha256_file(model / "blob.bin")
+        root = status(mnt)
+        assert root["served_by_kernel"] == 0 and "does not see the cache" in root["fast_path"]
+        assert not (mnt / "blob.bin").is_symlink()

@@ -599,10 +599,22 @@ class BlockStore:
         blob._synced = False
         self._persist(blob)
 
+    def link_record(self, blob_id: str) -> tuple[int, ...] | None:
+        """The identity (dev, ino, size, mtime, ctime) of the data file when a mount last served
+        it as a link (the fast path), or None (blocking)."""
+        record = self._index.get(f"link:{blob_id}")
+        return tuple(record) if isinstance(record, tuple | list) else None
+
+    def record_link(self, blob_id: str, key: tuple[int, ...]) -> None:
+        """Remember the data file's identity while a mount serves it as a link (blocking): the
+        size+mtime check of a verified blob misses a write that restores mtime; ctime and the
+        inode number cannot be restored, so the next mount checks those too."""
+        self._index_set(f"link:{blob_id}", tuple(key))
+
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._index.iterkeys()):
-            if isinstance(key, str) and not key.startswith("out:"):
+            if isinstance(key, str) and not key.startswith(("out:", "link:")):
                 record = self._index.get(key)
                 if isinstance(record, dict):
                     yield key, record
@@ -664,6 +676,7 @@ class BlockStore:
             with contextlib.suppress(FileNotFoundError):
                 self.data_path(blob_id).unlink()
             self._index.delete(blob_id)
+            self._index.delete(f"link:{blob_id}")
             total -= size
             freed += size
             log.info("evicted blob %s (%d bytes)", blob_id, size)

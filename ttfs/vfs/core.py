@@ -146,6 +146,7 @@ class _File:
     link: BlobKey | None = None  # set while served by the kernel as a link (fast path)
     fast_off: str | None = None  # why the fast path does not serve this file, once known
     looked_up: bool = False  # the kernel may hold a dentry for the regular file
+    served_before: BlobKey | None = None  # blob file identity when a mount last linked it
 
     @property
     def link_ino(self) -> Inode:
@@ -194,7 +195,7 @@ class ModelFs:
         # layer installs, blobs being checked again after a change.
         self._fast_disabled: str | None = None if options.fast_path else "off (--no-fast-path)"
         self._invalidate: Callable[[Inode, str], None] | None = None
-        self._rechecking: set[str] = set()
+        self._rechecking: dict[str, trio.Event] = {}  # set once changed blocks are dropped
 
     # -- metadata (memory only; never blocks) ---------------------------------------------
     def _node(self, ino: int) -> Node:
@@ -284,6 +285,12 @@ class ModelFs:
                 self._failures[f.node.path] = f.error
                 raise DownloadError(f.pointer.file_name, e) from e
             self._cache_bytes.setdefault(source.blob.blob_id, source.blob.bytes_present)
+            if self._fast_disabled is None and source.blob.verified:
+                record = await trio.to_thread.run_sync(
+                    self.fetcher.store.link_record, source.blob.blob_id
+                )
+                if record is not None and len(record) == 5:
+                    f.served_before = BlobKey(*record)
             f.source = source
         return f.source
 
@@ -319,6 +326,9 @@ class ModelFs:
         source = f.source
         assert source is not None
         blob = source.blob
+        checking = self._rechecking.get(blob.blob_id)
+        if checking is not None:  # changed behind our back: serve only re-checked blocks
+            await checking.wait()
         if offset >= blob.size or size <= 0:
             return b""
         # A whole blob needs no readahead: skip the bookkeeping on the warm path.
@@ -391,7 +401,15 @@ class ModelFs:
         if key_of_path(blob.path) != held:
             f.fast_off = "the blob file at its path is not the verified one"
             return False
+        if f.served_before is not None and f.served_before != held:
+            # Changed since a mount last served it, yet size and mtime match the index.
+            self._changed(f)
+            return False
         self.fetcher.store.pinned.add(blob.blob_id)  # never evict what a link points to
+        if f.served_before is None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._record_link, blob.blob_id, held)
+        f.served_before = held
         f.link = held
         f.fast_off = None
         if f.looked_up:
@@ -471,21 +489,34 @@ class ModelFs:
             if g.source is not None and g.source.blob.blob_id == blob_id:
                 self._revoke(g, reason)
         if blob_id not in self._rechecking and self._nursery is not None:
-            self._rechecking.add(blob_id)
-            self._nursery.start_soon(self._recheck, f.source)
+            self._rechecking[blob_id] = dropped = trio.Event()
+            self._nursery.start_soon(self._recheck, f.source, dropped)
 
-    async def _recheck(self, source: Source) -> None:
+    async def _record_link(self, blob_id: str, key: BlobKey) -> None:
+        await trio.to_thread.run_sync(
+            self.fetcher.store.record_link,
+            blob_id,
+            (key.dev, key.ino, key.size, key.mtime_ns, key.ctime_ns),
+        )
+
+    async def _recheck(self, source: Source, dropped: trio.Event) -> None:
+        """Drop the changed blocks (reads wait for that), refetch them, verify, link again."""
         blob_id = source.blob.blob_id
         try:
-            await self.fetcher.recheck(source)
+            try:
+                bad = await self.fetcher.recheck(source)
+            finally:
+                dropped.set()
+            log.warning("%s: %d changed block(s) dropped", source.pointer.file_name, len(bad))
             await self.fetcher.complete(source, Priority.PREFETCH)
         except TtfsError as e:
             log.error("%s: checking the changed blob again failed: %s", source.pointer.file_name, e)
             return
         finally:
-            self._rechecking.discard(blob_id)
+            self._rechecking.pop(blob_id, None)
         for g in self._files.values():
             if g.source is source:
+                g.served_before = None
                 self._grant(g)
 
     async def _watch(self, f: _File, source: Source) -> None:
