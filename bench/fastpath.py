@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from ttfs.demo.origin import Origin
+from demo.origin import Origin
 
 from .mounts import Reader, TtfsMount
 from .procs import CHILDREN, REPO, BenchError, proc_usage, rmtree, with_repo_path

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     daemon_env,
     make_shard,
@@ -38,7 +39,6 @@ from tests.mount_helpers import (
     write_manifest,
 )
 from ttfs.control import file_status, walk_status
-from ttfs.demo.origin import Origin
 from ttfs.units import MiB
 
 pytestmark = pytest.mark.fuse
