@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +85,7 @@ def _all_links(mnt: Path, names: list[str]) -> bool:
 
 
 NAMES = ["config.json", "m/model.safetensors", "blob.bin"]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 def test_remount_on_warm_cache_serves_links_from_the_first_read(
@@ -113,6 +116,7 @@ def test_remount_on_warm_cache_serves_links_from_the_first_read(
         shown = ttfs("status", str(mnt))
         assert shown.returncode == 0, shown.stderr
         assert "kernel" in shown.stdout and f"{len(NAMES)} file(s); fast path on" in shown.stdout
+        assert "changed after verification" not in m.log_text()  # no needless recheck
     assert origin.stats.bytes_sent == served  # nothing fetched again
 
 
@@ -352,3 +356,34 @@ def test_a_reader_that_cannot_see_the_cache_turns_the_fast_path_off(
         root = status(mnt)
         assert root["served_by_kernel"] == 0 and "does not see the cache" in root["fast_path"]
         assert not (mnt / "blob.bin").is_symlink()
+
+
+def test_another_user_who_cannot_read_the_cache_gets_the_daemon_path(
+    tmp_path: Path, manifest: Path, model: Path
+) -> None:
+    """Root mounts with allow_other; the cache lies under a 0700 directory. A reader running as
+    nobody could not follow a link into it, so its lookup turns the fast path off for the
+    mount and it reads the right bytes through the daemon."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv")
+    cache = tmp_path / "cache"  # under pytest's 0700 base directory
+    public = Path(tempfile.mkdtemp(prefix="ttfs-fastpath-"))
+    try:
+        public.chmod(0o755)
+        with mounted(manifest, public / "mnt", cache, "--allow-other") as m:
+            mnt = m.mountpoint
+            _materialize(mnt)
+            wait_for(lambda: _all_links(mnt, NAMES), 30, "links")
+            done = subprocess.run(
+                [*NOBODY, "sha256sum", str(mnt / "blob.bin")],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.split()[0] == sha256_file(model / "blob.bin")
+            root = status(mnt)
+            assert root["served_by_kernel"] == 0 and "cannot read the cache" in root["fast_path"]
+    finally:
+        shutil.rmtree(public, ignore_errors=True)
