@@ -175,6 +175,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         ManifestError: the manifest paths cannot be mapped into the mount.
         MountError: the mount could not be made or did not answer in time.
         CacheError: the cache directory is unusable.
+        CacheBusy: another process kept the cache directory for ``owner_wait`` seconds.
     """
     settings = config.settings
     mountpoint = config.mountpoint
