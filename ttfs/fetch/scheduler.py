@@ -41,6 +41,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -48,8 +49,10 @@ from ..blocks import Blob, BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
-from ..providers import Provider, ProviderSet
 from .tiers import BlobTier, SharedTier
+
+if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
+    from ..providers import Provider, ProviderSet
 
 log = logging.getLogger(__name__)
 

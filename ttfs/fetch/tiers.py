@@ -55,9 +55,9 @@ from ..blocks.shared import (
 )
 from ..errors import CacheError, TransientError
 from ..manifest import Pointer
-from ..providers.base import Sink
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # providers import httpx: not on the mount path before ready
+    from ..providers.base import Sink
     from .scheduler import Fetcher, Source
 
 log = logging.getLogger(__name__)

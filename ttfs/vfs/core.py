@@ -42,7 +42,7 @@ import trio
 
 from ..control import MATERIALIZE_XATTR, STATUS_XATTR, XATTR_MAX
 from ..errors import DownloadError, TransientError, TtfsError, UserError
-from ..fetch import Fetcher, Priority, Source
+from ..fetch import Fetcher, FetcherStatistics, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
 from .readahead import ReadaheadConfig, StreamTable
@@ -131,7 +131,7 @@ class _File:
 
     node: Node
     pointer: Pointer
-    streams: StreamTable
+    streams: StreamTable | None = None  # made at the first read of a partial blob
     source: Source | None = None
     reads: int = 0
     read_bytes: int = 0
@@ -157,25 +157,47 @@ def _short(e: BaseException) -> str:
 class ModelFs:
     """The filesystem of one mount. Build with :func:`open_model_fs`."""
 
-    def __init__(self, tree: Tree, fetcher: Fetcher, options: FsOptions) -> None:
+    def __init__(self, tree: Tree, fetcher: Fetcher | None, options: FsOptions) -> None:
         self.tree = tree
-        self.fetcher = fetcher
+        self._fetcher = fetcher
         self.options = options
         self._files: dict[Inode, _File] = {
-            n.ino: _File(n, n.pointer, StreamTable(options.readahead))
-            for n in tree.files()
-            if n.pointer is not None
+            n.ino: _File(n, n.pointer) for n in tree.files() if n.pointer is not None
         }
+        # A mount answers lookups from the tree before its block store and fetcher exist
+        # (serve attaches them once the mount is ready); open and read wait for this.
+        self._attached = trio.Event()
+        self._backend_error: TtfsError | None = None
+        if fetcher is not None:
+            self._attached.set()
         self._handles: dict[HandleId, _File] = {}
         self._next_handle = 1
         self._cache_bytes: dict[str, int] = {}  # blob id → bytes local when first opened
         self._opened = trio.Event()
         self._serving = trio.Event()
-        self._prefetch: _Pass | None = None
+        self._prefetch: _Pass | None = _Pass("prefetch") if options.prefetch else None
         self._materialize: _Pass | None = None
         self._generation = 0
         self._nursery: trio.Nursery | None = None
         self._failures: dict[str, str] = {}
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The fetcher; only valid once attached (every caller waits for that first)."""
+        assert self._fetcher is not None, "the fetcher is not attached yet"
+        return self._fetcher
+
+    def attach(self, fetcher: Fetcher) -> None:
+        """Give the mount its fetcher (serve does so right after the mount is ready)."""
+        self._fetcher = fetcher
+        self._attached.set()
+
+    def fail(self, error: TtfsError) -> None:
+        """The fetcher cannot be made (unusable cache): every open fails with ``error``."""
+        self._backend_error = error
+        self._failures["(all)"] = _short(error)
+        self._attached.set()
+        self._opened.set()
 
     # -- metadata (memory only; never blocks) ---------------------------------------------
     def _node(self, ino: int) -> Node:
@@ -230,6 +252,9 @@ class ModelFs:
     # -- data -------------------------------------------------------------------------------
     async def _source(self, f: _File) -> Source:
         if f.source is None:
+            await self._attached.wait()
+            if self._backend_error is not None:
+                raise DownloadError(f.pointer.file_name, self._backend_error)
             try:
                 source = await self.fetcher.add(f.pointer)
             except TtfsError as e:
@@ -275,7 +300,11 @@ class ModelFs:
         if offset >= blob.size or size <= 0:
             return b""
         # A whole blob needs no readahead: skip the bookkeeping on the warm path.
-        ahead = None if blob.complete else f.streams.on_read(offset, size, blob.size)
+        ahead = None
+        if not blob.complete:
+            if f.streams is None:
+                f.streams = StreamTable(self.options.readahead)
+            ahead = f.streams.on_read(offset, size, blob.size)
         if ahead is not None:
             self.fetcher.request_nowait(
                 source, blob.blocks_for(ahead[0], ahead[1] - ahead[0]), Priority.READAHEAD
@@ -406,7 +435,11 @@ class ModelFs:
                 verified += blob.verified and blob.complete
                 done += f.source.done.is_set()
         failures = {f.node.path: e for f in files if (e := self._error_of(f)) is not None}
-        stats = self.fetcher.statistics()
+        stats = (
+            self._fetcher.statistics()
+            if self._fetcher is not None
+            else FetcherStatistics({p.name: 0 for p in Priority}, 0, 0, 0, 0)
+        )
         prefetch = (
             self._pass_doc(self._prefetch)
             if self.options.prefetch
@@ -450,11 +483,14 @@ class ModelFs:
             "running",
         ):
             return
-        assert self._nursery is not None, "use open_model_fs()"
         self._generation += 1
         self._materialize = _Pass("materialize")
-        self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
-        self._nursery.start_soon(self._run_pass, self._materialize)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_pass, self._materialize)
+        # else: background() starts it once the fetcher is attached
+
+    async def wait_serving(self) -> None:
+        await self._serving.wait()
 
     async def wait_opened(self) -> None:
         await self._opened.wait()
@@ -494,6 +530,8 @@ class ModelFs:
     async def _pass(self, p: _Pass) -> None:
         if p.kind == "prefetch":
             await self._serving.wait()
+        else:
+            self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
         await self._opened.wait()
         by_name: dict[str, _File] = {}
         for f in self._files.values():
@@ -547,6 +585,23 @@ class ModelFs:
             ):
                 p.failures[f.node.path] = "not complete"
 
+    @asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Run the opener and the passes (prefetch, a pending materialize) for the block."""
+        assert self._fetcher is not None, "attach() the fetcher first"
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._open_all)
+            if self._prefetch is not None and self._prefetch.state == "waiting":
+                nursery.start_soon(self._run_pass, self._prefetch)
+            if self._materialize is not None and self._materialize.state == "waiting":
+                nursery.start_soon(self._run_pass, self._materialize)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+                self._nursery = None
+
 
 @asynccontextmanager
 async def open_model_fs(
@@ -560,13 +615,5 @@ async def open_model_fs(
     fs = ModelFs(tree, fetcher, options or FsOptions())
     if serving:
         fs.serving()
-    async with trio.open_nursery() as nursery:
-        fs._nursery = nursery
-        nursery.start_soon(fs._open_all)
-        if fs.options.prefetch:
-            fs._prefetch = _Pass("prefetch")
-            nursery.start_soon(fs._run_pass, fs._prefetch)
-        try:
-            yield fs
-        finally:
-            nursery.cancel_scope.cancel()
+    async with fs.background():
+        yield fs
