@@ -93,7 +93,7 @@ class MountConfig:
     max_tasks: int = 256
     drain_seconds: float = 5.0
     ready_timeout: float = 60.0
-    readahead: ReadaheadConfig = field(default_factory=ReadaheadConfig)
+    readahead: ReadaheadConfig | None = None  # None: sized to the connection budget
     info: dict[str, Any] = field(default_factory=dict)
     providers: ProviderSet | None = None  # tests inject fakes
     tree: Tree | None = None  # built by the CLI already (parsed once); else built from pointers
@@ -208,7 +208,11 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     check_cache_dir(config.settings.cache_dir)
     info = {"mountpoint": str(mountpoint), "cache_dir": str(config.settings.cache_dir)}
     config.info.update({**info, **config.info})
-    options = FsOptions(prefetch=config.prefetch, readahead=config.readahead, info=config.info)
+    settings = config.settings
+    readahead = config.readahead or ReadaheadConfig.for_budget(
+        settings.max_connections - settings.demand_reserved, settings.background_unit
+    )
+    options = FsOptions(prefetch=config.prefetch, readahead=readahead, info=config.info)
     fs = ModelFs(tree, None, options)
     ops = FuseOps(fs)
     try:

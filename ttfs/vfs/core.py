@@ -307,7 +307,10 @@ class ModelFs:
             ahead = f.streams.on_read(offset, size, blob.size)
         if ahead is not None:
             self.fetcher.request_nowait(
-                source, blob.blocks_for(ahead[0], ahead[1] - ahead[0]), Priority.READAHEAD
+                source,
+                blob.blocks_for(ahead[0], ahead[1] - ahead[0]),
+                Priority.READAHEAD,
+                reader_at=offset // blob.block_size,
             )
         try:
             data = await self.fetcher.read(source, offset, size, Priority.DEMAND)
