@@ -248,6 +248,11 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
 )
 @click.option("--no-prefetch", is_flag=True, help="Fetch on demand and readahead only.")
 @click.option(
+    "--no-trace",
+    is_flag=True,
+    help="Neither record nor replay the access trace (docs/mount.md, 'Access traces').",
+)
+@click.option(
     "--log-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Daemon log [default: <cache-dir>/logs/mount-<mountpoint>.log].",
@@ -282,6 +287,7 @@ def mount_cmd(
     foreground: bool,
     root_prefix: str | None,
     no_prefetch: bool,
+    no_trace: bool,
     log_file: Path | None,
     read_ahead_kb: int | None,
     max_background: int | None,
@@ -345,6 +351,8 @@ def mount_cmd(
                 extra += ["--max-connections", str(opts["max_connections"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
+            if no_trace:
+                extra.append("--no-trace")
             if opts.get("shared_cache"):
                 extra += ["--shared-cache", str(Path(opts["shared_cache"]).absolute())]
             if read_ahead_kb is not None:
@@ -381,6 +389,7 @@ def mount_cmd(
             settings=settings,
             prefix=root_prefix,
             prefetch=not no_prefetch,
+            trace=not no_trace,
             read_ahead_kb=kernel.READ_AHEAD_KB if read_ahead_kb is None else read_ahead_kb,
             max_background=kernel.MAX_BACKGROUND if max_background is None else max_background,
             allow_other=allow_other,

@@ -54,6 +54,7 @@ from ..fetch import open_fetcher
 from ..manifest import Pointer
 from ..vfs.core import FsOptions, ModelFs
 from ..vfs.readahead import ReadaheadConfig
+from ..vfs.trace import TraceStore
 from ..vfs.tree import Tree
 from . import kernel
 from .ops import FuseOps
@@ -87,6 +88,7 @@ class MountConfig:
     settings: Settings
     prefix: str | None = None
     prefetch: bool = True
+    trace: bool = True  # record and replay access traces
     read_ahead_kb: int | None = kernel.READ_AHEAD_KB
     max_background: int | None = kernel.MAX_BACKGROUND
     allow_other: bool | None = None  # None: when root (other uids and containers can read)
@@ -212,7 +214,13 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     readahead = config.readahead or ReadaheadConfig.for_budget(
         settings.max_connections - settings.demand_reserved, settings.background_unit
     )
-    options = FsOptions(prefetch=config.prefetch, readahead=readahead, info=config.info)
+    traces = None
+    if config.trace:
+        shared = settings.shared_cache.directory if settings.shared_cache is not None else None
+        traces = TraceStore(settings.cache_dir, shared)
+    options = FsOptions(
+        prefetch=config.prefetch, readahead=readahead, info=config.info, traces=traces
+    )
     fs = ModelFs(tree, None, options)
     ops = FuseOps(fs)
     try:

@@ -46,6 +46,7 @@ from ..fetch import Fetcher, FetcherStatistics, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
 from .readahead import ReadaheadConfig, StreamTable
+from .trace import SAVE_QUIET, Recorder, Trace, TraceStore, block_counts, manifest_digest
 from .tree import ROOT_INODE, Inode, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,7 @@ class FsOptions:
     gid: int = field(default_factory=os.getgid)
     mtime_ns: int = field(default_factory=time.time_ns)
     info: dict[str, Any] = field(default_factory=dict)  # shown in the root status
+    traces: TraceStore | None = None  # record and replay access traces (None: off)
 
 
 @dataclass(slots=True)
@@ -168,6 +170,9 @@ class ModelFs:
         # (serve attaches them once the mount is ready); open and read wait for this.
         self._attached = trio.Event()
         self._backend_error: TtfsError | None = None
+        self._recorder: Recorder | None = None
+        self._replayed = trio.Event()  # the trace (if any) is queued; prefetch plans after it
+        self._trace_doc: dict[str, Any] = {"state": "off" if options.traces is None else "waiting"}
         if fetcher is not None:
             self._attached.set()
         self._handles: dict[HandleId, _File] = {}
@@ -300,6 +305,10 @@ class ModelFs:
         if offset >= blob.size or size <= 0:
             return b""
         # A whole blob needs no readahead: skip the bookkeeping on the warm path.
+        if self._recorder is not None:
+            self._recorder.on_read(
+                blob.blob_id, blob.blocks_for(offset, min(size, blob.size - offset))
+            )
         ahead = None
         if not blob.complete:
             if f.streams is None:
@@ -466,6 +475,10 @@ class ModelFs:
             "failure_count": len(failures),
             "prefetch": prefetch,
             "materialize": self._pass_doc(self._materialize),
+            "trace": {
+                **self._trace_doc,
+                "recorded_blocks": self._recorder.blocks if self._recorder is not None else 0,
+            },
             "fetcher": {
                 "queued": stats.queued,
                 "inflight_requests": stats.inflight_requests,
@@ -533,6 +546,7 @@ class ModelFs:
     async def _pass(self, p: _Pass) -> None:
         if p.kind == "prefetch":
             await self._serving.wait()
+            await self._replayed.wait()  # the recorded order goes first
         else:
             self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
         await self._opened.wait()
@@ -588,6 +602,73 @@ class ModelFs:
             ):
                 p.failures[f.node.path] = "not complete"
 
+    # -- access traces (ttfs/vfs/trace.py) --------------------------------------------------
+    async def _trace(self, store: TraceStore) -> None:
+        """Load and replay this model's trace, then record this mount's and save it when it
+        covers more than the one it started with (after a quiet period, and at the end)."""
+        block_size = self.fetcher.store.block_size
+        pointers = [f.pointer for f in self._files.values()]
+        baseline = 0
+        try:
+            digest = await trio.to_thread.run_sync(manifest_digest, pointers)
+            self._recorder = Recorder(digest, block_size)
+            counts = block_counts(pointers, block_size)
+            trace, where = await trio.to_thread.run_sync(store.load, digest, block_size, counts)
+            self._trace_doc = {"state": "recording", "manifest": digest, "source": where}
+            if trace is not None:
+                baseline = trace.blocks
+                self._trace_doc["blocks"] = baseline
+                if self.options.prefetch:
+                    self._trace_doc["replayed_blocks"] = await self._replay(trace)
+        finally:
+            self._replayed.set()
+        recorder = self._recorder
+        assert recorder is not None
+        try:
+            seen, changed = recorder.blocks, trio.current_time()
+            while True:
+                await trio.sleep(min(1.0, SAVE_QUIET / 2))
+                now = trio.current_time()
+                if recorder.blocks != seen:
+                    seen, changed = recorder.blocks, now
+                elif seen > baseline and now - changed >= SAVE_QUIET:
+                    baseline = await self._save_trace(store, recorder)
+        finally:
+            with trio.CancelScope(shield=True):
+                if recorder.blocks > baseline:
+                    await self._save_trace(store, recorder)
+
+    async def _save_trace(self, store: TraceStore, recorder: Recorder) -> int:
+        snapshot = Trace(
+            recorder.trace.digest, recorder.trace.block_size, list(recorder.trace.runs)
+        )
+        written = await trio.to_thread.run_sync(store.save, snapshot)
+        self._trace_doc["saved_blocks"] = snapshot.blocks
+        self._trace_doc["saved_to"] = written
+        log.info("access trace of %d block(s) saved (%s)", snapshot.blocks, ", ".join(written))
+        return snapshot.blocks
+
+    async def _replay(self, trace: Trace) -> int:
+        """Queue the trace's blocks in its order at READAHEAD: ahead of the prefetch plan and
+        of nothing a reader asks for (a reader's own readahead is ordered by distance, before
+        these; demand has its reserved connections)."""
+        by_blob: dict[str, _File] = {}
+        for file in self._files.values():
+            by_blob.setdefault(file.pointer.hash, file)
+        queued = 0
+        for blob_id, first, last in trace.runs:
+            f = by_blob.get(blob_id)
+            if f is None:
+                continue
+            try:
+                source = await self._source(f)
+            except DownloadError:
+                continue  # the read path reports it
+            self.fetcher.request_nowait(source, range(first, last + 1), Priority.READAHEAD)
+            queued += last - first + 1
+        log.info("replaying an access trace: %d block(s) queued", queued)
+        return queued
+
     @asynccontextmanager
     async def background(self) -> AsyncIterator[None]:
         """Run the opener and the passes (prefetch, a pending materialize) for the block."""
@@ -595,6 +676,10 @@ class ModelFs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._open_all)
+            if self.options.traces is not None:
+                nursery.start_soon(self._trace, self.options.traces)
+            else:
+                self._replayed.set()
             if self._prefetch is not None and self._prefetch.state == "waiting":
                 nursery.start_soon(self._run_pass, self._prefetch)
             if self._materialize is not None and self._materialize.state == "waiting":
