@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     FAR_FUTURE,
     mounted,
@@ -31,7 +32,6 @@ from tests.mount_helpers import (
     ttfs,
     write_manifest,
 )
-from ttfs.demo.origin import Origin
 from ttfs.fuse.kernel import is_mounted
 from ttfs.fuse.serve import HEAVY_MODULES
 

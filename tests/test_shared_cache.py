@@ -22,13 +22,8 @@ import trio
 import ttfs.blocks.shared as shared_mod
 from tests.fakes import FakeProvider, pointer_for, ramp
 from ttfs.blocks import BlockStore
-from ttfs.blocks.shared import (
-    SharedCache,
-    SharedCacheConfig,
-    SpaceStats,
-    desired_speed,
-)
-from ttfs.config import Settings
+from ttfs.blocks.shared import SharedCache, SpaceStats, desired_speed
+from ttfs.config import Settings, SharedCacheConfig
 from ttfs.errors import ConfigError
 from ttfs.fetch import Fetcher, Priority, open_fetcher
 from ttfs.providers import ProviderSet
@@ -332,7 +327,11 @@ def test_truncated_entry_is_not_opened(tmp_path: Path) -> None:
     assert cache.open_entry("h", 11) is None
     entry = cache.open_entry("h", 10)
     assert entry is not None
-    os.close(entry.fd)
+    os.close(cache.open_for_read(entry))
+    put(tmp_path / "h.new", b"y" * 10)
+    os.replace(tmp_path / "h.new", tmp_path / "h")  # replaced: never read the new file blindly
+    with pytest.raises(OSError, match="replaced or changed"):
+        cache.open_for_read(entry)
 
 
 # -- the fetch tier -------------------------------------------------------------------------------

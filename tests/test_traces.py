@@ -101,7 +101,7 @@ def _data_requests(origin: object) -> list[tuple[str, int]]:
 def test_trace_is_recorded_published_replayed_and_ignored_when_the_manifest_changes(
     tmp_path: Path,
 ) -> None:
-    from ttfs.demo.origin import Origin
+    from demo.origin import Origin
 
     src = tmp_path / "src"
     src.mkdir()

@@ -364,7 +364,6 @@ async def test_status_reports_bytes_by_source_and_a_remount_reuses_the_cache(
         root = await wait_state(fs, "materialize", ("done", "failed"))
         assert root["materialize"]["state"] == "done"  # type: ignore[index]
         assert json.loads(fs.getxattr(ROOT_INODE, MATERIALIZE_XATTR))["generation"] == 1
-        assert fs.fetcher.store.pinned == {pointers[0].hash}
         doc = status(fs, "w/m.bin")
         assert (doc["verified"], doc["local_pct"], doc["verify"]) == (True, 100.0, "sha256")
     fake.calls.clear()

@@ -36,6 +36,7 @@ import itertools
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -45,14 +46,18 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..blocks import Blob, BlobSpec, BlockStore, checker_for
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
+from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
-from .tiers import BlobTier, SharedTier
+from .source import Source
+from .tiers import SharedTier
 
 if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
-    from ..providers import Provider, ProviderSet
+    from ..providers import ProviderSet
 
 log = logging.getLogger(__name__)
 
@@ -77,26 +82,6 @@ class _BlockState:
     inflight: bool = False
     event: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
-
-
-@dataclass(slots=True)
-class Source:
-    """A blob as the fetcher sees it: where its bytes come from and its progress."""
-
-    blob: Blob
-    pointer: Pointer
-    provider: Provider
-    runs_inflight: int = 0
-    deferred: list[tuple[int, int, str, int]] = field(default_factory=list)
-    verify_attempts: int = 0
-    discards: int = 0
-    # Replaced (and the old one set) whenever a block lands, the blob is discarded or finishes.
-    changed: trio.Event = field(default_factory=trio.Event)
-    failure: BaseException | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    origin_bytes: int = 0
-    shared_bytes: int = 0  # bytes read from the shared cache (b10fs) tier
-    tier: BlobTier | None = None  # the shared tier's state for this blob (None: tier off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +115,7 @@ class Fetcher:
         # In-flight PREFETCH runs a reader's demand may cancel: scope -> (blob id, first block).
         self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
-        self._open_lock = trio.Lock()
+        self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.origin_bytes = 0
         self.origin_requests = 0
         self.retries = 0
@@ -154,10 +139,14 @@ class Fetcher:
             ConfigError: no provider serves its resolution type.
         """
         blob_id = pointer.hash
-        async with self._open_lock:
-            source = self._sources.get(blob_id)
-            if source is not None:
-                return source
+        # Single-flight per blob, not one lock for all: opening a partial blob re-checks its
+        # blocks (seconds for a big one), and a reader of another file must not wait for it.
+        while (source := self._sources.get(blob_id)) is None and blob_id in self._adding:
+            await self._adding[blob_id].wait()
+        if source is not None:
+            return source
+        adding = self._adding[blob_id] = trio.Event()
+        try:
             provider = self.providers.for_pointer(pointer)
             spec = BlobSpec(blob_id, pointer.size, checker_for(pointer.hashtype, pointer.hash))
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
@@ -173,12 +162,26 @@ class Fetcher:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._follow, source)
             return source
+        finally:
+            del self._adding[blob_id]
+            adding.set()
 
     def source(self, blob_id: str) -> Source:
         return self._sources[blob_id]
 
     def sources(self) -> list[Source]:
         return list(self._sources.values())
+
+    # -- what the shared tier may ask (ttfs.fetch.source.TierHost) ---------------------------
+    def unpark(self, source: Source) -> None:
+        """Put the blob's parked queue entries back and wake the dispatcher."""
+        deferred, source.deferred = source.deferred, []
+        for entry in deferred:
+            heapq.heappush(self._heap, entry)
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
 
     def _must_verify(self, source: Source) -> bool:
         return self.settings.verify and source.blob.spec.checker.checkable

@@ -47,11 +47,15 @@ from typing import TYPE_CHECKING, Any
 import pyfuse3
 import trio
 
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
 from ..blocks import BlockStore
 from ..config import Settings
 from ..errors import CacheError, MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
+from ..procs import raise_nofile_limit
 from ..vfs.core import FsOptions, ModelFs
 from ..vfs.readahead import ReadaheadConfig
 from ..vfs.trace import TraceStore
@@ -203,6 +207,11 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         CacheError: the cache directory is unusable.
     """
     mountpoint = config.mountpoint
+    before, after = raise_nofile_limit()
+    if after != before:
+        log.info("open-file limit (RLIMIT_NOFILE) raised from %d to %d", before, after)
+    else:
+        log.info("open-file limit (RLIMIT_NOFILE) is %d", after)
     tree = config.tree or Tree.build(
         config.pointers, prefix=config.prefix, mountpoint=str(mountpoint)
     )
@@ -230,7 +239,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
             f"cannot mount at {mountpoint}: {e} (libfuse's reason is in the log above)"
         ) from e
     try:
-        files = len(fs._files)
+        files = fs.file_count
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as main_scope:
                 nursery.start_soon(_signals, config.drain_seconds, main_scope)

@@ -17,8 +17,11 @@ Background work, owned by :func:`open_model_fs`'s nursery:
 * the *prefetch pass* (unless ``--no-prefetch``) requests every block in the order of
   :mod:`ttfs.fetch.prefetch` and waits for every blob to be whole and verified;
 * a *materialize pass*, started by :meth:`ModelFs.materialize_nowait` (the
-  ``user.ttfs.materialize`` attribute), pins every blob, does the same, and records the outcome
-  that ``ttfs materialize`` waits for.
+  ``user.ttfs.materialize`` attribute), does the same and records the outcome that
+  ``ttfs materialize`` waits for;
+* the *evictor* (with ``--cache-size``) keeps the cache directory under its size while the
+  mount runs: every blob of the mount stays open in the store for the mount's life, so eviction
+  only ever removes blobs of other models (docs/semantics.md, "Cache size").
 
 Errors: methods raise :class:`OSError` with an errno for filesystem answers (ENOENT, EROFS,
 EISDIR, ...) and let :class:`~ttfs.errors.TtfsError` through for fetch failures;
@@ -61,6 +64,11 @@ BLKSIZE = 1024 * 1024
 _MAX_FAILURES_SHOWN = 20
 _MAX_REASON = 300
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+# Blobs opened at once by the background opener (each open is a thread hop, a stat and an index
+# read; a few in parallel hide the hops' latency, more only contend for the index).
+_OPENERS = 4
+# How often the evictor looks at the bytes landed since its last pass.
+EVICT_INTERVAL = 2.0
 
 
 def erofs(what: str) -> OSError:
@@ -185,6 +193,10 @@ class ModelFs:
         self._generation = 0
         self._nursery: trio.Nursery | None = None
         self._failures: dict[str, str] = {}
+
+    @property
+    def file_count(self) -> int:
+        return len(self._files)
 
     @property
     def fetcher(self) -> Fetcher:
@@ -517,14 +529,50 @@ class ModelFs:
         self._serving.set()
 
     async def _open_all(self) -> None:
-        # One at a time: the fetcher opens blobs under one lock, so a reader's open() waits
-        # for at most one background open (which may re-check a partial blob's blocks).
-        for f in self._files.values():
-            try:
-                await self._source(f)
-            except DownloadError as e:
-                log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
+        # A few openers in parallel; opens of different blobs do not wait on each other (the
+        # fetcher's single-flight is per blob), so a reader's open() never queues behind them.
+        files = iter(list(self._files.values()))
+
+        async def opener() -> None:
+            for f in files:
+                try:
+                    await self._source(f)
+                except DownloadError as e:
+                    log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(_OPENERS):
+                nursery.start_soon(opener)
         self._opened.set()
+
+    async def _evictor(self) -> None:
+        """Keep the cache under ``--cache-size`` while mounted (never this mount's blobs).
+
+        A pass scans the whole index, so it runs once the mount's blobs are open (they are then
+        safe) and again only when the bytes landed since could have crossed the limit.
+        """
+        store = self.fetcher.store
+        limit = store.max_bytes
+        assert limit is not None
+        await self._opened.wait()
+        usage: int | None = None
+        landed_at = 0
+        warned = False
+        while True:
+            landed = self.fetcher.origin_bytes + self.fetcher.shared_bytes
+            if usage is None or usage + landed - landed_at > limit:
+                landed_at = landed
+                await trio.to_thread.run_sync(store.evict)
+                usage = store.last_usage
+                if usage > limit and not warned:
+                    log.warning(
+                        "this mount alone needs %d bytes of cache, over --cache-size %d: "
+                        "nothing it serves can be evicted",
+                        usage,
+                        limit,
+                    )
+                warned = usage > limit
+            await trio.sleep(EVICT_INTERVAL)
 
     async def _run_pass(self, p: _Pass) -> None:
         try:
@@ -547,8 +595,6 @@ class ModelFs:
         if p.kind == "prefetch":
             await self._serving.wait()
             await self._replayed.wait()  # the recorded order goes first
-        else:
-            self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
         await self._opened.wait()
         by_name: dict[str, _File] = {}
         for f in self._files.values():
@@ -676,6 +722,8 @@ class ModelFs:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._open_all)
+            if self.fetcher.store.max_bytes is not None:
+                nursery.start_soon(self._evictor)
             if self.options.traces is not None:
                 nursery.start_soon(self._trace, self.options.traces)
             else:
