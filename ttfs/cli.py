@@ -253,6 +253,14 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
     help="Neither record nor replay the access trace (docs/mount.md, 'Access traces').",
 )
 @click.option(
+    "--fast-path/--no-fast-path",
+    default=True,
+    envvar="TTFS_FAST_PATH",
+    show_default=True,
+    help="Serve complete, verified files as symlinks into the cache, read by the kernel at "
+    "local-file speed (docs/mount.md). Off: every read goes through the daemon.",
+)
+@click.option(
     "--log-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Daemon log [default: <cache-dir>/logs/mount-<mountpoint>.log].",
@@ -288,6 +296,7 @@ def mount_cmd(
     root_prefix: str | None,
     no_prefetch: bool,
     no_trace: bool,
+    fast_path: bool,
     log_file: Path | None,
     read_ahead_kb: int | None,
     max_background: int | None,
@@ -362,6 +371,8 @@ def mount_cmd(
                 extra += ["--max-background", str(max_background)]
             if allow_other is not None:
                 extra.append("--allow-other" if allow_other else "--no-allow-other")
+            if not fast_path:
+                extra.append("--no-fast-path")
             args = spawner.mount_args(
                 [m.absolute() for m in manifests],
                 mnt,
@@ -400,6 +411,7 @@ def mount_cmd(
             read_ahead_kb=kernel.READ_AHEAD_KB if read_ahead_kb is None else read_ahead_kb,
             max_background=kernel.MAX_BACKGROUND if max_background is None else max_background,
             allow_other=allow_other,
+            fast_path=fast_path,
             ready_timeout=timeout,
             info={"manifests": sources},
             tree=tree,
@@ -484,7 +496,7 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
     if as_json:
         click.echo(json.dumps({"mount": summary, "files": files}, indent=2))
         return
-    rows = [("PATH", "SIZE", "LOCAL", "VERIFIED", "CACHE", "ORIGIN")]
+    rows = [("PATH", "SIZE", "LOCAL", "VERIFIED", "SERVED", "CACHE", "ORIGIN")]
     for f in files:
         verified = "yes" if f["verified"] else ("n/a" if "unavailable" in f["verify"] else "no")
         src = f["bytes_by_source"]
@@ -494,6 +506,7 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
                 format_size(f["size"]),
                 f"{f['local_pct']:.1f}%",
                 verified + (" !" if f.get("error") else ""),
+                f.get("served_by", "daemon"),
                 format_size(src["cache"]),
                 format_size(src["origin"]),
             )
@@ -513,6 +526,11 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
         f"({pct:.1f}%), {summary['verified']} verified; prefetch {summary['prefetch']['state']}, "
         f"materialize {summary['materialize']['state']}; daemon pid {summary['pid']}"
     )
+    if "served_by_kernel" in summary:
+        click.echo(
+            f"served by the kernel (fast path): {summary['served_by_kernel']} file(s); "
+            f"fast path {summary['fast_path']}"
+        )
     for failure in summary.get("failures", []):
         click.echo(f"failed: {failure['file']}: {failure['reason']}")
 
@@ -663,9 +681,11 @@ def create_cmd(
 
 
 def main() -> None:
-    from .providers import tune_httpcore
+    from .procs import claim_process
 
-    tune_httpcore()  # our own process: larger socket reads (providers/_stream.py)
+    # Our own process: larger socket reads once a client is made (providers/_stream.py);
+    # not imported here, so a mount stays free of httpx until it is ready.
+    claim_process()
     cli(prog_name="ttfs")
 
 

@@ -702,10 +702,28 @@ class BlockStore:
         """Persist a whole-blob verification (blocking; trusted in this boot until synced)."""
         self._persist(blob)
 
+    def forget_verification(self, blob: Blob) -> None:
+        """The data file changed after verification: trust it no more (blocking)."""
+        blob.verified = False
+        blob._synced = False
+        self._persist(blob)
+
+    def link_record(self, blob_id: str) -> tuple[int, ...] | None:
+        """The identity (dev, ino, size, mtime, ctime) of the data file when a mount last served
+        it as a link (the fast path), or None (blocking)."""
+        record = self._index.get(f"link:{blob_id}")
+        return tuple(record) if isinstance(record, tuple | list) else None
+
+    def record_link(self, blob_id: str, key: tuple[int, ...]) -> None:
+        """Remember the data file's identity while a mount serves it as a link (blocking): the
+        size+mtime check of a verified blob misses a write that restores mtime; ctime and the
+        inode number cannot be restored, so the next mount checks those too."""
+        self._index_set(f"link:{blob_id}", tuple(key))
+
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._index.iterkeys()):
-            if isinstance(key, str) and not key.startswith("out:"):
+            if isinstance(key, str) and not key.startswith(("out:", "link:")):
                 record = self._index.get(key)
                 if isinstance(record, dict):
                     yield key, record
@@ -820,6 +838,7 @@ class BlockStore:
                 self._unlink_files(self.data_path(blob_id))
                 with contextlib.suppress(sqlite3.Error, OSError, diskcache.Timeout):
                     self._index.delete(blob_id)
+                    self._index.delete(f"link:{blob_id}")
             total -= cost
             freed += cost
             log.info("evicted blob %s (%d bytes)", blob_id, cost)

@@ -309,6 +309,21 @@ class Fetcher:
             ):
                 await source.changed.wait()
 
+    async def recheck(self, source: Source) -> list[int]:
+        """The blob's data file changed after it was verified (a write behind the cache's
+        back): drop every block whose checksum no longer matches, forget the verification and
+        follow the blob again; returns the dropped blocks, which the next reads fetch again.
+        """
+        blob = source.blob
+        bad = await trio.to_thread.run_sync(blob.check_blocks)
+        await trio.to_thread.run_sync(self.store.forget_verification, blob)
+        if source.done.is_set():
+            source.done = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._follow, source)
+        self._notify(source)
+        return bad
+
     # -- verification ------------------------------------------------------------------------
     def _notify(self, source: Source) -> None:
         event, source.changed = source.changed, trio.Event()

@@ -96,6 +96,7 @@ class MountConfig:
     read_ahead_kb: int | None = kernel.READ_AHEAD_KB
     max_background: int | None = kernel.MAX_BACKGROUND
     allow_other: bool | None = None  # None: when root (other uids and containers can read)
+    fast_path: bool = True  # verified files as symlinks into the blob store (docs/mount.md)
     max_tasks: int = 256
     drain_seconds: float = 5.0
     ready_timeout: float = 60.0
@@ -116,14 +117,15 @@ class Ready:
     tuning: kernel.Tuning
 
 
+def allows_other(config: MountConfig) -> bool:
+    return config.allow_other if config.allow_other is not None else os.geteuid() == 0
+
+
 def mount_options(config: MountConfig) -> set[str]:
     """FUSE mount options (docs/semantics.md). No ``default_permissions``: the daemon answers
     EROFS itself, and the control attributes must be settable by whoever sees the mount."""
     options = {"fsname=ttfs", "subtype=ttfs", "nosuid", "nodev", "noatime"}
-    allow_other = config.allow_other
-    if allow_other is None:
-        allow_other = os.geteuid() == 0
-    if allow_other:
+    if allows_other(config):
         options.add("allow_other")
     return options
 
@@ -228,7 +230,12 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         shared = settings.shared_cache.directory if settings.shared_cache is not None else None
         traces = TraceStore(settings.cache_dir, shared)
     options = FsOptions(
-        prefetch=config.prefetch, readahead=readahead, info=config.info, traces=traces
+        prefetch=config.prefetch,
+        readahead=readahead,
+        info=config.info,
+        traces=traces,
+        fast_path=config.fast_path,
+        shared_readers=allows_other(config),
     )
     fs = ModelFs(tree, None, options)
     ops = FuseOps(fs)
