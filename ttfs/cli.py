@@ -249,7 +249,7 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
 @click.option(
     "--read-ahead-kb",
     type=click.IntRange(0, 1 << 20),
-    help="Kernel readahead of the mount, set as root [default: 4096].",
+    help="Kernel readahead of the mount, set as root [default: 1024].",
 )
 @click.option(
     "--max-background",
@@ -306,6 +306,7 @@ def mount_cmd(
             spawner.write_ready(ready_fd, message)
 
     try:
+        spawner.require_pyfuse3()
         *manifests, mountpoint = paths
         settings = settings_from(opts)
         pointers, sources = _mount_pointers(tuple(manifests))
@@ -347,7 +348,13 @@ def mount_cmd(
             return
 
         from .fuse import kernel
-        from .fuse.serve import MountConfig, Ready, run
+
+        try:
+            from .fuse.serve import MountConfig, Ready, run
+        except ImportError as e:  # a pyfuse3 that cannot load (e.g. libfuse3 missing)
+            from .errors import ConfigError
+
+            raise ConfigError(f"{spawner.FUSE_MISSING} ({e})") from e
 
         def on_ready(ready: Ready) -> None:
             report(spawner.READY)
@@ -629,6 +636,9 @@ def create_cmd(
 
 
 def main() -> None:
+    from .providers import tune_httpcore
+
+    tune_httpcore()  # our own process: larger socket reads (providers/_stream.py)
     cli(prog_name="ttfs")
 
 

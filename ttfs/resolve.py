@@ -11,6 +11,14 @@ an earlier resolve produced, or when its content hashes to the manifest hash; ot
 replaced. Files whose hash cannot be checked locally fall back to upstream's size rule, and
 the log says so.
 
+Where the block store lives (:func:`store_plan`): without ``--cache-dir`` / ``TTFS_CACHE_DIR``
+it is a hidden ``.ttfs`` directory on the destination's own filesystem (beside the files, as
+``huggingface_hub`` keeps ``.cache/huggingface`` in a ``local_dir``), so the hard link always
+works and a resolve uses the model's size on disk, once, on any layout; after a successful
+resolve every blob no destination links to any more is deleted, so the store never holds a
+second copy. Resolves using one store are serialised by an advisory lock on it (``flock``):
+two processes resolving into one directory take turns, and the second finds the files in place.
+
 With the b10fs shared cache on (docs/b10fs.md) the upstream decision runs first (cleanup, space,
 speed), the files are taken in a random order per process (spec §3.6) so that replicas starting
 together fetch different blobs first, and a file's task ends only after its blob is published.
@@ -23,25 +31,37 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from .blocks import BlockStore, checker_for
+from .blocks import BlockStore, checker_for, perms
 from .config import Settings
-from .errors import CacheError, DownloadError, TtfsError
+from .errors import CacheBusy, CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
 from .manifest import Pointer, destination
+from .owner import OwnerInfo, OwnerLock, claim
+from .owner.client import (
+    Completed,
+    OwnerGone,
+    complete_via_owner,
+    outputs_match,
+    record_outputs,
+)
+from .owner.server import serving
 from .providers import ProviderSet
 from .telemetry.progress import Progress
 
@@ -136,7 +156,8 @@ def _hash_file(path: Path, pointer: Pointer) -> bool | None:
 def _place(src: Path, dest: Path) -> None:
     """Make ``dest`` a complete copy of ``src`` atomically: hard link if possible, else copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}.tmp"
+    # Unique per process *and* call: two threads placing the same file never share a name.
+    tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
@@ -146,7 +167,9 @@ def _place(src: Path, dest: Path) -> None:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise
             shutil.copyfile(src, tmp)  # uses copy_file_range/sendfile where the kernel can
-            os.chmod(tmp, 0o644)
+        # The blob is 0600 in the private cache; the output gets the mode of a file the user
+        # created (for a hard link that is the blob's inode, still unreachable via the cache).
+        perms.served_file(tmp)
         if dest.is_dir() and not dest.is_symlink():
             raise IsADirectoryError(errno.EISDIR, "destination is a directory", str(dest))
         os.replace(tmp, dest)
@@ -179,14 +202,19 @@ class Resolver:
         self._pager: trio.Nursery | None = None
         self._page_lock = trio.Lock()
 
-    async def run(self, pointers: Sequence[Pointer]) -> ResolveReport:
+    async def run(
+        self, pointers: Sequence[Pointer], manifest: Sequence[Pointer] | None = None
+    ) -> ResolveReport:
         """Resolve every pointer; on the first failure cancel the rest and raise.
+
+        ``manifest`` is the whole manifest when ``pointers`` is a part of it.
 
         Raises:
             DownloadError: naming the first file that failed and why.
         """
         started = time.monotonic()
-        self.report.total_manifest_size_bytes = sum(p.size for p in pointers)
+        if not self.report.total_manifest_size_bytes:
+            self.report.total_manifest_size_bytes = sum(p.size for p in pointers)
         # Destinations first: a hostile name fails the resolve before any byte is written.
         plan = [(p, destination(self.download_dir, p.file_name)) for p in pointers]
         tier = self.fetcher.tier
@@ -195,9 +223,11 @@ class Resolver:
         else:
             log.info("b10cache is enabled (%s).", tier.config.directory)
             try:
-                decision = await tier.prepare(pointers)
+                # The whole manifest, also when this run resolves a part of it (one store
+                # per destination filesystem): cleanup must not see the rest as foreign.
+                decision = await tier.prepare(manifest if manifest is not None else pointers)
             except TtfsError as e:
-                self.report.total_download_time_secs = time.monotonic() - started
+                self.report.total_download_time_secs += time.monotonic() - started
                 raise DownloadError("b10cache", e) from e
             self.report.b10fs_enabled = True
             self.report.b10fs_decision_to_use = decision.read
@@ -205,7 +235,7 @@ class Resolver:
             # Replicas that start together then fetch different blobs first (spec §3.6).
             random.shuffle(plan)
         failure: list[DownloadError] = []
-        total = self.report.total_manifest_size_bytes
+        total = sum(p.size for p in pointers)
         show = self._progress if self._progress is not None else sys.stderr.isatty()
         progress = Progress(total, label="resolve") if total and show else None
         try:
@@ -221,9 +251,9 @@ class Resolver:
                     pager.cancel_scope.deadline = trio.current_time() + 1.0
                 nursery.cancel_scope.cancel()
         finally:
-            self.report.total_download_time_secs = time.monotonic() - started
-            self.report.origin_bytes = self.fetcher.origin_bytes
-            self.report.shared_bytes = self.fetcher.shared_bytes
+            self.report.total_download_time_secs += time.monotonic() - started
+            self.report.origin_bytes += self.fetcher.origin_bytes
+            self.report.shared_bytes += self.fetcher.shared_bytes
         if failure:
             raise failure[0]
         if progress is not None:
@@ -273,7 +303,8 @@ class Resolver:
             error = e if isinstance(e, DownloadError) else DownloadError(pointer.file_name, e)
             if not failure:
                 failure.append(error)
-                log.error("Download failure: %s", error)
+                # Raised to the caller, which reports it once (no second line here).
+                log.debug("download of %s failed: %s", pointer.file_name, error)
             scope.cancel()
         except OSError as e:
             if not failure:
@@ -282,7 +313,7 @@ class Resolver:
 
     async def _download(self, pointer: Pointer, dest: Path) -> None:
         store = self.fetcher.store
-        if await trio.to_thread.run_sync(self._already_there, store, pointer, dest):
+        if await trio.to_thread.run_sync(already_there, store, pointer, dest):
             self.report.skipped += 1
             return
         t0 = time.monotonic()
@@ -325,40 +356,6 @@ class Resolver:
             )
         log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
 
-    def _already_there(self, store: BlockStore, pointer: Pointer, dest: Path) -> bool:
-        try:
-            st = dest.stat()
-        except OSError:
-            return False
-        if st.st_size != pointer.size or not dest.is_file():
-            log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
-            return False
-        if store.output_matches(dest, pointer.hash, pointer.size):
-            log.info(
-                "File %s already exists with correct size. Skipping download.", pointer.file_name
-            )
-            return True
-        verdict = _hash_file(dest, pointer)
-        if verdict is None:
-            log.info(
-                "File %s already exists with correct size; its hash (%s) cannot be "
-                "checked locally. Skipping download.",
-                pointer.file_name,
-                pointer.hashtype,
-            )
-            return True
-        if verdict:
-            log.info(
-                "File %s already exists and matches its hash. Skipping download.", pointer.file_name
-            )
-            store.record_output(dest, pointer.hash)
-            return True
-        log.warning(
-            "File %s exists with the right size but the wrong content. Redownloading.",
-            pointer.file_name,
-        )
-        return False
-
     async def _monitor(self, source: Source, dest: Path, scope: trio.CancelScope) -> None:
         """truss-transfer's per-file progress line, every ``monitor_secs`` (first tick skipped)."""
         with scope:
@@ -380,6 +377,130 @@ class Resolver:
                 last_t, last = now, cur
 
 
+def already_there(store: BlockStore | None, pointer: Pointer, dest: Path) -> bool:
+    """Whether ``dest`` already holds the pointer's content (skip it); ``store`` may be None
+    (a client of the cache's owner has no store: it hashes instead)."""
+    try:
+        st = dest.stat()
+    except OSError:
+        return False
+    if st.st_size != pointer.size or not dest.is_file():
+        log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
+        return False
+    if store is not None and store.output_matches(dest, pointer.hash, pointer.size):
+        log.info("File %s already exists with correct size. Skipping download.", pointer.file_name)
+        return True
+    verdict = _hash_file(dest, pointer)
+    if verdict is None:
+        log.info(
+            "File %s already exists with correct size; its hash (%s) cannot be "
+            "checked locally. Skipping download.",
+            pointer.file_name,
+            pointer.hashtype,
+        )
+        return True
+    if verdict:
+        log.info(
+            "File %s already exists and matches its hash. Skipping download.", pointer.file_name
+        )
+        if store is not None:
+            store.record_output(dest, pointer.hash)
+        return True
+    log.warning(
+        "File %s exists with the right size but the wrong content. Redownloading.",
+        pointer.file_name,
+    )
+    return False
+
+
+STORE_DIR_NAME = ".ttfs"
+"""The block store of a resolve without ``--cache-dir``, beside the files it produces."""
+_LOCK_FILE = "resolve.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class StorePlan:
+    """One block store of a resolve and the files it serves."""
+
+    directory: Path
+    # True: chosen by ttfs on the destinations' filesystem; blobs no file links to are
+    # deleted after a successful resolve. False: the user's --cache-dir (LRU --cache-size).
+    beside: bool
+    items: list[tuple[Pointer, Path]]
+
+
+def _device(path: Path) -> int:
+    """``st_dev`` of ``path``, or of its nearest existing ancestor (it may not exist yet)."""
+    for p in (path, *path.parents):
+        try:
+            return os.stat(p).st_dev
+        except FileNotFoundError:
+            continue
+    return os.stat("/").st_dev
+
+
+def store_plan(settings: Settings, items: Sequence[tuple[Pointer, Path]]) -> list[StorePlan]:
+    """Where the block store of a resolve lives: the one place this is decided.
+
+    A named cache (``--cache-dir`` / ``TTFS_CACHE_DIR``) is used as it is, for every file: a
+    destination on another filesystem then gets a copy. Otherwise the destinations are grouped
+    by filesystem and each group's store is ``<common directory>/.ttfs`` on that filesystem,
+    so every output is a hard link of its blob and no second copy of the model exists
+    anywhere (blocking: stats the destinations).
+    """
+    if settings.cache_dir_given or not items:
+        return [StorePlan(settings.cache_dir, False, list(items))] if items else []
+    groups: dict[int, list[tuple[Pointer, Path]]] = {}
+    for pointer, dest in items:
+        absolute = Path(os.path.abspath(dest))
+        groups.setdefault(_device(absolute.parent), []).append((pointer, dest))
+    plans: list[StorePlan] = []
+    for dev, group in groups.items():
+        parents = [os.path.abspath(d.parent) for _, d in group]
+        anchor = Path(os.path.commonpath(parents))
+        if _device(anchor) == dev:
+            plans.append(StorePlan(anchor / STORE_DIR_NAME, True, group))
+            continue
+        # The common directory lies on another filesystem (a mount point between the files):
+        # one store per parent directory keeps every link on its own filesystem.
+        by_parent: dict[str, list[tuple[Pointer, Path]]] = {}
+        for (pointer, dest), parent in zip(group, parents, strict=True):
+            by_parent.setdefault(parent, []).append((pointer, dest))
+        plans += [StorePlan(Path(p) / STORE_DIR_NAME, True, g) for p, g in by_parent.items()]
+    return plans
+
+
+@asynccontextmanager
+async def exclusive_store(directory: Path) -> AsyncIterator[None]:
+    """Hold the store's resolve lock (``flock``, released by the kernel if we are killed).
+
+    Two resolves of one store (two processes, or two threads of one) take turns: the second
+    then skips every file the first placed. Polled, so a waiting resolve stays cancellable.
+
+    Raises:
+        CacheError: the store directory cannot be created or the lock file opened.
+    """
+    try:
+        await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+        fd = os.open(directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise CacheError(f"cannot use cache directory {directory}: {e}") from e
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    waiting = True
+                    log.info("Waiting for another resolve using %s to finish", directory)
+                await trio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
 async def resolve(
     pointers: Sequence[Pointer],
     download_dir: str,
@@ -391,19 +512,68 @@ async def resolve(
     report: ResolveReport | None = None,
     page_after: bool = False,
 ) -> ResolveReport:
-    """Open the cache and a fetcher, resolve ``pointers`` into ``download_dir``.
+    """Resolve ``pointers`` into ``download_dir``: for each block store (resolve.store_plan) as
+    its owner, or through its owner when another process (a mount, another resolve) has it.
 
     Raises:
         DownloadError: the first file that failed.
         CacheError: the cache directory is unusable.
+        CacheBusy: another process owns the cache and could not serve this one in time.
     """
+    report = report if report is not None else ResolveReport()
+    report.total_manifest_size_bytes = sum(p.size for p in pointers)
+    # Destinations first: a hostile name fails the resolve before any byte is written.
+    items = [(p, destination(download_dir, p.file_name)) for p in pointers]
+    plans = await trio.to_thread.run_sync(store_plan, settings, items)
+    try:
+        for plan in plans:
+            # Two resolves into one directory take turns on its own store (the second then
+            # skips what the first placed); a named cache is shared with mounts and other
+            # resolves through its owner (ttfs.owner).
+            async with contextlib.AsyncExitStack() as stack:
+                if plan.beside:
+                    await stack.enter_async_context(exclusive_store(plan.directory))
+                await _resolve_plan(
+                    plan,
+                    pointers,
+                    download_dir,
+                    settings,
+                    providers=providers,
+                    report=report,
+                    progress=progress,
+                    monitor_secs=monitor_secs,
+                    page_after=page_after,
+                )
+    except BaseException:
+        report.success = False  # an earlier store's part may have succeeded
+        raise
+    report.success = True
+    return report
+
+
+async def _resolve_with_store(
+    lock: OwnerLock,
+    plan: StorePlan,
+    manifest: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    *,
+    providers: ProviderSet | None,
+    report: ResolveReport,
+    progress: bool | None,
+    monitor_secs: float,
+    page_after: bool,
+) -> None:
+    """The owner path: open the store and a fetcher, serve other processes while resolving."""
+    max_bytes = None if plan.beside else settings.cache_max_bytes
     store = await trio.to_thread.run_sync(
-        lambda: BlockStore(
-            settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
-        )
+        lambda: BlockStore(plan.directory, block_size=settings.block_size, max_bytes=max_bytes)
     )
     try:
-        async with open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher:
+        async with (
+            open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher,
+            serving(fetcher, lock),
+        ):
             resolver = Resolver(
                 fetcher,
                 download_dir,
@@ -412,9 +582,134 @@ async def resolve(
                 report=report,
                 page_after=page_after,
             )
-            report = await resolver.run(pointers)
-        store.pinned = {p.hash for p in pointers}
-        await trio.to_thread.run_sync(store.evict)
-        return report
+            await resolver.run([p for p, _ in plan.items], manifest)
+        if plan.beside:
+            freed = await trio.to_thread.run_sync(store.drop_unlinked)
+            if freed:
+                log.info("Removed %d bytes of blobs no file uses from %s", freed, plan.directory)
+        else:
+            await trio.to_thread.run_sync(store.evict, {p.hash for p in manifest})
     finally:
         await trio.to_thread.run_sync(store.close)
+
+
+async def _resolve_plan(
+    plan: StorePlan,
+    manifest: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    *,
+    providers: ProviderSet | None,
+    report: ResolveReport,
+    progress: bool | None,
+    monitor_secs: float,
+    page_after: bool,
+) -> None:
+    """One store's part, as the owner of its directory or as a client of the owner.
+
+    Raises:
+        DownloadError: the first file that failed.
+        CacheBusy: the owner cannot serve us and did not go away within ``owner_wait``.
+    """
+    deadline = trio.current_time() + settings.owner_wait
+    while True:
+        got = await trio.to_thread.run_sync(claim, plan.directory)
+        if isinstance(got, OwnerLock):
+            with got:
+                await _resolve_with_store(
+                    got,
+                    plan,
+                    manifest,
+                    download_dir,
+                    settings,
+                    providers=providers,
+                    report=report,
+                    progress=progress,
+                    monitor_secs=monitor_secs,
+                    page_after=page_after,
+                )
+            return
+        try:
+            await _resolve_through(got, plan, settings, report)
+            return
+        except OwnerGone as e:
+            if e.connected:
+                deadline = trio.current_time() + settings.owner_wait  # a new owner may be us
+            elif trio.current_time() >= deadline:
+                raise CacheBusy(
+                    f"cache directory {plan.directory} is in use by {got.describe()}, "
+                    f"which cannot serve this process ({e}); waited {settings.owner_wait:g}s "
+                    "(TTFS_OWNER_WAIT)"
+                ) from e
+            log.info("%s; trying again", e)
+            await trio.sleep(0.2)
+
+
+async def _resolve_through(
+    owner: OwnerInfo, plan: StorePlan, settings: Settings, report: ResolveReport
+) -> None:
+    """The client path: the owner completes and verifies the blobs; we place the files.
+
+    Raises:
+        OwnerGone: the owner cannot serve us (the caller retries or takes over).
+        DownloadError: the first file that failed.
+    """
+    started = time.monotonic()
+    report.b10fs_enabled = settings.shared_cache is not None
+    placed: list[tuple[Path, str]] = []  # outputs the owner should remember
+    log.info(
+        "cache directory %s is owned by %s; fetching through it", plan.directory, owner.describe()
+    )
+    todo: dict[str, list[tuple[Pointer, Path]]] = {}
+    # Destinations the owner recorded as our earlier outputs are skipped without hashing.
+    known = await outputs_match(owner, [(d, p) for p, d in plan.items])
+    for (pointer, dest), recorded in zip(plan.items, known, strict=True):
+        if recorded and await trio.to_thread.run_sync(_same_size_file, dest, pointer.size):
+            log.info(
+                "File %s already exists with correct size. Skipping download.", pointer.file_name
+            )
+            report.skipped += 1
+        elif await trio.to_thread.run_sync(already_there, None, pointer, dest):
+            report.skipped += 1
+            placed.append((dest, pointer.hash))
+        else:
+            todo.setdefault(pointer.hash, []).append((pointer, dest))
+    failure: list[DownloadError] = []
+
+    async def place(done: Completed) -> None:
+        report.origin_bytes += done.origin_bytes
+        for pointer, dest in todo.get(done.blob_id, []):
+            try:
+                await trio.to_thread.run_sync(_place, done.path, dest)
+            except OSError as e:
+                failure.append(DownloadError(pointer.file_name, CacheError(str(e))))
+                return
+            placed.append((dest, pointer.hash))
+            secs = time.monotonic() - started
+            report.file_downloads.append(
+                FileDownload(pointer.file_name, pointer.size, secs, pointer.size / 2**20 / secs)
+            )
+            log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
+
+    wanted = [entries[0][0] for entries in todo.values()]
+    try:
+        if wanted:
+            await complete_via_owner(owner, wanted, place)
+    except DownloadError:
+        raise
+    except TtfsError as e:
+        raise DownloadError("(via the cache owner)", e) from e
+    finally:
+        report.total_download_time_secs += time.monotonic() - started
+    if failure:
+        raise failure[0]
+    await record_outputs(owner, placed)
+    log.info("All downloads completed successfully after %.2fs", time.monotonic() - started)
+
+
+def _same_size_file(path: Path, size: int) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_size == size and path.is_file()

@@ -2,8 +2,9 @@
 
 Construction is one ``AsyncExitStack`` so teardown is its exact reverse (style anchors G6)::
 
-    BlockStore → ProviderSet → Fetcher (its nursery) → ModelFs (opener, prefetch) → FuseOps
-      → pyfuse3.init (the mount) → pyfuse3.main + signal watcher + readiness probe
+    owner lock → BlockStore → ProviderSet → Fetcher (its nursery) → owner socket
+      → ModelFs (opener, prefetch) → FuseOps → pyfuse3.init (the mount)
+      → pyfuse3.main + signal watcher + readiness probe
 
 pyfuse3 runs its request loop inside this trio run, so FUSE handlers, fetch workers and
 background passes share one event loop; blocking work (the block index, hashing) is already
@@ -28,6 +29,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -37,11 +39,17 @@ from typing import Any
 import pyfuse3
 import trio
 
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
 from ..blocks import BlockStore
 from ..config import Settings
 from ..errors import MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
+from ..owner import claim_or_wait
+from ..owner.server import serving
+from ..procs import raise_nofile_limit
 from ..providers import ProviderSet
 from ..vfs.core import FsOptions, ModelFs, open_model_fs
 from ..vfs.readahead import ReadaheadConfig
@@ -170,17 +178,33 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     """
     settings = config.settings
     mountpoint = config.mountpoint
+    before, after = raise_nofile_limit()
+    if after != before:
+        log.info("open-file limit (RLIMIT_NOFILE) raised from %d to %d", before, after)
+    else:
+        log.info("open-file limit (RLIMIT_NOFILE) is %d", after)
     tree = Tree.build(config.pointers, prefix=config.prefix, mountpoint=str(mountpoint))
     check_fuse_device()
-    store = await trio.to_thread.run_sync(
-        lambda: BlockStore(
-            settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
+    # The cache directory is ours alone while we serve (ttfs.owner): a resolve that owns it
+    # now is waited for (bounded); resolves started later fetch through us.
+    lock = await claim_or_wait(settings.cache_dir, settings.owner_wait)
+    try:
+        store = await trio.to_thread.run_sync(
+            lambda: BlockStore(
+                settings.cache_dir,
+                block_size=settings.block_size,
+                max_bytes=settings.cache_max_bytes,
+            )
         )
-    )
+    except BaseException:
+        lock.release()
+        raise
     async with AsyncExitStack() as stack:
+        stack.callback(lock.release)  # last: after the store is flushed and closed
         stack.push_async_callback(trio.to_thread.run_sync, store.close)
         providers = config.providers or ProviderSet(settings)
         fetcher = await stack.enter_async_context(open_fetcher(store, providers, settings))
+        await stack.enter_async_context(serving(fetcher, lock))
         info = {
             "mountpoint": str(mountpoint),
             "cache_dir": str(settings.cache_dir),
@@ -195,6 +219,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         )
         fs = await stack.enter_async_context(open_model_fs(tree, fetcher, options, serving=False))
         ops = FuseOps(fs)
+        fetcher.discard_listeners.append(lambda source: ops.invalidate_blob(source.blob.blob_id))
         try:
             pyfuse3.init(ops, str(mountpoint), mount_options(config))
         except RuntimeError as e:

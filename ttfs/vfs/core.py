@@ -17,8 +17,11 @@ Background work, owned by :func:`open_model_fs`'s nursery:
 * the *prefetch pass* (unless ``--no-prefetch``) requests every block in the order of
   :mod:`ttfs.fetch.prefetch` and waits for every blob to be whole and verified;
 * a *materialize pass*, started by :meth:`ModelFs.materialize_nowait` (the
-  ``user.ttfs.materialize`` attribute), pins every blob, does the same, and records the outcome
-  that ``ttfs materialize`` waits for.
+  ``user.ttfs.materialize`` attribute), does the same and records the outcome that
+  ``ttfs materialize`` waits for;
+* the *evictor* (with ``--cache-size``) keeps the cache directory under its size while the
+  mount runs: every blob of the mount stays open in the store for the mount's life, so eviction
+  only ever removes blobs of other models (docs/semantics.md, "Cache size").
 
 Errors: methods raise :class:`OSError` with an errno for filesystem answers (ENOENT, EROFS,
 EISDIR, ...) and let :class:`~ttfs.errors.TtfsError` through for fetch failures;
@@ -42,7 +45,7 @@ from typing import Any, NewType
 import trio
 
 from ..control import CHILD_STATUS_PREFIX, MATERIALIZE_XATTR, STATUS_XATTR, XATTR_MAX
-from ..errors import DownloadError, TransientError, TtfsError, UserError
+from ..errors import CacheError, DownloadError, TransientError, TtfsError, UserError
 from ..fetch import Fetcher, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
@@ -63,6 +66,11 @@ BLKSIZE = 1024 * 1024
 _MAX_FAILURES_SHOWN = 20
 _MAX_REASON = 300
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
+# Blobs opened at once by the background opener (each open is a thread hop, a stat and an index
+# read; a few in parallel hide the hops' latency, more only contend for the index).
+_OPENERS = 4
+# How often the evictor looks at the bytes landed since its last pass.
+EVICT_INTERVAL = 2.0
 
 
 def erofs(what: str) -> OSError:
@@ -275,6 +283,10 @@ class ModelFs:
         total = sum(f.pointer.size for f in self._files.values())
         return FsStats(block_size=4096, blocks=-(-total // 4096), files=len(self.tree))
 
+    def inodes_of(self, blob_id: str) -> list[int]:
+        """The inodes whose content is ``blob_id`` (two names with one hash share a blob)."""
+        return [int(ino) for ino, f in self._files.items() if f.pointer.hash == blob_id]
+
     # -- data -------------------------------------------------------------------------------
     async def _source(self, f: _File) -> Source:
         if f.source is None:
@@ -313,7 +325,7 @@ class ModelFs:
         self._handles[fh] = f
         return fh
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray:
         """``size`` bytes at ``offset`` (fewer at the end of the file).
 
         Raises:
@@ -394,9 +406,10 @@ class ModelFs:
             f.fast_off = "blob file changed after verification; checking it again"
             return False
         try:
-            held = BlobKey.of(os.fstat(blob.fd))
-        except OSError as e:
-            f.fast_off = f"cannot stat the blob file: {e.strerror}"
+            with blob.lease() as fd:
+                held = BlobKey.of(os.fstat(fd))
+        except (OSError, CacheError) as e:
+            f.fast_off = f"cannot stat the blob file: {e}"
             return False
         if key_of_path(blob.path) != held:
             f.fast_off = "the blob file at its path is not the verified one"
@@ -405,7 +418,8 @@ class ModelFs:
             # Changed since a mount last served it, yet size and mtime match the index.
             self._changed(f)
             return False
-        self.fetcher.store.pinned.add(blob.blob_id)  # never evict what a link points to
+        # Pinned against eviction: the mount holds every blob it serves open until it stops,
+        # and the store never evicts an open blob (BlockStore.evict).
         if f.served_before is None:
             assert self._nursery is not None
             self._nursery.start_soon(self._record_link, blob.blob_id, held)
@@ -721,7 +735,6 @@ class ModelFs:
         assert self._nursery is not None, "use open_model_fs()"
         self._generation += 1
         self._materialize = _Pass("materialize")
-        self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
         self._nursery.start_soon(self._run_pass, self._materialize)
 
     async def wait_opened(self) -> None:
@@ -733,18 +746,55 @@ class ModelFs:
         self._serving.set()
 
     async def _open_all(self) -> None:
-        # One at a time: the fetcher opens blobs under one lock, so a reader's open() waits
-        # for at most one background open (which may re-check a partial blob's blocks).
+        # A few openers in parallel; opens of different blobs do not wait on each other (the
+        # fetcher's single-flight is per blob), so a reader's open() never queues behind them.
+        files = iter(list(self._files.values()))
         assert self._nursery is not None
-        for f in self._files.values():
-            try:
-                source = await self._source(f)
-            except DownloadError as e:
-                log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
-                continue
-            if self._fast_disabled is None:
-                self._nursery.start_soon(self._watch, f, source)
+        nursery_of_watchers = self._nursery
+
+        async def opener() -> None:
+            for f in files:
+                try:
+                    source = await self._source(f)
+                except DownloadError as e:
+                    log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
+                    continue
+                if self._fast_disabled is None:
+                    nursery_of_watchers.start_soon(self._watch, f, source)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(_OPENERS):
+                nursery.start_soon(opener)
         self._opened.set()
+
+    async def _evictor(self) -> None:
+        """Keep the cache under ``--cache-size`` while mounted (never this mount's blobs).
+
+        A pass scans the whole index, so it runs once the mount's blobs are open (they are then
+        safe) and again only when the bytes landed since could have crossed the limit.
+        """
+        store = self.fetcher.store
+        limit = store.max_bytes
+        assert limit is not None
+        await self._opened.wait()
+        usage: int | None = None
+        landed_at = 0
+        warned = False
+        while True:
+            landed = self.fetcher.origin_bytes + self.fetcher.shared_bytes
+            if usage is None or usage + landed - landed_at > limit:
+                landed_at = landed
+                await trio.to_thread.run_sync(store.evict)
+                usage = store.last_usage
+                if usage > limit and not warned:
+                    log.warning(
+                        "this mount alone needs %d bytes of cache, over --cache-size %d: "
+                        "nothing it serves can be evicted",
+                        usage,
+                        limit,
+                    )
+                warned = usage > limit
+            await trio.sleep(EVICT_INTERVAL)
 
     async def _run_pass(self, p: _Pass) -> None:
         try:
@@ -784,7 +834,7 @@ class ModelFs:
         async def read(pointer: Pointer, offset: int, length: int) -> bytes:
             source = by_name[pointer.file_name].source
             assert source is not None
-            return await self.fetcher.read(source, offset, length, Priority.PREFETCH)
+            return bytes(await self.fetcher.read(source, offset, length, Priority.PREFETCH))
 
         p.state = "planning"
         for segment in initial_segments(pointers, small_limit=self.options.small_file_limit):
@@ -835,6 +885,8 @@ async def open_model_fs(
     async with trio.open_nursery() as nursery:
         fs._nursery = nursery
         nursery.start_soon(fs._open_all)
+        if fetcher.store.max_bytes is not None:
+            nursery.start_soon(fs._evictor)
         if fs.options.prefetch:
             fs._prefetch = _Pass("prefetch")
             nursery.start_soon(fs._run_pass, fs._prefetch)

@@ -9,8 +9,8 @@ applies them.
 
 A file is served by the kernel only while all of these hold:
 
-* the blob is complete and verified against its manifest hash, and pinned (eviction never
-  removes a file a link points to);
+* the blob is complete and verified against its manifest hash, and pinned: the mount holds it
+  open and the store never evicts an open blob, so eviction never removes a file a link points to;
 * the blob file at the link's target is the very file that was verified: same device and inode
   as the daemon's open descriptor, same size, mtime and ctime as when the link was granted
   (:class:`BlobKey`). Checked on every ``lookup`` and ``readlink``; any write, truncate, chmod
