@@ -231,6 +231,7 @@ def test_descriptors_stay_bounded_whatever_the_number_of_blobs(tmp_path: Path) -
         for blob in blobs:
             store.release(blob)
         assert store.fds.open_count == 0
+        assert not list(tmp_path.rglob("*.journal"))  # covered by the index: removed
     with BlockStore(tmp_path, block_size=BS, max_descriptors=8) as store:
         for bid, data in datas.items():  # journals and presence survived the churn
             blob = store.open_blob(spec_for(data, bid))
