@@ -428,3 +428,17 @@ def test_raise_nofile_limit_in_a_child() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "(256, 2048) (2048, 2048)"
+
+
+def test_a_lease_outlives_forget_and_closes_at_its_end(tmp_path: Path) -> None:
+    """A flush in another thread may still hold a lease when the blob's last reference goes:
+    its descriptor must stay valid (never closed and reused under it) until the lease ends."""
+    data = ramp(BS)
+    with BlockStore(tmp_path, block_size=BS) as store:
+        blob = store.open_blob(spec_for(data))
+        blob.writer(0).write(data)
+        with blob.lease() as fd:
+            store.fds.forget(blob)
+            assert os.pread(fd, 16, 0) == data[:16]
+        assert blob._fd is None and store.fds.open_count == 0
+        store.release(blob)

@@ -98,7 +98,9 @@ class DescriptorTable:
     def release(self, blob: Blob) -> None:
         with self._lock:
             blob._leases -= 1
-            if self.open_count > self.limit:
+            if blob._leases == 0 and blob not in self._lru:
+                self._close(blob)  # forgotten while this lease was out: close it now
+            elif self.open_count > self.limit:
                 self._trim()
 
     @contextlib.contextmanager
@@ -125,10 +127,12 @@ class DescriptorTable:
             return blob._journal_fd
 
     def forget(self, blob: Blob) -> None:
-        """Close the blob's descriptors for good (its last reference is gone)."""
+        """Close the blob's descriptors for good (its last reference is gone); a lease still
+        out (a flush persisting it from another thread) closes them when it ends."""
         with self._lock:
             self._lru.pop(blob, None)
-            self._close(blob)
+            if blob._leases == 0:
+                self._close(blob)
 
     def close_all(self) -> None:
         with self._lock:
