@@ -34,9 +34,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from ttfs.demo.origin import Origin
 
 import truss_transfer
+from demo.origin import Origin
 from tests.origin_helpers import (
     REPO_ROOT,
     allocated_bytes,
