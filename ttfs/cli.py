@@ -79,6 +79,13 @@ def common_options(f: F) -> F:
             help="Ranged GETs in flight [default: 32].",
         ),
         click.option(
+            "--workers",
+            type=click.IntRange(0, 256),
+            envvar="TTFS_WORKERS",
+            help="Worker processes that download range bodies; 0 = in this process "
+            "[default: one per core, at most 16].",
+        ),
+        click.option(
             "--shared-cache",
             type=click.Path(file_okay=False, path_type=Path),
             envvar="TTFS_SHARED_CACHE",
@@ -104,6 +111,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         cache_dir=opts.get("cache_dir"),
         cache_max_bytes=opts.get("cache_size"),
         max_connections=opts.get("max_connections"),
+        workers=opts.get("workers"),
         verify=False if opts.get("no_verify") else None,
         shared_cache_dir=opts.get("shared_cache"),
     )
@@ -308,6 +316,8 @@ def mount_cmd(
                 extra += ["--cache-size", str(opts["cache_size"])]
             if opts.get("max_connections"):
                 extra += ["--max-connections", str(opts["max_connections"])]
+            if opts.get("workers") is not None:
+                extra += ["--workers", str(opts["workers"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
             if opts.get("shared_cache"):

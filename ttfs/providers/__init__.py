@@ -10,7 +10,7 @@ from ..config import Settings
 from ..errors import ConfigError
 from ..manifest import AzureResolution, GcsResolution, HttpResolution, Pointer, S3Resolution
 from .azure import AzureProvider
-from .base import Provider, Sink, redact_url
+from .base import Provider, Sink, WireProvider, WireTarget, redact_url
 from .gcs import GcsProvider
 from .http import HttpProvider
 from .s3 import S3Provider
@@ -23,6 +23,8 @@ __all__ = [
     "ProviderSet",
     "S3Provider",
     "Sink",
+    "WireProvider",
+    "WireTarget",
     "redact_url",
 ]
 
