@@ -121,6 +121,7 @@ class WorkerPool:
     async def aclose(self) -> None:
         """Close every worker's socket (they exit on EOF) and reap them; kill laggards."""
         self._closing = True
+        log.debug("closing %d worker(s)", self.n)
         workers = [w for w in self._workers if w is not None]
         for w in workers:
             w.alive = False
@@ -133,6 +134,7 @@ class WorkerPool:
                     w.proc.kill()
                 await trio.to_thread.run_sync(w.proc.wait)
         self._workers = [None] * self.n
+        log.debug("workers closed")
 
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w is not None and w.alive]
@@ -198,8 +200,11 @@ class WorkerPool:
                     elif "end" in msg:
                         pending.result = msg
                         pending.done.set()
-        finally:
+        except BaseException:
+            self._closing = True  # cancelled: the pool is shutting down, start nothing new
             self._lost(worker)
+            raise
+        self._lost(worker)
 
     def _lost(self, worker: _Worker) -> None:
         """The worker's socket ended: fail its jobs and, unless closing, start another."""
