@@ -129,6 +129,13 @@ def run_or_exit(fn: Callable[..., Any], *args: Any, debug: bool = False) -> Any:
     except KeyboardInterrupt:
         click.echo("ttfs: interrupted", err=True)
         sys.exit(130)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a trio nursery arrives wrapped in a group: still one line.
+        interrupted, _ = group.split(KeyboardInterrupt)
+        if interrupted is None:
+            raise
+        click.echo("ttfs: interrupted", err=True)
+        sys.exit(130)
 
 
 def handles_errors(f: F) -> F:
