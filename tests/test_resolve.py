@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Faults, Origin
+from demo.tls import LocalCA
 from tests.origin_helpers import (
     HF_REPO,
     REPO_ROOT,
@@ -47,8 +49,6 @@ from tests.origin_helpers import (
     write_manifest,
     write_random_files,
 )
-from ttfs.demo.origin import Faults, Origin
-from ttfs.demo.tls import LocalCA
 from ttfs.units import MiB
 
 BLOCK = 2 * MiB

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Faults, Origin
+from demo.tls import LocalCA
 from tests.origin_helpers import (
     REPO_ROOT,
     allocated_bytes,
@@ -39,8 +41,6 @@ from tests.origin_helpers import (
     write_manifest,
     write_random_files,
 )
-from ttfs.demo.origin import Faults, Origin
-from ttfs.demo.tls import LocalCA
 from ttfs.units import MiB
 
 BLOCK = 2 * MiB

@@ -19,7 +19,7 @@ from ..blocks import BlockStore
 from ..errors import IntegrityError, TtfsError
 
 if TYPE_CHECKING:
-    from .scheduler import Source
+    from .source import Source
     from .tiers import SharedTier
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from ..providers import WireProvider, WireTarget
 from ..transfer.pool import WorkerPool
 
 if TYPE_CHECKING:
-    from .scheduler import Source
+    from .source import Source
     from .tiers import SharedTier
 
 log = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from os import _exit  # leave at once: no atexit, no thread joins (the coordinator is gone)
 from typing import Any
 
 import xxhash
@@ -41,7 +42,7 @@ def _die_with_parent(ppid: int) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != ppid:  # the parent died before prctl took effect
-        os._exit(0)
+        _exit(0)
 
 
 class Worker:
@@ -60,7 +61,7 @@ class Worker:
             try:
                 self.sock.sendall(frame)
             except OSError:
-                os._exit(0)  # the coordinator is gone
+                _exit(0)  # the coordinator is gone
 
     def serve(self) -> None:
         decoder = Decoder()
@@ -70,7 +71,7 @@ class Worker:
             except OSError:
                 data = b""
             if not data:
-                os._exit(0)  # EOF: the coordinator closed us or died
+                _exit(0)  # EOF: the coordinator closed us or died
             for msg in decoder.feed(data):
                 op = msg.get("op")
                 if op == "get":

@@ -740,7 +740,7 @@ class Origin:
     ) -> None:
         self.root = Path(root).resolve()
         self.tls = tls
-        """Server TLS context: both listeners speak HTTPS (``ttfs.demo.tls`` makes one)."""
+        """Server TLS context: both listeners speak HTTPS (``demo.tls`` makes one)."""
         self.host = host
         self.port = port
         self.cdn_port = cdn_port
@@ -1024,7 +1024,7 @@ def _commit_for(repo_id: str, revision: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the origin until SIGTERM/SIGINT; print its URLs as one JSON line for the parent."""
     parser = argparse.ArgumentParser(
-        prog="python -m ttfs.demo.origin", description="Serve ROOT as a local test/demo origin."
+        prog="python -m demo.origin", description="Serve ROOT as a local test/demo origin."
     )
     parser.add_argument("root", type=Path)
     parser.add_argument("--host", default="127.0.0.1")
