@@ -121,8 +121,12 @@ class WorkerPool:
     async def aclose(self) -> None:
         """Close every worker's socket (they exit on EOF) and reap them; kill laggards."""
         self._closing = True
-        log.debug("closing %d worker(s)", self.n)
         workers = [w for w in self._workers if w is not None]
+        log.debug(
+            "closing %d worker(s); CPU seconds used: %s",
+            len(workers),
+            ", ".join(f"{_cpu_seconds(w.proc.pid):.2f}" for w in workers),
+        )
         for w in workers:
             w.alive = False
             w.sock.close()
@@ -231,6 +235,16 @@ class WorkerPool:
                 worker.proc.wait(timeout=1.0)
             self.restarts += 1
             self._spawn(worker.index)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a live process (0 when it cannot be read)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _error(result: dict[str, Any]) -> TtfsError:

@@ -56,9 +56,20 @@ def redact_url(url: str) -> str:
 
 
 def status_error(
-    status: int, retry_after: float | None, where: str, name: str, size: int
+    status: int,
+    retry_after: float | None,
+    safe_url: str,
+    name: str,
+    size: int,
+    etag: str | None = None,
 ) -> ProviderError:
-    """The error a non-2xx status means (the httpx path maps statuses with this too)."""
+    """The error a non-2xx status means; the one mapping both body paths use.
+
+    408/425/429/5xx are transient; 404 is :class:`ObjectNotFound`; 401/403/410
+    :class:`AccessDenied`; 412 (an ``If-Match`` etag that no longer matches) and 416 (a range
+    beyond the object's end) mean the object is not the one the manifest describes.
+    """
+    where = f"HTTP {status} from {safe_url} for {name}"
     if status in TRANSIENT_STATUS or 500 <= status < 600:
         return TransientError(where, retry_after=retry_after)
     if status == 404:
@@ -66,12 +77,14 @@ def status_error(
     if status in (401, 403, 410):
         return AccessDenied(where)
     if status == 412:
+        was = f" (its etag is no longer {etag!r})" if etag else ""
         return StaleManifest(
-            f"{name}: the object changed since the manifest was made (If-Match failed) ({where})"
+            f"{name}: the object changed since the manifest was made{was}; re-create the "
+            f"manifest ({safe_url})"
         )
     if status == 416:
         return StaleManifest(
-            f"{name}: range not satisfiable ({where}): the object is smaller than the "
+            f"{name}: range not satisfiable at {safe_url}: the object is smaller than the "
             f"manifest's {size} bytes (stale manifest?)"
         )
     return ProviderError(where)
@@ -201,10 +214,8 @@ def _stream(
     """Check the answer and stream its body; True when the connection can be reused."""
     status = response.status
     if status not in (200, 206):
-        where = f"HTTP {status} from {safe} for {name}"
-        raise status_error(
-            status, parse_retry_after(response.getheader("retry-after")), where, name, size
-        )
+        retry_after = parse_retry_after(response.getheader("retry-after"))
+        raise status_error(status, retry_after, safe, name, size)
     skip = 0
     if status == 206:
         m = CONTENT_RANGE.match(response.getheader("content-range", ""))
