@@ -99,6 +99,8 @@ class Setup:
             HF_HUB_DISABLE_PROGRESS_BARS="1",
             TTFS_LOG="warn",
         )
+        # The https-* profiles' CA, trusted the usual way (httpx, ssl, requests, curl).
+        env.update(self.nginx.ca.trust_env())
         return env
 
     def path(self, name: str) -> Path:
@@ -316,6 +318,7 @@ def aria2c(s: Setup, profile: str, verify: bool) -> Sample:
             "--summary-interval=0",
             "--console-log-level=warn",
             "--download-result=hide",
+            f"--ca-certificate={s.nginx.ca.ca}",
         ],
         env=s.env(),
     ).check("aria2c")
@@ -480,9 +483,11 @@ FUNCS: dict[str, Callable[[Setup, str, bool], Sample]] = {
 # -- the driver -----------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=2048, help="model size in MiB [2048]")
+    ap.add_argument(
+        "--size", default="1024,2048", help="model sizes in MiB, each a full run [1024,2048]"
+    )
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs of each item [3]")
-    ap.add_argument("--profiles", default=",".join(PROFILES), help="cdn,raw")
+    ap.add_argument("--profiles", default=",".join(PROFILES), help=",".join(PROFILES))
     ap.add_argument("--only", default="", help=f"comma list of items: {','.join(ITEMS)}")
     ap.add_argument("--skip", default="", help="comma list of items to leave out")
     ap.add_argument("--connections", type=int, default=32, help="ttfs --max-connections [32]")
@@ -506,6 +511,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"profiles are {PROFILES}")
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    try:
+        args.sizes = [int(x) for x in str(args.size).split(",") if x]
+    except ValueError:
+        ap.error("--size is a comma list of MiB, e.g. 1024,2048")
+    if not args.sizes or min(args.sizes) < 1:
+        ap.error("--size must name at least one size >= 1 MiB")
     if os.geteuid() != 0:
         args.drop_caches = False
     return args
@@ -571,6 +582,20 @@ def run_profile(s: Setup, profile: str, results: dict[str, list[Sample]]) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    texts = []
+    for size in args.sizes:
+        args.size = size
+        texts.append(run_size(args))
+    text = "\n\n".join(texts)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text(text)
+    print(f"bench: results written to {out}")
+    return 0
+
+
+def run_size(args: argparse.Namespace) -> str:
+    """Every profile and item for a model of ``args.size`` MiB; returns the report."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     t_start = time.monotonic()
     info = machine_info()
@@ -603,8 +628,4 @@ def main(argv: list[str] | None = None) -> int:
     text = report.render(s, all_results, info=info, started=started, elapsed=elapsed)
     print()
     print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print(f"bench: results written to {out}")
-    return 0
+    return text

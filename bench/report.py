@@ -201,6 +201,18 @@ def targets(s: Setup, results: dict[str, dict[str, list[Sample]]]) -> list[str]:
 
     for profile, res in results.items():
         mat = med(res.get("materialize", []), "wall")
+        # Issue 9: resolve and mount + materialize at least as fast as the best peer downloader.
+        peers = [t for p in ("aria2c", "hf_transfer") if (t := med(res.get(p, []), "wall"))]
+        if peers:
+            best = min(peers)
+            for item, label in (("resolve", "ttfs resolve"), ("materialize", "mount+materialize")):
+                ours = med(res.get(item, []), "wall")
+                if ours:
+                    add(
+                        f"{profile}: {label} at least as fast as the best of aria2c / hf_transfer",
+                        f"{ours:.2f} s vs {best:.2f} s",
+                        ours <= best,
+                    )
         if profile == "cdn" and mat:
             snap = med(res.get("snapshot", []), "wall")
             if snap:
