@@ -16,6 +16,7 @@ Proves:
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -277,3 +278,35 @@ def test_in_process_path_and_bad_worker_count(
     assert "Traceback" not in bad.stderr
     assert "TTFS_WORKERS" in bad.stderr.strip().splitlines()[-1] or "workers" in bad.stderr
     assert not (tmp_path / "o2").exists() or not any((tmp_path / "o2").iterdir())
+
+
+@pytest.mark.fuse
+def test_mount_reads_and_materialize_through_faults_over_https(
+    tmp_path: Path, test_ca: LocalCA
+) -> None:
+    """A mount whose origin speaks HTTPS and fails ~25% of bodies (5xx, resets, truncation):
+    demand reads, then ``ttfs materialize`` (workers), give byte-identical files."""
+    from tests.mount_helpers import mounted, require_fuse, sha256_file, ttfs
+
+    require_fuse()
+    root = tmp_path / "origin"
+    files = write_random_files(root, {"w/a.bin": 24 * MiB + 5, "b.bin": 9 * MiB + 1}, seed=12)
+    faults = Faults(error_rate=0.1, reset_rate=0.1, truncate_rate=0.05, seed=3)
+    with Origin(root, faults=faults, tls=test_ca.server_context()) as origin:
+        manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files))
+        env = cli_env(tmp_path / "cache", TTFS_RETRY_ATTEMPTS="8", TTFS_WORKERS="2")
+        env.update(test_ca.trust_env())
+        mnt = tmp_path / "mnt"
+        with mounted(manifest, mnt, tmp_path / "cache", "--no-prefetch", env=env):
+            # A demand read in the middle of a file first, then everything.
+            with open(mnt / "w" / "a.bin", "rb") as f:
+                f.seek(13 * MiB)
+                assert f.read(4096) == files["w/a.bin"].read_bytes()[13 * MiB : 13 * MiB + 4096]
+            done = ttfs("materialize", str(mnt), env=env, timeout=120)
+            assert done.returncode == 0, done.stderr
+            for rel, src in files.items():
+                assert sha256_file(mnt / rel) == sha256_file(src), rel
+            fetcher = json.loads(os.getxattr(mnt, "user.ttfs.status"))["fetcher"]
+            assert fetcher["worker_requests"] >= 2, fetcher  # the bodies went through workers
+        stats = origin.stats.snapshot()
+        assert sum(stats.faults_injected.values()) >= 1, stats.faults_injected
