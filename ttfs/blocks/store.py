@@ -112,8 +112,6 @@ class Blob:
         self.spec = spec
         self.path = path
         self.fd = fd
-        # Worker processes open the data file by path; the inode tells them it is still ours.
-        self.inode = os.fstat(fd).st_ino
         self.block_size = block_size
         self.n_blocks = max(1, -(-spec.size // block_size)) if spec.size else 0
         self.present = present

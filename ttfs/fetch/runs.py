@@ -22,6 +22,7 @@ again once, without costing an attempt.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
@@ -214,7 +215,8 @@ class RunExecutor:
         await self.pool.run(
             {
                 "path": str(blob.path),
-                "ino": blob.inode,
+                # The worker opens the file by path; the inode proves it is this blob's file.
+                "ino": os.fstat(blob.fd).st_ino,
                 "url": target.url,
                 "headers": target.headers,
                 "start": progress.pos,
