@@ -35,7 +35,7 @@ from ..blocks import Blob
 from ..config import Settings
 from ..errors import AccessDenied, TransientError
 from ..providers import WireProvider, WireTarget
-from ..transfer.pool import WorkerPool
+from ..transfer.pool import OnBlock, OnPartial, WorkerPool
 
 if TYPE_CHECKING:
     from .source import Source
@@ -192,7 +192,6 @@ class RunExecutor:
     ) -> None:
         blob = source.blob
         counters = self.counters
-        first = progress.next_block
 
         def on_block(index: int, digest: int, new: int) -> None:
             source.origin_bytes += new
@@ -212,11 +211,29 @@ class RunExecutor:
             blob.partial[index] = valid
 
         assert self.pool is not None
+        # The lease keeps the data file open (and created) while the worker writes into it, and
+        # lets on_block append journal records; the worker opens the file by path, and the
+        # inode proves it is this blob's file.
+        with blob.lease() as fd:
+            await self._worker_job(source, progress, last, target, fd, on_block, on_partial)
+
+    async def _worker_job(
+        self,
+        source: Source,
+        progress: Progress,
+        last: int,
+        target: WireTarget,
+        fd: int,
+        on_block: OnBlock,
+        on_partial: OnPartial,
+    ) -> None:
+        blob = source.blob
+        first = progress.next_block
+        assert self.pool is not None
         await self.pool.run(
             {
                 "path": str(blob.path),
-                # The worker opens the file by path; the inode proves it is this blob's file.
-                "ino": os.fstat(blob.fd).st_ino,
+                "ino": os.fstat(fd).st_ino,
                 "url": target.url,
                 "headers": target.headers,
                 "start": progress.pos,

@@ -32,6 +32,7 @@ import heapq
 import itertools
 import logging
 import math
+import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,11 +40,14 @@ from enum import IntEnum
 
 import trio
 
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
 from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, TtfsError
 from ..manifest import Pointer
-from ..providers import ProviderSet
+from ..providers import ProviderSet, data_proxy
 from ..transfer.pool import WorkerPool
 from .follower import Verifier
 from .runs import Counters, Progress, RunExecutor
@@ -107,12 +111,14 @@ class Fetcher:
         self._last_demand = -math.inf
         self._preemptible: set[trio.CancelScope] = set()
         self._nursery: trio.Nursery | None = None
-        self._open_lock = trio.Lock()
+        self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.counters = Counters()
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         self.pool: WorkerPool | None = None
-        if settings.workers > 0:
+        # Workers connect directly; a configured TTFS_PROXY keeps bodies on the httpx path,
+        # which speaks through it (providers.data_proxy is the one place that decides).
+        if settings.workers > 0 and data_proxy(settings) is None:
             threads = max(1, -(-settings.max_connections // settings.workers))
             self.pool = WorkerPool(
                 settings.workers, threads, settings.connect_timeout, settings.stall_timeout
@@ -135,10 +141,14 @@ class Fetcher:
             ConfigError: no provider serves its resolution type.
         """
         blob_id = pointer.hash
-        async with self._open_lock:
-            source = self._sources.get(blob_id)
-            if source is not None:
-                return source
+        # Single-flight per blob, not one lock for all: opening a partial blob re-checks its
+        # blocks (seconds for a big one), and a reader of another file must not wait for it.
+        while (source := self._sources.get(blob_id)) is None and blob_id in self._adding:
+            await self._adding[blob_id].wait()
+        if source is not None:
+            return source
+        adding = self._adding[blob_id] = trio.Event()
+        try:
             provider = self.providers.for_pointer(pointer)
             spec = BlobSpec(blob_id, pointer.size, checker_for(pointer.hashtype, pointer.hash))
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
@@ -154,6 +164,9 @@ class Fetcher:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._verifier.follow, source)
             return source
+        finally:
+            del self._adding[blob_id]
+            adding.set()
 
     def source(self, blob_id: str) -> Source:
         return self._sources[blob_id]
@@ -274,6 +287,21 @@ class Fetcher:
                 and source.discards == generation
             ):
                 await source.changed.wait()
+
+    async def recheck(self, source: Source) -> list[int]:
+        """The blob's data file changed after it was verified (a write behind the cache's
+        back): drop every block whose checksum no longer matches, forget the verification and
+        follow the blob again; returns the dropped blocks, which the next reads fetch again.
+        """
+        blob = source.blob
+        bad = await trio.to_thread.run_sync(blob.check_blocks)
+        await trio.to_thread.run_sync(self.store.forget_verification, blob)
+        if source.done.is_set():
+            source.done = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._verifier.follow, source)
+        self._notify(source)
+        return bad
 
     # -- landing and verification ------------------------------------------------------------
     def _notify(self, source: Source) -> None:
