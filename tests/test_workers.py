@@ -310,3 +310,52 @@ def test_mount_reads_and_materialize_through_faults_over_https(
             assert fetcher["worker_requests"] >= 2, fetcher  # the bodies went through workers
         stats = origin.stats.snapshot()
         assert sum(stats.faults_injected.values()) >= 1, stats.faults_injected
+
+
+def test_expired_signed_urls_are_resolved_again_and_a_stale_size_is_one_line(
+    tmp_path: Path, scheme: str, test_ca: LocalCA
+) -> None:
+    """Through workers: a CDN URL that expires mid-run (403) is forgotten and the hub's
+    redirect followed again; an origin whose size differs from the manifest's fails with one
+    line naming the file (StaleManifest), never a partial output."""
+    from tests.origin_helpers import HF_REPO
+
+    root = tmp_path / "origin"
+    files = write_random_files(root / HF_REPO, {"w.bin": 40 * MiB + 3}, seed=21)
+    with Origin(root, lfs_threshold=1, **tls_origin_kwargs(scheme, test_ca)) as origin:
+        manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files, hf_repo=HF_REPO))
+        cache, out = tmp_path / "cache", tmp_path / "out"
+        # Two connections for three 16 MiB ranges: the third starts after the URLs expired.
+        env = cli_env(
+            cache,
+            TTFS_WORKERS="2",
+            TTFS_MAX_CONNECTIONS="2",
+            HF_ENDPOINT=origin.base_url,
+            **tls_env(scheme, test_ca),
+        )
+        origin.rate_limit = 8e6
+        proc = start_resolve(manifest, out, env)
+        try:
+            wait_for_bytes(proc, cache, 8 * MiB)
+            origin.expire_all_urls()
+            origin.rate_limit = None
+            _, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, stderr
+        assert "refused; resolving again" in stderr, stderr
+        assert_same_files(out, {"w.bin": files["w.bin"]})
+
+        origin.faults = Faults(wrong_total=40 * MiB + 4)
+        result = run_cli(
+            ["resolve", str(manifest), str(tmp_path / "out2"), "--no-progress"],
+            cli_env(tmp_path / "cache2", TTFS_WORKERS="2", HF_ENDPOINT=origin.base_url,
+                    **tls_env(scheme, test_ca)),
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        assert "Traceback" not in result.stderr
+        last = result.stderr.strip().splitlines()[-1]
+        assert "w.bin" in last and "stale manifest" in last, last
+        assert not (tmp_path / "out2" / "w.bin").exists()
