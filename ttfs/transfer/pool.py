@@ -234,7 +234,11 @@ class WorkerPool:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 worker.proc.wait(timeout=1.0)
             self.restarts += 1
-            self._spawn(worker.index)
+            try:
+                self._spawn(worker.index)
+            except CacheError as e:  # the slot stays empty; the others carry on
+                self._workers[worker.index] = None
+                log.error("%s", e)
 
 
 def _cpu_seconds(pid: int) -> float:

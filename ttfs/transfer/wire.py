@@ -190,6 +190,12 @@ def ranged_get(
         if conn.sock is not None:
             conn.sock.settimeout(conns.stall_timeout)
         reuse = _stream(response, safe, start, end, name, size, buf, on_chunk, limit, cancelled)
+    except ssl.SSLCertVerificationError as e:
+        # Not worth a retry budget: the CA will not become trusted by waiting.
+        raise ProviderError(
+            f"TLS certificate of {safe} is not trusted ({e.verify_message}); "
+            "set SSL_CERT_FILE to a CA bundle that holds its issuer"
+        ) from None
     except TimeoutError as e:
         raise TransientError(f"timed out on {safe} ({type(e).__name__})") from None
     except (OSError, http.client.HTTPException) as e:
