@@ -34,8 +34,8 @@ import trio
 from ..blocks import Blob
 from ..config import Settings
 from ..errors import AccessDenied, TransientError
-from ..providers import WireProvider, WireTarget
 from ..transfer.pool import OnBlock, OnPartial, WorkerPool
+from ..transfer.target import WireProvider, WireTarget
 
 if TYPE_CHECKING:
     from .source import Source

@@ -33,10 +33,11 @@ import itertools
 import logging
 import math
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -47,12 +48,14 @@ from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, TtfsError
 from ..manifest import Pointer
-from ..providers import ProviderSet, data_proxy
 from ..transfer.pool import WorkerPool
 from .follower import Verifier
 from .runs import Counters, Progress, RunExecutor
 from .source import Source
 from .tiers import SharedTier
+
+if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
+    from ..providers import ProviderSet
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +112,20 @@ class Fetcher:
         self._inflight_background = 0
         self._demand_inflight = 0
         self._last_demand = -math.inf
-        self._preemptible: set[trio.CancelScope] = set()
+        # In-flight PREFETCH runs a reader's demand may cancel: scope -> (blob id, first block).
+        self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.counters = Counters()
+        # Called (as tasks) after a blob was discarded: the mount drops the kernel's pages of
+        # its files, which may still hold the bytes that failed verification.
+        self.discard_listeners: list[Callable[[Source], Awaitable[None]]] = []
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         self.pool: WorkerPool | None = None
-        # Workers connect directly; a configured TTFS_PROXY keeps bodies on the httpx path,
-        # which speaks through it (providers.data_proxy is the one place that decides).
-        if settings.workers > 0 and data_proxy(settings) is None:
+        # Workers connect directly; a configured TTFS_PROXY (settings.proxy, what
+        # providers.data_proxy returns) keeps bodies on the httpx path, which speaks through it.
+        if settings.workers > 0 and settings.proxy is None:
             threads = max(1, -(-settings.max_connections // settings.workers))
             self.pool = WorkerPool(
                 settings.workers, threads, settings.connect_timeout, settings.stall_timeout
@@ -203,8 +210,18 @@ class Fetcher:
         self._wakeup.set()
 
     # -- requests ---------------------------------------------------------------------------
-    def request_nowait(self, source: Source, blocks: Iterable[int], prio: Priority) -> None:
-        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks."""
+    def request_nowait(
+        self,
+        source: Source,
+        blocks: Iterable[int],
+        prio: Priority,
+        *,
+        reader_at: int | None = None,
+    ) -> None:
+        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks.
+
+        ``reader_at`` (READAHEAD): the block the stream's reader is at; see :meth:`_order_key`.
+        """
         blob = source.blob
         bid = blob.blob_id
         changed = False
@@ -215,14 +232,41 @@ class Fetcher:
             state = self._blocks.get(key)
             if state is None:
                 self._blocks[key] = _BlockState(prio)
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
             elif prio < state.prio and not state.inflight:
                 state.prio = prio
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
         if changed:
             self._wakeup.set()
+
+    # -- policy ------------------------------------------------------------------------------
+    def _order_key(self, prio: Priority, index: int, reader_at: int | None) -> int:
+        """The second element of a heap entry: the order within one priority.
+
+        DEMAND and PREFETCH are first-come first-served. READAHEAD is ordered by how far the
+        block lies ahead of its reader (``index - reader_at``): several loaders streaming
+        different shards (vLLM's loader threads) then take turns at the connection budget in
+        the order their readers will need the bytes, instead of the first stream's whole window
+        going before the second stream's first block.
+        """
+        if prio == Priority.READAHEAD and reader_at is not None:
+            return max(0, index - reader_at)
+        return next(self._seq)
+
+    def _preempt(self, source: Source, index: int) -> None:
+        """The first demand of a burst cancels in-flight PREFETCH runs elsewhere (their blocks
+        go back to the queue), never a run of the same blob that starts at or ahead of the
+        demanded block within one connection budget: that run is the reader's own stream, and
+        cancelling it would make the reader wait for the same bytes again."""
+        reach = self.settings.max_connections * self._unit_blocks
+        bid = source.blob.blob_id
+        for scope, (run_bid, first) in list(self._preemptible.items()):
+            if run_bid == bid and index <= first <= index + reach:
+                continue
+            scope.cancel()
+            del self._preemptible[scope]
 
     async def ensure(self, source: Source, blocks: range, prio: Priority = Priority.DEMAND) -> None:
         """Return once every block in ``blocks`` is present.
@@ -250,8 +294,13 @@ class Fetcher:
 
     async def read(
         self, source: Source, offset: int, length: int, prio: Priority = Priority.DEMAND
-    ) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first."""
+    ) -> bytes | bytearray:
+        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first.
+
+        Bytes in the page cache are read on the event loop; anything that could wait on the
+        device (pages evicted since they landed) is read in a worker thread, so one slow disk
+        read never stalls every other FUSE request.
+        """
         blob = source.blob
         length = max(0, min(length, blob.size - offset))
         if length == 0:
@@ -259,7 +308,10 @@ class Fetcher:
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        return blob.pread(offset, length)
+        data = blob.pread_cached(offset, length)
+        if data is not None:
+            return data
+        return await trio.to_thread.run_sync(blob.pread, offset, length)
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
         """Fetch every missing block; return when the blob is whole and verified.
@@ -318,8 +370,13 @@ class Fetcher:
         self._notify(source)
 
     def _refetch(self, source: Source) -> None:
-        """A discarded blob (hash mismatch): queue all of it again in the background."""
+        """A discarded blob (hash mismatch): queue all of it again in the background, and tell
+        the listeners (the mount drops the kernel's pages of its files)."""
         self.request_nowait(source, range(source.blob.n_blocks), Priority.PREFETCH)
+        # Not awaited: dropping kernel pages can wait on reads that need the refetch.
+        assert self._nursery is not None
+        for listener in self.discard_listeners:
+            self._nursery.start_soon(listener, source)
 
     # -- dispatch ---------------------------------------------------------------------------
     async def _dispatcher(self) -> None:
@@ -374,9 +431,7 @@ class Fetcher:
                         # hold new ones back, so a long load keeps its prefetch connections.
                         now = trio.current_time()
                         if not self._demand_inflight and now - self._last_demand >= PREFETCH_QUIET:
-                            for scope in self._preemptible:
-                                scope.cancel()
-                            self._preemptible.clear()
+                            self._preempt(source, index)
                         self._demand_inflight += 1
                     source.runs_inflight += 1
                     self._nursery.start_soon(
@@ -428,7 +483,7 @@ class Fetcher:
         progress = Progress(source.blob, first)
         scope = trio.CancelScope()
         if preemptible:
-            self._preemptible.add(scope)
+            self._preemptible[scope] = (source.blob.blob_id, first)
         try:
             with scope:
                 await self._runs.fetch(source, progress, last)
@@ -442,7 +497,7 @@ class Fetcher:
             self._fail(source, progress.next_block, last, CacheError(f"fetch aborted: {e!r}"))
             raise
         finally:
-            self._preemptible.discard(scope)
+            self._preemptible.pop(scope, None)
             self._inflight_total -= 1
             if background:
                 self._inflight_background -= 1

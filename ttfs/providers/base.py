@@ -10,10 +10,12 @@ did not land, not at the start of the range.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 from ..manifest import Pointer
+from ..transfer.target import WireProvider, WireTarget
+
+__all__ = ["Provider", "Sink", "WireProvider", "WireTarget", "redact_url"]
 
 Sink = Callable[[memoryview], None]
 
@@ -33,32 +35,6 @@ class Provider(Protocol):
         ...
 
     async def aclose(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class WireTarget:
-    """Where a worker process GETs a pointer's bytes: a final URL and the headers to send.
-
-    Both may carry credentials (a signed query, ``Authorization``): never logged, hidden from
-    ``repr``.
-    """
-
-    url: str = field(repr=False)
-    headers: dict[str, str] = field(default_factory=dict, repr=False)
-
-
-@runtime_checkable
-class WireProvider(Protocol):
-    """A provider whose ranges a worker process can fetch (the coordinator resolves, signs)."""
-
-    async def wire_target(self, pointer: Pointer) -> WireTarget | None:
-        """The resolved target of ``pointer``, or None when a range must go in process first
-        (a redirect not followed yet: that range follows it and caches the result)."""
-        ...
-
-    def forget_wire_target(self, pointer: Pointer) -> None:
-        """Drop a cached target a worker was refused with (expired URL or token)."""
-        ...
 
 
 def redact_url(url: str) -> str:
