@@ -163,11 +163,11 @@ def test_worker_kill_9_refetches_only_its_in_flight_ranges(
     assert_same_files(out, files_of(origin))
     assert not leftovers(out)
     assert not alive(victims[0])
-    # The killed worker had at most 32/2 ranges; each loses what it wrote since its last report
-    # (< 1 block) plus what sat in socket buffers. Refetching its ranges whole would cost
-    # several 16 MiB units.
+    # The killed worker had a few of the ~7 ranges; each loses what it wrote since its last
+    # report (< 1 block) plus what sat in socket buffers. Refetching its ranges whole would
+    # cost several 16 MiB units.
     served_bytes = origin.stats.snapshot().bytes_sent
-    assert served_bytes <= TOTAL + 4 * BLOCK, (served_bytes - TOTAL) / MiB
+    assert served_bytes <= TOTAL + 8 * BLOCK, (served_bytes - TOTAL) / MiB
 
 
 def test_coordinator_kill_9_workers_exit_and_the_next_run_resumes(
@@ -189,19 +189,21 @@ def test_coordinator_kill_9_workers_exit_and_the_next_run_resumes(
     while any(alive(p) for p in workers):
         assert time.monotonic() < deadline, "workers outlived their coordinator"
         time.sleep(0.02)
-    time.sleep(0.2)  # the origin notices the dead connections
-    first = origin.stats.snapshot().bytes_sent
-    assert first < TOTAL, "the kill came too late to test a resume"
+    landed = allocated_bytes(cache / "blobs")  # what reached the data files before the kill
+    assert landed < TOTAL, "the kill came too late to test a resume"
     assert not leftovers(out)
 
     origin.rate_limit = None
+    origin.reset_stats()
     result = run_cli(["resolve", str(manifest), str(out), "--no-progress"], env)
     assert result.returncode == 0, result.stderr
     assert_same_files(out, files_of(origin))
-    served_bytes = origin.stats.snapshot().bytes_sent
-    # Each in-flight range loses at most what its worker wrote since the last block it reported
-    # (and the coordinator journaled): a few blocks in all, never whole files.
-    assert served_bytes <= TOTAL + 8 * BLOCK, (served_bytes - TOTAL) / MiB
+    again = origin.stats.snapshot().bytes_sent
+    # The next run fetches what had not landed, plus, per range that was in flight (at most 7
+    # here), what its worker wrote after the last block the coordinator journaled (< 1 block).
+    # Counted against what landed, not what the origin sent: under load, socket buffers hold
+    # megabytes that never reached a file.
+    assert again <= TOTAL - landed + 8 * BLOCK, (again - (TOTAL - landed)) / MiB
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
