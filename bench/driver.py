@@ -587,24 +587,10 @@ def run_profile(s: Setup, profile: str, results: dict[str, list[Sample]]) -> Non
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     texts = []
-    for size in args.sizes:
-        args.size = size
-        texts.append(run_size(args))
-    text = "\n\n".join(texts)
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print(f"bench: results written to {out}")
-    return 0
-
-
-def run_size(args: argparse.Namespace) -> str:
-    """Every profile and item for a model of ``args.size`` MiB; returns the report."""
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    t_start = time.monotonic()
-    info = machine_info()
     work = args.work.resolve()
     (work / "run").mkdir(parents=True, exist_ok=True)
+    # Items with a harness of their own run once, whatever the sizes.
     separate = [x for x in args.items if x in SEPARATE]
     args.items = [x for x in args.items if x not in SEPARATE]
     extra = ""
@@ -621,6 +607,26 @@ def run_size(args: argparse.Namespace) -> str:
             out.write_text(f"# ttfs bench (fastpath), {started}\n\n{extra}")
             print(f"bench: results written to {out}")
             return 0
+    for size in args.sizes:
+        args.size = size
+        texts.append(run_size(args))
+    if extra:
+        texts.append(extra)
+    text = "\n\n".join(texts)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text(text)
+    print(f"bench: results written to {out}")
+    return 0
+
+
+def run_size(args: argparse.Namespace) -> str:
+    """Every profile and item for a model of ``args.size`` MiB; returns the report."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t_start = time.monotonic()
+    info = machine_info()
+    work = args.work.resolve()
+    (work / "run").mkdir(parents=True, exist_ok=True)
     data, _model = prepare_model(work, args.size)
     all_results: dict[str, dict[str, list[Sample]]] = {}
     with CHILDREN, contextlib.ExitStack() as stack:
@@ -646,8 +652,6 @@ def run_size(args: argparse.Namespace) -> str:
                     rmtree(s.path(name))
     elapsed = time.monotonic() - t_start
     text = report.render(s, all_results, info=info, started=started, elapsed=elapsed)
-    if extra:
-        text += "\n" + extra
     print()
     print(text)
     return text

@@ -171,7 +171,7 @@ def resource_table(s: Setup, profile: str, res: dict[str, list[Sample]]) -> list
         "origin bytes per byte delivered",
         [fmt(b / s.total if (b := med(get[k], "bytes")) else None, ".4f") for k, _ in cols],
     )
-    if profile == "cdn":
+    if profile.removeprefix("https-") == "cdn":
         add(
             f"origin capacity at --max-connections {s.args.connections} (x 25 MB/s)",
             [f"{s.args.connections * RATE / GB:.2f} GB/s" for _ in cols],
@@ -299,16 +299,20 @@ def render(
         "interleaved; medians with min-max. Every item starts cold (outputs and caches deleted, "
         "dirty pages synced). Origin: nginx on 127.0.0.1 behind a fake Hugging Face hub "
         f"(metadata, 302 to nginx). cdn = {RATE / 1e6:.0f} MB/s per connection + "
-        f"{LATENCY * 1000:.0f} ms per request; raw = no limits. ttfs --max-connections "
+        f"{LATENCY * 1000:.0f} ms per request; raw = no limits; https-* = the same over TLS. "
+        f"ttfs --max-connections "
         f"{s.args.connections}. Whole run: {elapsed / 60:.1f} min.",
         "",
     ]
     for profile, res in results.items():
+        base = profile.removeprefix("https-")
         title = (
-            f"cdn: {RATE / 1e6:.0f} MB/s per connection, +{LATENCY * 1000:.0f} ms per request"
-            if profile == "cdn"
-            else "raw: no limits"
+            f"{profile}: {RATE / 1e6:.0f} MB/s per connection, +{LATENCY * 1000:.0f} ms per request"
+            if base == "cdn"
+            else f"{profile}: no limits"
         )
+        if base != profile:
+            title += " (HTTPS: TLS on loopback, a CA made for the run)"
         out += [f"## {title}", "", "### Eager download", ""]
         out += eager_table(s, res)
         lazy = lazy_table(s, res)
