@@ -67,7 +67,7 @@ from .hashing import Checker
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
-_READ_CHUNK = 8 * 1024 * 1024
+_HASH_CHUNK = 1024 * 1024
 # preadv flag: fail instead of waiting for the device (Linux >= 4.14); 0 where missing.
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # Journal record: block index, bytes of the block written so far, xxh3-64 of those bytes.
@@ -310,14 +310,17 @@ class Blob:
             CacheError: the data file could not be read.
         """
         offset, stop = self.block_range(first)[0], self.block_range(end - 1)[1]
+        # One reused buffer: a fresh 8 MiB bytes per read cost page faults on every call
+        # (~0.1 CPU-s per GB on the 2-core VM); hashlib reads the view without a copy.
+        buf = memoryview(bytearray(min(_HASH_CHUNK, max(stop - offset, 1))))
         try:
             with self.lease() as fd:
                 while offset < stop:
-                    chunk = os.pread(fd, min(_READ_CHUNK, stop - offset), offset)
-                    if not chunk:
+                    n = os.preadv(fd, [buf[: min(len(buf), stop - offset)]], offset)
+                    if not n:
                         raise CacheError(f"{self.path} is shorter than expected")
-                    hasher.update(chunk)
-                    offset += len(chunk)
+                    hasher.update(buf[:n])
+                    offset += n
         except OSError as e:
             raise CacheError(f"cannot read {self.path}: {e}") from e
 
