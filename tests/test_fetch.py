@@ -308,3 +308,37 @@ async def test_a_slow_open_does_not_hold_up_other_blobs(
 
 async def _append(out: list[Source], pending: Awaitable[Source]) -> None:
     out.append(await pending)
+
+
+async def test_reads_that_could_wait_on_the_device_leave_the_event_loop(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached bytes are read on the loop (RWF_NOWAIT); bytes the page cache lost are read in a
+    worker thread, so a slow disk never stalls the other FUSE requests."""
+    import os
+
+    data = ramp(4 * BS)
+    fake = FakeProvider({"m.bin": data})
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        assert await fetcher.read(source, 100, BS) == data[100 : BS + 100]  # fetched, cached
+        blob = source.blob
+        assert blob.pread_cached(100, BS) == data[100 : BS + 100]
+        # Written back and dropped from the page cache: the non-blocking read declines.
+        with blob.lease() as fd:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        dropped = blob.pread_cached(100, BS) is None
+        threads: list[threading.Thread] = []
+        real_pread = type(blob).pread
+
+        def spy(self: object, offset: int, length: int) -> bytes:
+            threads.append(threading.current_thread())
+            return real_pread(self, offset, length)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(type(blob), "pread", spy)
+        monkeypatch.setattr(type(blob), "pread_cached", lambda self, offset, length: None)
+        assert await fetcher.read(source, 3, 2 * BS) == data[3 : 2 * BS + 3]
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    if not dropped:  # e.g. tmpfs keeps its pages: the fallback above is still exercised
+        pytest.skip("this filesystem does not drop clean pages on POSIX_FADV_DONTNEED")

@@ -444,7 +444,7 @@ async def test_a_linked_blob_is_pinned_and_survives_eviction(settings: Settings)
         store = fs.fetcher.store
         store.max_bytes = 0
         await trio.to_thread.run_sync(store.evict)
-        assert store.data_path(pointers[0].hash).exists()  # noqa: ASYNC240
+        assert store.data_path(pointers[0].hash).exists()
         assert (await fs.lookup(ROOT_INODE, "a")).mode & 0o170000 == 0o120000
     # Unmounted: nothing holds the blob open, so a zero-size cache evicts it.
     store = BlockStore(settings.cache_dir, block_size=settings.block_size, max_bytes=0)

@@ -34,8 +34,9 @@ fits under ``RLIMIT_NOFILE``. A blob whose data file does not exist yet costs no
 no inode: the sparse file is created by its first write. Modes come from :mod:`.perms`.
 
 Everything here is synchronous and may block on disk: the fetch layer calls the slow parts
-(``open_blob``, ``flush``, ``verify``, ``check_blocks``) through ``trio.to_thread``; ``pread``
-and ``RunWriter.write`` touch only the page cache and stay on the event loop thread.
+(``open_blob``, ``flush``, ``verify``, ``check_blocks``, ``discard``, ``pread``) through
+``trio.to_thread``. Only ``pread_cached`` (``RWF_NOWAIT``: page cache or nothing) and
+``RunWriter.write`` (page cache writes) run on the event loop thread.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 _READ_CHUNK = 8 * 1024 * 1024
+# preadv flag: fail instead of waiting for the device (Linux >= 4.14); 0 where missing.
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # Journal record: block index, bytes of the block written so far, xxh3-64 of those bytes.
 _JOURNAL = struct.Struct("<IIQ")
 
@@ -192,7 +195,7 @@ class Blob:
 
     # -- data path ---------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        """Read bytes the caller knows are present (page cache; stays on the event loop).
+        """Read bytes the caller knows are present (blocking: may wait on the device).
 
         Raises:
             CacheError: the data file vanished (its presence is dropped: fetch again).
@@ -204,6 +207,35 @@ class Blob:
             return os.pread(fd, length, offset)
         finally:
             fds.release(self)
+
+    def pread_cached(self, offset: int, length: int) -> bytearray | None:
+        """The bytes if the page cache holds all of them, else None; never waits on the device.
+
+        ``preadv(RWF_NOWAIT)`` fails with EAGAIN (or reads short) instead of starting I/O, so
+        the event loop can serve cached bytes itself and send only the rest to a thread.
+        Measured on the 2-core VM, 128 KiB page-cache-hot reads: ~11 us CPU against ~8 us for
+        a plain ``pread`` (the difference is zero-filling the buffer), far below one FUSE
+        round trip. Where the kernel or filesystem lacks RWF_NOWAIT this returns None.
+
+        Raises:
+            CacheError: the data file vanished (its presence is dropped: fetch again).
+        """
+        if not _NOWAIT:
+            return None
+        buf = bytearray(length)
+        try:
+            with self.lease() as fd:
+                got = os.preadv(fd, [buf], offset, _NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise CacheError(f"cannot read {self.path}: {e}") from e
+        if got != length:
+            return None
+        self.atime = time.time()
+        return buf
 
     def writer(self, first_block: int) -> RunWriter:
         return RunWriter(self, first_block)
@@ -234,17 +266,16 @@ class Blob:
         self._dirty = True
 
     def discard(self) -> None:
-        """Forget every block (a failed verification); the space is released by re-truncating."""
+        """Forget every block (a failed verification; blocking).
+
+        The data file is *replaced* by a fresh sparse one renamed into place, never truncated in
+        place: anyone still reading the old inode (a ``pread`` racing this, a copy in progress)
+        keeps the bytes it had instead of seeing them turn to zeros
+        (:meth:`~ttfs.blocks.descriptors.DescriptorTable.replace_data`).
+        """
         self.forget_blocks()
         try:
-            with self.lease() as fd:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, self.size)
-                if self._journal_fd is not None:
-                    os.ftruncate(self._journal_fd, 0)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.truncate(f"{self.path}.journal", 0)
+            self.store.fds.replace_data(self)
         except OSError as e:
             raise CacheError(f"cannot reset {self.path}: {e}") from e
 
@@ -388,9 +419,14 @@ class RunWriter:
         self._hasher = xxhash.xxh3_64()
         done = blob.partial.get(first_block, 0)
         if done:
-            with blob.lease() as fd:
-                prefix = os.pread(fd, done, start)
-            if len(prefix) == done:
+            # Runs start on the event loop: a prefix the page cache lost is fetched again (at
+            # most one block) rather than read from the device here.
+            if _NOWAIT:
+                prefix: bytes | bytearray | None = blob.pread_cached(start, done)
+            else:
+                with blob.lease() as fd:
+                    prefix = os.pread(fd, done, start)
+            if prefix is not None and len(prefix) == done:
                 self._hasher.update(prefix)
             else:
                 done = 0
@@ -612,18 +648,20 @@ class BlockStore:
             if blob.refs > 0:
                 return
             self._open.pop(blob.blob_id, None)
+        if blob.n_present == 0 and not blob.partial and blob.size:
+            self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
+            return
+        indexed = False
         try:
-            if blob.n_present == 0 and not blob.partial and blob.size:
-                self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
-                return
             # A complete blob is synced once, here, so its trust survives a reboot.
             sync = blob.complete and not blob._synced
-            if (blob._dirty or sync) and self._persist(blob, sync=sync) and not blob.partial:
-                self._reset_journal(blob)  # everything it vouched for is in the index now
+            indexed = not (blob._dirty or sync) or self._persist(blob, sync=sync)
         except CacheError as e:  # the data file vanished meanwhile: nothing left to keep
             log.warning("blob %s: %s", blob.blob_id, e)
         finally:
             self.fds.forget(blob)
+        if indexed and not blob.partial:
+            self._reset_journal(blob)  # everything it vouched for is in the index now
 
     def _forget(self, blob: Blob) -> None:
         self.fds.forget(blob)
@@ -675,15 +713,16 @@ class BlockStore:
 
     @staticmethod
     def _reset_journal(blob: Blob) -> None:
+        """Remove the journal of a blob whose index entry covers it (no descriptor is open on it:
+        called while loading, before any write, and after release). Removed, not truncated: a
+        cache of 10^5 blobs must not keep 10^5 empty files."""
+        assert blob._journal_fd is None
         try:
-            if blob._journal_fd is not None:
-                os.ftruncate(blob._journal_fd, 0)
-            else:
-                os.truncate(f"{blob.path}.journal", 0)
+            os.unlink(f"{blob.path}.journal")
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("cannot reset journal of %s: %s", blob.path, e)
+            log.warning("cannot remove the journal of %s: %s", blob.path, e)
 
     def _index_set(self, key: str, value: object) -> bool:
         """Write one index entry; a full or failing disk is logged, never raised.

@@ -38,7 +38,7 @@ import math
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -121,6 +121,9 @@ class Fetcher:
         self.retries = 0
         self.shared_bytes = 0
         self.shared_requests = 0
+        # Called (as tasks) after a blob was discarded: the mount drops the kernel's pages of
+        # its files, which may still hold the bytes that failed verification.
+        self.discard_listeners: list[Callable[[Source], Awaitable[None]]] = []
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         if settings.use_range:
@@ -271,8 +274,13 @@ class Fetcher:
 
     async def read(
         self, source: Source, offset: int, length: int, prio: Priority = Priority.DEMAND
-    ) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first."""
+    ) -> bytes | bytearray:
+        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first.
+
+        Bytes in the page cache are read on the event loop; anything that could wait on the
+        device (pages evicted since they landed) is read in a worker thread, so one slow disk
+        read never stalls every other FUSE request.
+        """
         blob = source.blob
         length = max(0, min(length, blob.size - offset))
         if length == 0:
@@ -280,7 +288,10 @@ class Fetcher:
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        return blob.pread(offset, length)
+        data = blob.pread_cached(offset, length)
+        if data is not None:
+            return data
+        return await trio.to_thread.run_sync(blob.pread, offset, length)
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
         """Fetch every missing block; return when the blob is whole and verified.
@@ -384,6 +395,10 @@ class Fetcher:
                 await trio.to_thread.run_sync(blob.discard)
                 source.discards += 1
                 self.request_nowait(source, range(blob.n_blocks), Priority.PREFETCH)
+                # Not awaited: dropping kernel pages can wait on reads that need the refetch.
+                assert self._nursery is not None
+                for listener in self.discard_listeners:
+                    self._nursery.start_soon(listener, source)
         except TtfsError as e:
             source.failure = e
             log.error("cannot verify %s: %s", source.pointer.file_name, e)

@@ -2,16 +2,17 @@
 
 Start-up is ordered for the time to a visible tree (issue 11, "a mount starts in a blink")::
 
-    Tree (built once, by the CLI) → ModelFs without a fetcher → FuseOps → pyfuse3.init
-      → pyfuse3.main + signal watcher + readiness probe
-      → once ready: BlockStore → ProviderSet (imports httpx) → Fetcher → ModelFs.attach
-        → opener + prefetch
+    Tree (built once, by the CLI) → owner lock of the cache directory (ttfs.owner) → ModelFs
+      without a fetcher → FuseOps → pyfuse3.init → pyfuse3.main + signal watcher + readiness probe
+      → once ready: BlockStore → ProviderSet (imports httpx) → Fetcher → owner socket
+        → ModelFs.attach → opener + prefetch
 
-Lookups, ``stat`` and ``readdir`` need only the tree, so the mount reports ready before the
-block store (diskcache, sqlite) is opened or any provider module (httpx, the cloud SDKs) is
-imported; an ``open`` that arrives earlier waits for the fetcher. Teardown is the reverse:
-the request loop ends, the fetcher drains, the store is flushed and closed, the session is
-unmounted.
+The owner lock is taken before mounting, so a second mount of one cache fails (or waits for a
+resolve that owns it) before anything is visible. Lookups, ``stat`` and ``readdir`` need only
+the tree, so the mount reports ready before the block store (diskcache, sqlite) is opened or
+any provider module (httpx, the cloud SDKs) is imported; an ``open`` that arrives earlier waits
+for the fetcher. Teardown is the reverse: the request loop ends, the fetcher drains, the store
+is flushed and closed, the owner lock released, the session unmounted.
 
 pyfuse3 runs its request loop inside this trio run, so FUSE handlers, fetch workers and
 background passes share one event loop; blocking work (the block index, hashing) is already
@@ -55,6 +56,8 @@ from ..config import Settings
 from ..errors import CacheError, MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
+from ..owner import OwnerLock, claim_or_wait
+from ..owner.server import serving
 from ..procs import raise_nofile_limit
 from ..vfs.core import FsOptions, ModelFs
 from ..vfs.readahead import ReadaheadConfig
@@ -219,6 +222,22 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     )
     check_fuse_device()
     check_cache_dir(config.settings.cache_dir)
+    # The cache directory is ours alone while we serve (ttfs.owner): a resolve that owns it now
+    # is waited for (bounded); resolves started later fetch through us.
+    lock = await claim_or_wait(config.settings.cache_dir, config.settings.owner_wait)
+    try:
+        await _serve_owned(config, mountpoint, tree, lock, on_ready)
+    finally:
+        lock.release()  # last: after the store is flushed and closed
+
+
+async def _serve_owned(
+    config: MountConfig,
+    mountpoint: Path,
+    tree: Tree,
+    lock: OwnerLock,
+    on_ready: Callable[[Ready], None] | None,
+) -> None:
     info = {"mountpoint": str(mountpoint), "cache_dir": str(config.settings.cache_dir)}
     config.info.update({**info, **config.info})
     settings = config.settings
@@ -251,7 +270,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
             with trio.CancelScope() as main_scope:
                 nursery.start_soon(_signals, config.drain_seconds, main_scope)
                 nursery.start_soon(_probe, config, fs, files, on_ready)
-                nursery.start_soon(_backend, config, fs)
+                nursery.start_soon(_backend, config, fs, ops, lock)
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
             if main_scope.cancelled_caught:
                 log.warning("requests still running after %.0fs; stopped", config.drain_seconds)
@@ -280,9 +299,10 @@ def _providers(settings: Settings) -> ProviderSet:
     return providers
 
 
-async def _backend(config: MountConfig, fs: ModelFs) -> None:
-    """Once the mount is ready: open the block store, the providers and the fetcher, attach
-    them to the filesystem and run its opener and prefetch until cancelled."""
+async def _backend(config: MountConfig, fs: ModelFs, ops: FuseOps, lock: OwnerLock) -> None:
+    """Once the mount is ready: open the block store, the providers and the fetcher, serve
+    other ttfs processes on the owner socket, attach them to the filesystem and run its opener
+    and prefetch until cancelled."""
     await fs.wait_serving()
     settings = config.settings
     started = time.monotonic()
@@ -303,7 +323,11 @@ async def _backend(config: MountConfig, fs: ModelFs) -> None:
         providers = config.providers
         if providers is None:
             providers = await trio.to_thread.run_sync(_providers, settings)
-        async with open_fetcher(store, providers, settings) as fetcher:
+        async with open_fetcher(store, providers, settings) as fetcher, serving(fetcher, lock):
+            # A discarded blob's pages must leave the kernel's cache of every file serving it.
+            fetcher.discard_listeners.append(
+                lambda source: ops.invalidate_blob(source.blob.blob_id)
+            )
             fs.attach(fetcher)
             log.info("block store and fetcher ready in %.3fs", time.monotonic() - started)
             async with fs.background():

@@ -314,6 +314,10 @@ class ModelFs:
         total = sum(f.pointer.size for f in self._files.values())
         return FsStats(block_size=4096, blocks=-(-total // 4096), files=len(self.tree))
 
+    def inodes_of(self, blob_id: str) -> list[int]:
+        """The inodes whose content is ``blob_id`` (two names with one hash share a blob)."""
+        return [int(ino) for ino, f in self._files.items() if f.pointer.hash == blob_id]
+
     # -- data -------------------------------------------------------------------------------
     async def _source(self, f: _File) -> Source:
         if f.source is None:
@@ -355,7 +359,7 @@ class ModelFs:
         self._handles[fh] = f
         return fh
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray:
         """``size`` bytes at ``offset`` (fewer at the end of the file).
 
         Raises:
@@ -888,7 +892,7 @@ class ModelFs:
         async def read(pointer: Pointer, offset: int, length: int) -> bytes:
             source = by_name[pointer.file_name].source
             assert source is not None
-            return await self.fetcher.read(source, offset, length, Priority.PREFETCH)
+            return bytes(await self.fetcher.read(source, offset, length, Priority.PREFETCH))
 
         p.state = "planning"
         for segment in initial_segments(pointers, small_limit=self.options.small_file_limit):
