@@ -441,20 +441,29 @@ class Fetcher:
         started = time.monotonic()
         from_shared = False  # chosen per attempt: the shared tier's entry or the origin
 
-        def sink(chunk: memoryview) -> None:
+        def count(n: int, landed: list[int]) -> None:
             if from_shared:
-                source.shared_bytes += len(chunk)
-                self.shared_bytes += len(chunk)
+                source.shared_bytes += n
+                self.shared_bytes += n
             else:
-                source.origin_bytes += len(chunk)
-                self.origin_bytes += len(chunk)
-            landed = writer.write(chunk)
+                source.origin_bytes += n
+                self.origin_bytes += n
             for index in landed:
                 state = self._blocks.pop((bid, index), None)
                 if state is not None:
                     state.event.set()
             if landed:
                 self._notify(source)
+
+        def sink(chunk: memoryview) -> None:
+            count(len(chunk), writer.write(chunk))
+
+        def copied(n: int, done: list[tuple[int, int]]) -> None:
+            # A kernel copy from the shared cache completed these blocks: land them here, on
+            # the event loop, which owns presence.
+            for index, digest in done:
+                blob.land(index, digest)
+            count(n, [index for index, _ in done])
 
         scope = trio.CancelScope()
         if preemptible:
@@ -469,7 +478,7 @@ class Fetcher:
                     try:
                         if shared is not None and self.tier is not None:
                             self.shared_requests += 1
-                            await self.tier.read_range(source, shared, start, end, sink)
+                            await self.tier.copy_range(source, shared, writer, end, copied)
                         else:
                             self.origin_requests += 1
                             await source.provider.read_range(source.pointer, start, end, sink)
