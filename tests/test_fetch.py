@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from tests.fakes import FakeProvider, pointer_for, ramp
-from ttfs.blocks import BlockStore
+from ttfs.blocks import Blob, BlobSpec, BlockStore
 from ttfs.config import Settings
 from ttfs.errors import IntegrityError, ObjectNotFound, TransientError
-from ttfs.fetch import Fetcher, Priority, open_fetcher
+from ttfs.fetch import Fetcher, Priority, Source, open_fetcher
 from ttfs.providers import ProviderSet
 from ttfs.units import MiB
 
@@ -222,3 +223,122 @@ async def test_prefetch_pauses_while_a_reader_waits(settings: Settings) -> None:
             gate.set()
         await fetcher.complete(big_src)  # and it resumes once the reader is served
         assert big_src.blob.pread(0, len(big)) == big
+
+
+async def test_readahead_streams_of_different_shards_share_the_connections(
+    settings: Settings,
+) -> None:
+    """Two loaders stream two shards; the second asks after the first queued its whole window.
+    Readahead is served in the order the readers need the bytes (distance ahead of each
+    reader), so the second shard's first run starts before the first shard's window ends."""
+    settings = settings.replace(max_connections=3, demand_reserved=1)
+    a, b = ramp(64 * BS, 1), ramp(64 * BS, 2)
+    gate = trio.Event()
+    fake = FakeProvider({"a.bin": a, "b.bin": b}, gate=gate)
+    async with fetcher_for(settings, fake) as fetcher:
+        sa = await fetcher.add(pointer_for("a.bin", a))
+        sb = await fetcher.add(pointer_for("b.bin", b))
+        fetcher.request_nowait(sa, range(4, 64), Priority.READAHEAD, reader_at=4)
+        fetcher.request_nowait(sb, range(4, 64), Priority.READAHEAD, reader_at=4)
+        await trio.sleep(0.05)
+        gate.set()
+        await fetcher.ensure(sa, range(4, 64), Priority.READAHEAD)
+        await fetcher.ensure(sb, range(4, 64), Priority.READAHEAD)
+    order = [c[0] for c in fake.calls]
+    # The shards take turns instead of a.bin's whole window (eight runs) going first; which
+    # of two equally urgent runs starts first is up to trio's scheduling.
+    assert order[:8].count("a.bin") == order[:8].count("b.bin") == 4, order
+    assert order.index("b.bin") <= 1
+
+
+async def test_demand_preempts_prefetch_elsewhere_not_the_readers_own_stream(
+    settings: Settings,
+) -> None:
+    settings = settings.replace(max_connections=4, demand_reserved=1)
+    own, other = ramp(64 * BS, 1), ramp(64 * BS, 2)
+    fake = FakeProvider({"own.bin": own, "other.bin": other}, latency=0.02, chunk=16 * 1024)
+    async with fetcher_for(settings, fake) as fetcher:
+        so = await fetcher.add(pointer_for("own.bin", own))
+        st = await fetcher.add(pointer_for("other.bin", other))
+        # Prefetch runs in flight: one on the reader's shard just ahead of it, one elsewhere.
+        fetcher.request_nowait(so, range(8, 16), Priority.PREFETCH)
+        fetcher.request_nowait(st, range(0, 8), Priority.PREFETCH)
+        await trio.sleep(0.05)
+        assert len(fetcher._preemptible) == 2
+        await fetcher.read(so, 7 * BS, 10)  # the reader's first demand of a burst
+        await fetcher.ensure(so, range(8, 16), Priority.PREFETCH)
+        await fetcher.ensure(st, range(0, 8), Priority.PREFETCH)
+    starts = [(c[0], c[1]) for c in fake.calls]
+    # The run on the reader's own stream was not cancelled: its blocks were asked for once.
+    assert [s for s in starts if s[0] == "own.bin" and s[1] >= 8 * BS] == [("own.bin", 8 * BS)]
+    # The run elsewhere was cancelled and resumed where it stopped.
+    other_starts = [s[1] for s in starts if s[0] == "other.bin"]
+    assert len(other_starts) >= 2 and other_starts[0] == 0 and other_starts[1] > 0, starts
+
+
+async def test_a_slow_open_does_not_hold_up_other_blobs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a big partial blob checks its blocks (seconds); a reader of another file, and a
+    second opener of the same blob, must not queue behind a global lock for it."""
+    slow, fast = ramp(BS, seed=1), ramp(BS, seed=2)
+    fake = FakeProvider({"slow.bin": slow, "fast.bin": fast})
+    release = threading.Event()
+    async with fetcher_for(settings, fake) as fetcher:
+        real = fetcher.store.open_blob
+
+        def stalled(spec: BlobSpec) -> Blob:
+            if spec.blob_id == hashlib.sha256(slow).hexdigest():
+                release.wait(10)
+            return real(spec)
+
+        monkeypatch.setattr(fetcher.store, "open_blob", stalled)
+        opened: list[Source] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: _append(opened, fetcher.add(pointer_for("slow.bin", slow))))
+            n.start_soon(lambda: _append(opened, fetcher.add(pointer_for("slow.bin", slow))))
+            await trio.sleep(0.1)
+            with trio.fail_after(5):
+                other = await fetcher.add(pointer_for("fast.bin", fast))
+                assert await fetcher.read(other, 0, 100) == fast[:100]
+            assert not opened  # both openers of the slow blob are still waiting for it
+            release.set()
+        assert len(opened) == 2 and opened[0] is opened[1]
+
+
+async def _append(out: list[Source], pending: Awaitable[Source]) -> None:
+    out.append(await pending)
+
+
+async def test_reads_that_could_wait_on_the_device_leave_the_event_loop(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached bytes are read on the loop (RWF_NOWAIT); bytes the page cache lost are read in a
+    worker thread, so a slow disk never stalls the other FUSE requests."""
+    import os
+
+    data = ramp(4 * BS)
+    fake = FakeProvider({"m.bin": data})
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        assert await fetcher.read(source, 100, BS) == data[100 : BS + 100]  # fetched, cached
+        blob = source.blob
+        assert blob.pread_cached(100, BS) == data[100 : BS + 100]
+        # Written back and dropped from the page cache: the non-blocking read declines.
+        with blob.lease() as fd:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        dropped = blob.pread_cached(100, BS) is None
+        threads: list[threading.Thread] = []
+        real_pread = type(blob).pread
+
+        def spy(self: object, offset: int, length: int) -> bytes:
+            threads.append(threading.current_thread())
+            return real_pread(self, offset, length)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(type(blob), "pread", spy)
+        monkeypatch.setattr(type(blob), "pread_cached", lambda self, offset, length: None)
+        assert await fetcher.read(source, 3, 2 * BS) == data[3 : 2 * BS + 3]
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    if not dropped:  # e.g. tmpfs keeps its pages: the fallback above is still exercised
+        pytest.skip("this filesystem does not drop clean pages on POSIX_FADV_DONTNEED")

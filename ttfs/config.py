@@ -89,6 +89,9 @@ class Settings:
     proxy: str | None = field(default=None, repr=False)  # may carry user:password
     # The b10fs shared cache tier (docs/b10fs.md); None = off.
     shared_cache: SharedCacheConfig | None = None
+    # Seconds a process that needs the cache directory to itself (a mount, or a resolve whose
+    # owner cannot serve it) waits for the current owner before failing (ttfs.owner).
+    owner_wait: float = 30.0
     secrets_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -138,6 +141,8 @@ class Settings:
             values["retry"] = RetryPolicy(attempts=int(_float(env, "TTFS_RETRY_ATTEMPTS")))
         if env.get("TTFS_FLUSH_INTERVAL"):
             values["flush_interval"] = _float(env, "TTFS_FLUSH_INTERVAL")
+        if env.get("TTFS_OWNER_WAIT"):
+            values["owner_wait"] = _float(env, "TTFS_OWNER_WAIT")
         if env.get("TTFS_VERIFY") is not None:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
@@ -179,6 +184,8 @@ class Settings:
             raise ConfigError("per-file connections must be >= 1")
         if self.stall_timeout <= 0:
             raise ConfigError("stall timeout must be > 0")
+        if not self.owner_wait >= 0:
+            raise ConfigError("TTFS_OWNER_WAIT must be >= 0")
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:

@@ -38,10 +38,11 @@ import math
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -52,9 +53,11 @@ from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
-from ..providers import ProviderSet
 from .source import Source
 from .tiers import SharedTier
+
+if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
+    from ..providers import ProviderSet
 
 log = logging.getLogger(__name__)
 
@@ -109,14 +112,18 @@ class Fetcher:
         self._inflight_background = 0
         self._demand_inflight = 0
         self._last_demand = -math.inf
-        self._preemptible: set[trio.CancelScope] = set()
+        # In-flight PREFETCH runs a reader's demand may cancel: scope -> (blob id, first block).
+        self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
-        self._open_lock = trio.Lock()
+        self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.origin_bytes = 0
         self.origin_requests = 0
         self.retries = 0
         self.shared_bytes = 0
         self.shared_requests = 0
+        # Called (as tasks) after a blob was discarded: the mount drops the kernel's pages of
+        # its files, which may still hold the bytes that failed verification.
+        self.discard_listeners: list[Callable[[Source], Awaitable[None]]] = []
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         if settings.use_range:
@@ -135,10 +142,14 @@ class Fetcher:
             ConfigError: no provider serves its resolution type.
         """
         blob_id = pointer.hash
-        async with self._open_lock:
-            source = self._sources.get(blob_id)
-            if source is not None:
-                return source
+        # Single-flight per blob, not one lock for all: opening a partial blob re-checks its
+        # blocks (seconds for a big one), and a reader of another file must not wait for it.
+        while (source := self._sources.get(blob_id)) is None and blob_id in self._adding:
+            await self._adding[blob_id].wait()
+        if source is not None:
+            return source
+        adding = self._adding[blob_id] = trio.Event()
+        try:
             provider = self.providers.for_pointer(pointer)
             spec = BlobSpec(blob_id, pointer.size, checker_for(pointer.hashtype, pointer.hash))
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
@@ -154,6 +165,9 @@ class Fetcher:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._follow, source)
             return source
+        finally:
+            del self._adding[blob_id]
+            adding.set()
 
     def source(self, blob_id: str) -> Source:
         return self._sources[blob_id]
@@ -176,8 +190,18 @@ class Fetcher:
         return self.settings.verify and source.blob.spec.checker.checkable
 
     # -- requests ---------------------------------------------------------------------------
-    def request_nowait(self, source: Source, blocks: Iterable[int], prio: Priority) -> None:
-        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks."""
+    def request_nowait(
+        self,
+        source: Source,
+        blocks: Iterable[int],
+        prio: Priority,
+        *,
+        reader_at: int | None = None,
+    ) -> None:
+        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks.
+
+        ``reader_at`` (READAHEAD): the block the stream's reader is at; see :meth:`_order_key`.
+        """
         blob = source.blob
         bid = blob.blob_id
         changed = False
@@ -188,14 +212,41 @@ class Fetcher:
             state = self._blocks.get(key)
             if state is None:
                 self._blocks[key] = _BlockState(prio)
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
             elif prio < state.prio and not state.inflight:
                 state.prio = prio
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
         if changed:
             self._wakeup.set()
+
+    # -- policy ------------------------------------------------------------------------------
+    def _order_key(self, prio: Priority, index: int, reader_at: int | None) -> int:
+        """The second element of a heap entry: the order within one priority.
+
+        DEMAND and PREFETCH are first-come first-served. READAHEAD is ordered by how far the
+        block lies ahead of its reader (``index - reader_at``): several loaders streaming
+        different shards (vLLM's loader threads) then take turns at the connection budget in
+        the order their readers will need the bytes, instead of the first stream's whole window
+        going before the second stream's first block.
+        """
+        if prio == Priority.READAHEAD and reader_at is not None:
+            return max(0, index - reader_at)
+        return next(self._seq)
+
+    def _preempt(self, source: Source, index: int) -> None:
+        """The first demand of a burst cancels in-flight PREFETCH runs elsewhere (their blocks
+        go back to the queue), never a run of the same blob that starts at or ahead of the
+        demanded block within one connection budget: that run is the reader's own stream, and
+        cancelling it would make the reader wait for the same bytes again."""
+        reach = self.settings.max_connections * self._unit_blocks
+        bid = source.blob.blob_id
+        for scope, (run_bid, first) in list(self._preemptible.items()):
+            if run_bid == bid and index <= first <= index + reach:
+                continue
+            scope.cancel()
+            del self._preemptible[scope]
 
     async def ensure(self, source: Source, blocks: range, prio: Priority = Priority.DEMAND) -> None:
         """Return once every block in ``blocks`` is present.
@@ -223,8 +274,13 @@ class Fetcher:
 
     async def read(
         self, source: Source, offset: int, length: int, prio: Priority = Priority.DEMAND
-    ) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first."""
+    ) -> bytes | bytearray:
+        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first.
+
+        Bytes in the page cache are read on the event loop; anything that could wait on the
+        device (pages evicted since they landed) is read in a worker thread, so one slow disk
+        read never stalls every other FUSE request.
+        """
         blob = source.blob
         length = max(0, min(length, blob.size - offset))
         if length == 0:
@@ -232,7 +288,10 @@ class Fetcher:
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        return blob.pread(offset, length)
+        data = blob.pread_cached(offset, length)
+        if data is not None:
+            return data
+        return await trio.to_thread.run_sync(blob.pread, offset, length)
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
         """Fetch every missing block; return when the blob is whole and verified.
@@ -260,6 +319,21 @@ class Fetcher:
                 and source.discards == generation
             ):
                 await source.changed.wait()
+
+    async def recheck(self, source: Source) -> list[int]:
+        """The blob's data file changed after it was verified (a write behind the cache's
+        back): drop every block whose checksum no longer matches, forget the verification and
+        follow the blob again; returns the dropped blocks, which the next reads fetch again.
+        """
+        blob = source.blob
+        bad = await trio.to_thread.run_sync(blob.check_blocks)
+        await trio.to_thread.run_sync(self.store.forget_verification, blob)
+        if source.done.is_set():
+            source.done = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._follow, source)
+        self._notify(source)
+        return bad
 
     # -- verification ------------------------------------------------------------------------
     def _notify(self, source: Source) -> None:
@@ -321,6 +395,10 @@ class Fetcher:
                 await trio.to_thread.run_sync(blob.discard)
                 source.discards += 1
                 self.request_nowait(source, range(blob.n_blocks), Priority.PREFETCH)
+                # Not awaited: dropping kernel pages can wait on reads that need the refetch.
+                assert self._nursery is not None
+                for listener in self.discard_listeners:
+                    self._nursery.start_soon(listener, source)
         except TtfsError as e:
             source.failure = e
             log.error("cannot verify %s: %s", source.pointer.file_name, e)
@@ -382,9 +460,7 @@ class Fetcher:
                         # hold new ones back, so a long load keeps its prefetch connections.
                         now = trio.current_time()
                         if not self._demand_inflight and now - self._last_demand >= PREFETCH_QUIET:
-                            for scope in self._preemptible:
-                                scope.cancel()
-                            self._preemptible.clear()
+                            self._preempt(source, index)
                         self._demand_inflight += 1
                     source.runs_inflight += 1
                     self._nursery.start_soon(
@@ -467,7 +543,7 @@ class Fetcher:
 
         scope = trio.CancelScope()
         if preemptible:
-            self._preemptible.add(scope)
+            self._preemptible[scope] = (bid, first)
         try:
             with scope:
                 while writer.next_block <= last:
@@ -517,7 +593,7 @@ class Fetcher:
             self._fail(source, writer.next_block, last, CacheError(f"fetch aborted: {e!r}"))
             raise
         finally:
-            self._preemptible.discard(scope)
+            self._preemptible.pop(scope, None)
             self._inflight_total -= 1
             if background:
                 self._inflight_background -= 1

@@ -27,7 +27,6 @@ The tier sees the fetcher only through :class:`~ttfs.fetch.source.TierHost`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -179,22 +178,35 @@ class SharedTier:
                 rest of the process, so the scheduler's retry goes to the origin.
             CacheError: writing the local blob failed (CacheFull when the disk is full).
         """
-        source.blob.open_journal()
-        while writer.pos < end:
-            n = min(_COPY_PIECE, end - writer.pos)
-            try:
-                done = await trio.to_thread.run_sync(
-                    writer.copy_from, entry.fd, n, limiter=self._readers
-                )
-            except EOFError as e:
-                self._drop(source, "it is shorter than expected")
-                raise TransientError(f"b10cache entry {entry.path} is shorter than expected") from e
-            except CacheError:
-                raise
-            except OSError as e:
-                self._drop(source, f"read failed: {e}")
-                raise TransientError(f"b10cache read of {entry.path} failed: {e}") from e
-            landed(n, done)
+        # One descriptor per run, not per blob: the entries of a big manifest do not fit the
+        # open-file limit at once (ttfs/blocks/descriptors.py has the same reason).
+        try:
+            fd = await trio.to_thread.run_sync(
+                self.cache.open_for_read, entry, limiter=self._readers
+            )
+        except OSError as e:
+            self._drop(source, f"cannot open it: {e}")
+            raise TransientError(f"b10cache entry {entry.path}: {e}") from e
+        try:
+            while writer.pos < end:
+                n = min(_COPY_PIECE, end - writer.pos)
+                try:
+                    done = await trio.to_thread.run_sync(
+                        writer.copy_from, fd, n, limiter=self._readers
+                    )
+                except EOFError as e:
+                    self._drop(source, "it is shorter than expected")
+                    raise TransientError(
+                        f"b10cache entry {entry.path} is shorter than expected"
+                    ) from e
+                except CacheError:
+                    raise
+                except OSError as e:
+                    self._drop(source, f"read failed: {e}")
+                    raise TransientError(f"b10cache read of {entry.path} failed: {e}") from e
+                landed(n, done)
+        finally:
+            os.close(fd)
 
     def on_done(self, source: Source) -> None:
         """The blob is complete and verified: publish it (or refresh its atime), then unlock."""
@@ -289,10 +301,7 @@ class SharedTier:
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     def _close_entry(st: BlobTier) -> None:
-        entry, st.entry = st.entry, None
-        if entry is not None:
-            with contextlib.suppress(OSError):
-                os.close(entry.fd)
+        st.entry = None  # entries hold no descriptor (SharedFile); runs open their own
 
     def _drop(self, source: Source, why: str) -> None:
         st = source.tier

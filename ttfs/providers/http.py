@@ -29,7 +29,7 @@ import httpx
 import trio
 
 from ..config import Settings
-from ..errors import AccessDenied, ProviderError
+from ..errors import AccessDenied, ObjectNotFound, ProviderError, StaleManifest
 from ..manifest import HttpResolution, Pointer
 from ..secrets import get_hf_token
 from ._stream import make_client, mapped, status_error, stream_body
@@ -80,6 +80,8 @@ class HttpProvider:
         self._client = client or make_client(settings)
         self._targets: dict[str, _Target] = {}
         self._resolving: dict[str, trio.Event] = {}
+        # Final errors of resolutions, by their event (kept small: see _resolved).
+        self._final_errors: dict[trio.Event, ProviderError] = {}
         self._tokens: dict[str, str | None] = {}
         self._hub = _origin(settings.hf_endpoint) if settings.hf_endpoint else None
         self.requests = 0
@@ -142,11 +144,18 @@ class HttpProvider:
             if pending is None:
                 break
             # Single-flight the resolution: wait for whoever is following the redirect, then
-            # look again (it may have failed, and another waiter may have taken over).
+            # look again (it may have failed, and another waiter may have taken over). A final
+            # answer (404, 403, stale size) is shared: the waiters fail with it, no new request.
             await pending.wait()
+            final = self._final_errors.get(pending)
+            if final is not None:
+                raise final
         done = self._resolving[url] = trio.Event()
         try:
             await self._get(pointer, url, self.is_hub(url), start, end, sink, resolve_for=url)
+        except (ObjectNotFound, AccessDenied, StaleManifest) as e:
+            self._final_errors[done] = e
+            raise
         finally:
             self._resolved(url, done)
 
@@ -155,6 +164,8 @@ class HttpProvider:
         if self._resolving.get(url) is event:
             del self._resolving[url]
         event.set()
+        if len(self._final_errors) > 1024:  # waiters read theirs right after waking
+            self._final_errors.clear()
 
     async def _get(
         self,
