@@ -165,14 +165,18 @@ def test_kill_9_then_resume_with_the_store_beside_the_files(origin: Origin, tmp_
         proc.wait()
     time.sleep(0.2)
     first = origin.stats.snapshot().bytes_sent
-    assert first < total
+    # What reached the store's files (bytes still in socket buffers at the kill are lost, and
+    # on a loaded machine that can be megabytes per connection, so count what landed).
+    landed = allocated_bytes(out / ".ttfs" / "blobs")
+    assert landed < total
     origin.rate_limit = None
     result = run_cli([str(out)], drop_in_env(manifest), module="truss_transfer")
     assert result.returncode == 0, result.stderr
     assert_same_files(out, files)
     assert not [p for p in leftovers(out) if ".ttfs" not in p.parts]
-    served = origin.stats.snapshot().bytes_sent
-    assert served <= total + len(files) * BLOCK, (served, total, first)
+    second = origin.stats.snapshot().bytes_sent - first
+    # The resume fetches what had not landed, plus at most about a block per file.
+    assert second <= total - landed + len(files) * BLOCK, (second, total, landed)
 
 
 # -- 7. concurrency -------------------------------------------------------------------------------

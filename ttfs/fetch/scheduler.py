@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -52,9 +53,11 @@ from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
-from ..providers import ProviderSet
 from .source import Source
 from .tiers import SharedTier
+
+if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
+    from ..providers import ProviderSet
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +112,8 @@ class Fetcher:
         self._inflight_background = 0
         self._demand_inflight = 0
         self._last_demand = -math.inf
-        self._preemptible: set[trio.CancelScope] = set()
+        # In-flight PREFETCH runs a reader's demand may cancel: scope -> (blob id, first block).
+        self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.origin_bytes = 0
@@ -186,8 +190,18 @@ class Fetcher:
         return self.settings.verify and source.blob.spec.checker.checkable
 
     # -- requests ---------------------------------------------------------------------------
-    def request_nowait(self, source: Source, blocks: Iterable[int], prio: Priority) -> None:
-        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks."""
+    def request_nowait(
+        self,
+        source: Source,
+        blocks: Iterable[int],
+        prio: Priority,
+        *,
+        reader_at: int | None = None,
+    ) -> None:
+        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks.
+
+        ``reader_at`` (READAHEAD): the block the stream's reader is at; see :meth:`_order_key`.
+        """
         blob = source.blob
         bid = blob.blob_id
         changed = False
@@ -198,14 +212,41 @@ class Fetcher:
             state = self._blocks.get(key)
             if state is None:
                 self._blocks[key] = _BlockState(prio)
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
             elif prio < state.prio and not state.inflight:
                 state.prio = prio
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
         if changed:
             self._wakeup.set()
+
+    # -- policy ------------------------------------------------------------------------------
+    def _order_key(self, prio: Priority, index: int, reader_at: int | None) -> int:
+        """The second element of a heap entry: the order within one priority.
+
+        DEMAND and PREFETCH are first-come first-served. READAHEAD is ordered by how far the
+        block lies ahead of its reader (``index - reader_at``): several loaders streaming
+        different shards (vLLM's loader threads) then take turns at the connection budget in
+        the order their readers will need the bytes, instead of the first stream's whole window
+        going before the second stream's first block.
+        """
+        if prio == Priority.READAHEAD and reader_at is not None:
+            return max(0, index - reader_at)
+        return next(self._seq)
+
+    def _preempt(self, source: Source, index: int) -> None:
+        """The first demand of a burst cancels in-flight PREFETCH runs elsewhere (their blocks
+        go back to the queue), never a run of the same blob that starts at or ahead of the
+        demanded block within one connection budget: that run is the reader's own stream, and
+        cancelling it would make the reader wait for the same bytes again."""
+        reach = self.settings.max_connections * self._unit_blocks
+        bid = source.blob.blob_id
+        for scope, (run_bid, first) in list(self._preemptible.items()):
+            if run_bid == bid and index <= first <= index + reach:
+                continue
+            scope.cancel()
+            del self._preemptible[scope]
 
     async def ensure(self, source: Source, blocks: range, prio: Priority = Priority.DEMAND) -> None:
         """Return once every block in ``blocks`` is present.
@@ -419,9 +460,7 @@ class Fetcher:
                         # hold new ones back, so a long load keeps its prefetch connections.
                         now = trio.current_time()
                         if not self._demand_inflight and now - self._last_demand >= PREFETCH_QUIET:
-                            for scope in self._preemptible:
-                                scope.cancel()
-                            self._preemptible.clear()
+                            self._preempt(source, index)
                         self._demand_inflight += 1
                     source.runs_inflight += 1
                     self._nursery.start_soon(
@@ -495,7 +534,7 @@ class Fetcher:
 
         scope = trio.CancelScope()
         if preemptible:
-            self._preemptible.add(scope)
+            self._preemptible[scope] = (bid, first)
         try:
             with scope:
                 while writer.next_block <= last:
@@ -545,7 +584,7 @@ class Fetcher:
             self._fail(source, writer.next_block, last, CacheError(f"fetch aborted: {e!r}"))
             raise
         finally:
-            self._preemptible.discard(scope)
+            self._preemptible.pop(scope, None)
             self._inflight_total -= 1
             if background:
                 self._inflight_background -= 1

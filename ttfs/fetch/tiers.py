@@ -31,7 +31,7 @@ import functools
 import logging
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -39,9 +39,11 @@ from ..blocks.shared import Decision, SharedCache, SharedFile
 from ..config import SharedCacheConfig
 from ..errors import CacheError, TransientError
 from ..manifest import Pointer
-from ..providers.base import Sink
 from .replicas import ReplicaLocks
 from .source import BlobTier, Source, TierHost, TierState
+
+if TYPE_CHECKING:  # providers import httpx: not on the mount path before ready
+    from ..providers.base import Sink
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ import httpx
 from ..config import Settings
 from ..errors import AccessDenied, ObjectNotFound, ProviderError, StaleManifest, TransientError
 from ..manifest import Pointer
+from ..procs import own_process
 from .base import Sink, redact_url
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.stall_timeout,
         pool=None,  # the scheduler bounds concurrency; waiting for a slot is not a stall
     )
+    if own_process():
+        tune_httpcore()  # a ttfs command's own process (ttfs.procs.claim_process)
     transport = httpx.AsyncHTTPTransport(limits=limits, proxy=data_proxy(settings))
     return httpx.AsyncClient(
         transport=transport,
