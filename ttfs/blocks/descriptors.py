@@ -102,7 +102,9 @@ class DescriptorTable:
             blob._leases -= 1
             if self._retired and blob._leases == 0:
                 self._close_retired(blob)
-            if self.open_count > self.limit:
+            if blob._leases == 0 and blob not in self._lru:
+                self._close(blob)  # forgotten while this lease was out: close it now
+            elif self.open_count > self.limit:
                 self._trim()
 
     @contextlib.contextmanager
@@ -169,10 +171,12 @@ class DescriptorTable:
             self._lru[blob] = None
 
     def forget(self, blob: Blob) -> None:
-        """Close the blob's descriptors for good (its last reference is gone)."""
+        """Close the blob's descriptors for good (its last reference is gone); a lease still
+        out (a flush persisting it from another thread) closes them when it ends."""
         with self._lock:
             self._lru.pop(blob, None)
-            self._close(blob)
+            if blob._leases == 0:
+                self._close(blob)
 
     def _close_retired(self, blob: Blob | None) -> None:
         keep = []

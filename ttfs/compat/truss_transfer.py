@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import trio
 
@@ -110,7 +110,7 @@ def _download_dir(download_dir: str | None) -> str:
     return os.environ.get("TRUSS_TRANSFER_DOWNLOAD_DIR") or DEFAULT_DOWNLOAD_DIR
 
 
-def monitor_secs(env: dict[str, str] | os._Environ[str] | None = None) -> float:
+def monitor_secs(env: Mapping[str, str] | None = None) -> float:
     """``TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS`` (default 30).
 
     Raises:
