@@ -132,6 +132,7 @@ async def serving(fetcher: Fetcher, lock: OwnerLock) -> AsyncIterator[None]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a dead owner's socket: we hold the lock, so it is not live
         await sock.bind(str(path))
+        os.chmod(path, 0o600)  # only the cache's own user may ask (connect needs write)
         sock.listen(64)
     except OSError as e:
         sock.close()
