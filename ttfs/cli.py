@@ -466,7 +466,9 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
 
 
 @cli.command("umount")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+# A plain string: click.Path would stat() and access() the path, which fails ("not readable")
+# or hangs on a dead or wedged mount, the very mounts umount must clear.
+@click.argument("mountpoint", type=str)
 @click.option(
     "--timeout",
     type=float,
@@ -476,8 +478,12 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
 )
 @control_options
 @handles_errors
-def umount_cmd(mountpoint: Path, timeout: float, **opts: Any) -> None:
-    """Unmount a ttfs mount; a dead or busy one is detached lazily (fusermount3 -uz)."""
+def umount_cmd(mountpoint: str, timeout: float, **opts: Any) -> None:
+    """Unmount a ttfs mount in any state: live, busy, or dead (its daemon killed).
+
+    A busy mount (a process has a file open there) is detached lazily: the path is free at
+    once, open files keep working, and the daemon exits when the last one is closed.
+    """
     from .fuse.daemon import unmount
 
     lazy = unmount(mountpoint, timeout=timeout)
