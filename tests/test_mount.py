@@ -225,9 +225,9 @@ def test_materialize_from_another_process_then_everything_is_local_and_verified(
             *[str(mnt / n) for n in files_of(model)],
         )
         assert origin.stats.data_requests == 0
-        table = ttfs("status", str(mnt), check=True).stdout
+        table = ttfs("status", "--files", str(mnt), check=True).stdout
         assert "shared.bin" in table and "100.0%" in table and "7 verified" in table
-        as_json = json.loads(ttfs("status", "--json", str(mnt), check=True).stdout)
+        as_json = json.loads(ttfs("status", "--json", "--files", str(mnt), check=True).stdout)
         by_path = {f["path"]: f for f in as_json["files"]}
         assert by_path["shared.bin"]["bytes_by_source"]["origin"] == 12 * BS
         assert all(f["verified"] for f in as_json["files"])
