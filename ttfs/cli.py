@@ -92,6 +92,13 @@ def common_options(f: F) -> F:
             default=False,
             help="Skip hashing blobs against the manifest.",
         ),
+        click.option(
+            "--metrics",
+            metavar="HOST:PORT",
+            envvar="TTFS_METRICS",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics while running (PORT "
+            "alone: 127.0.0.1) [default: off].",
+        ),
         *_log_options(),
     ]
     for option in reversed(options):
@@ -106,6 +113,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         max_connections=opts.get("max_connections"),
         verify=False if opts.get("no_verify") else None,
         shared_cache_dir=opts.get("shared_cache"),
+        metrics=opts.get("metrics"),
     )
 
 
@@ -311,6 +319,8 @@ def mount_cmd(
                 extra += ["--max-connections", str(opts["max_connections"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
+            if opts.get("metrics"):
+                extra += ["--metrics", str(opts["metrics"])]
             if opts.get("shared_cache"):
                 extra += ["--shared-cache", str(Path(opts["shared_cache"]).absolute())]
             if read_ahead_kb is not None:

@@ -86,6 +86,8 @@ class Settings:
     hf_endpoint: str | None = None
     # The b10fs shared cache tier (docs/b10fs.md); None = off.
     shared_cache: SharedCacheConfig | None = None
+    # HOST:PORT of the opt-in Prometheus endpoint (--metrics, TTFS_METRICS); None = off.
+    metrics: str | None = None
     secrets_env: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -135,6 +137,7 @@ class Settings:
         if env.get("TTFS_VERIFY") is not None:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
+        values["metrics"] = env.get("TTFS_METRICS") or None
         # b10fs: BASETEN_FS_ENABLED + USE_BASETEN_FS_TRUSS_TRANSFER, or --shared-cache DIR.
         from .blocks.shared import SharedCacheConfig
 
@@ -170,6 +173,10 @@ class Settings:
             raise ConfigError("per-file connections must be >= 1")
         if self.stall_timeout <= 0:
             raise ConfigError("stall timeout must be > 0")
+        if self.metrics is not None:
+            from .telemetry.metrics import parse_address
+
+            parse_address(self.metrics)
 
 
 def _int(env: Mapping[str, str], name: str) -> int | None:

@@ -43,6 +43,7 @@ from .errors import CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
 from .manifest import Pointer, destination
 from .providers import ProviderSet
+from .telemetry.metrics import exporting
 from .telemetry.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -402,8 +403,12 @@ async def resolve(
             settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
         )
     )
+    stack = contextlib.ExitStack()  # the metrics endpoint, when --metrics asks for one
     try:
         async with open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher:
+            stack.enter_context(
+                exporting(settings.metrics, fetcher.metrics_snapshot, role="resolve")
+            )
             resolver = Resolver(
                 fetcher,
                 download_dir,
@@ -417,4 +422,5 @@ async def resolve(
         await trio.to_thread.run_sync(store.evict)
         return report
     finally:
+        stack.close()
         await trio.to_thread.run_sync(store.close)

@@ -49,6 +49,7 @@ from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
 from ..providers import Provider, ProviderSet
+from ..telemetry.metrics import FetchCounters, MetricsSnapshot
 from .tiers import BlobTier, SharedTier
 
 log = logging.getLogger(__name__)
@@ -132,6 +133,7 @@ class Fetcher:
         self.retries = 0
         self.shared_bytes = 0
         self.shared_requests = 0
+        self.counters = FetchCounters()  # the rest of what --metrics exports
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
         if settings.use_range:
@@ -159,6 +161,7 @@ class Fetcher:
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
             source = Source(blob, pointer, provider)
             self._sources[blob_id] = source
+            self.counters.local_bytes += blob.bytes_present
             if self.tier is not None:
                 source.tier = self.tier.track(source)
             if blob.complete and (blob.verified or not self._must_verify(source)):
@@ -233,10 +236,14 @@ class Fetcher:
         length = max(0, min(length, blob.size - offset))
         if length == 0:
             return b""
+        started = time.perf_counter() if prio == Priority.DEMAND else 0.0
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        return blob.pread(offset, length)
+        data = blob.pread(offset, length)
+        if prio == Priority.DEMAND:
+            self.counters.demand_latency.observe(time.perf_counter() - started)
+        return data
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
         """Fetch every missing block; return when the blob is whole and verified.
@@ -297,6 +304,7 @@ class Fetcher:
                 if hasher is None or hasher.hexdigest() == checker.expected:
                     if hasher is not None:
                         blob.verified = True
+                        self.counters.blobs_verified += 1
                     await trio.to_thread.run_sync(self.store.mark_verified, blob)
                     source.done.set()
                     if hasher is not None:
@@ -306,9 +314,11 @@ class Fetcher:
                     return
                 # A corrupt shared-cache entry is not the origin's fault: it costs no attempt
                 # (the tier ignores the entry from now on, so this happens once per blob).
+                self.counters.errors["IntegrityError"] += 1
                 if self.tier is None or not await self.tier.on_mismatch(source, shared_before):
                     source.verify_attempts += 1
                 if source.verify_attempts >= 2:
+                    self.counters.blobs_failed += 1
                     source.failure = IntegrityError(
                         f"{source.pointer.file_name}: content does not match "
                         f"{checker.algorithm} {checker.expected} (fetched twice)"
@@ -480,6 +490,7 @@ class Fetcher:
                         if writer.next_block <= last:
                             raise TransientError(f"{source.pointer.file_name}: range ended early")
                     except TransientError as e:
+                        self.counters.errors[e.kind] += 1
                         attempt += 1
                         elapsed = time.monotonic() - started
                         if attempt >= policy.attempts or elapsed >= policy.deadline:
@@ -506,6 +517,8 @@ class Fetcher:
                 self._requeue(source, writer.next_block, last)
         except (TtfsError, OSError) as e:
             error: BaseException = e if isinstance(e, TtfsError) else CacheError(str(e))
+            if not isinstance(e, TransientError):  # those were counted at each attempt
+                self.counters.errors[type(error).__name__] += 1
             self._fail(source, writer.next_block, last, error)
         except BaseException as e:
             # Cancellation (shutdown) or a bug: release the waiters, then propagate.
@@ -588,6 +601,34 @@ class Fetcher:
             self.shared_bytes,
             self.shared_requests,
             self.tier.corrupt_entries if self.tier is not None else 0,
+        )
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The values one Prometheus scrape exports (ttfs/telemetry/metrics.py).
+
+        Runs in the exporter's thread: containers are copied in one C call each (atomic under
+        the GIL) before they are iterated, so the trio thread may change them meanwhile.
+        """
+        queued = {p.name: 0 for p in Priority}
+        for state in list(self._blocks.values()):
+            if not state.inflight:
+                queued[state.prio.name] += 1
+        c = self.counters
+        return MetricsSnapshot(
+            origin_bytes=self.origin_bytes,
+            shared_bytes=self.shared_bytes,
+            local_bytes=c.local_bytes,
+            origin_requests=self.origin_requests,
+            shared_requests=self.shared_requests,
+            retries=self.retries,
+            errors=dict(c.errors),
+            blobs_verified=c.blobs_verified,
+            blobs_failed=c.blobs_failed,
+            inflight_requests=self._inflight_total,
+            queued=queued,
+            demand_buckets=c.demand_latency.cumulative(),
+            demand_count=c.demand_latency.count,
+            demand_sum=c.demand_latency.total,
         )
 
     async def aclose(self) -> None:

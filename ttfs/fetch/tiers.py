@@ -240,10 +240,14 @@ class SharedTier:
                 )
             except OSError as e:
                 self._drop(source, f"read failed: {e}")
-                raise TransientError(f"b10cache read of {entry.path} failed: {e}") from e
+                raise TransientError(
+                    f"b10cache read of {entry.path} failed: {e}", kind="shared_cache"
+                ) from e
             if got != n:
                 self._drop(source, "it is shorter than expected")
-                raise TransientError(f"b10cache entry {entry.path} is shorter than expected")
+                raise TransientError(
+                    f"b10cache entry {entry.path} is shorter than expected", kind="shared_cache"
+                )
             sink(part)
             offset += n
 

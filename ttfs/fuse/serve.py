@@ -43,6 +43,7 @@ from ..errors import MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
 from ..providers import ProviderSet
+from ..telemetry.metrics import exporting
 from ..vfs.core import FsOptions, ModelFs, open_model_fs
 from ..vfs.readahead import ReadaheadConfig
 from ..vfs.tree import Tree
@@ -179,6 +180,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         stack.push_async_callback(trio.to_thread.run_sync, store.close)
         providers = config.providers or ProviderSet(settings)
         fetcher = await stack.enter_async_context(open_fetcher(store, providers, settings))
+        stack.enter_context(exporting(settings.metrics, fetcher.metrics_snapshot, role="mount"))
         info = {
             "mountpoint": str(mountpoint),
             "cache_dir": str(settings.cache_dir),
