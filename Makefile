@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 run:
 	@scripts/bootstrap.sh fuse,loaders
-	$(PY) -m ttfs.demo.run
+	$(PY) -m demo.run
 
 test:
 	@scripts/bootstrap.sh test
@@ -18,8 +18,8 @@ bench:
 
 lint:
 	@scripts/bootstrap.sh test
-	$(VENV)/bin/ruff check ttfs truss_transfer tests
-	$(VENV)/bin/ruff format --check ttfs truss_transfer tests
+	$(VENV)/bin/ruff check ttfs truss_transfer demo tests
+	$(VENV)/bin/ruff format --check ttfs truss_transfer demo tests
 	$(VENV)/bin/mypy
 
 clean:

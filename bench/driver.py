@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ttfs.demo.model import ModelShape, build_manifest, generate_model, model_files
+from demo.model import ModelShape, build_manifest, generate_model, model_files
 
 from . import report
 from .hub import REPO_ID, Hub

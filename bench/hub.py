@@ -1,6 +1,6 @@
 """The fake Hugging Face hub of the benchmarks: metadata from Python, bytes from nginx.
 
-It is the suite's own :class:`ttfs.demo.origin.Origin` (the hub API ``/api/models/...``, the
+It is the suite's own :class:`demo.origin.Origin` (the hub API ``/api/models/...``, the
 ``resolve`` route with its 302 and ``X-Linked-Etag``/``X-Linked-Size`` headers, git files
 answered inline), with one change: the 302 of a large ("LFS") file points at the benchmark's
 nginx (``/cdn/`` or ``/raw/``) instead of the Python CDN listener. So ``snapshot_download``
@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 import httpx
 
-from ttfs.demo.origin import Origin
+from demo.origin import Origin
 
 REPO_ID = "bench/model"
 

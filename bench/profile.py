@@ -27,7 +27,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from ttfs.demo.model import build_manifest, model_files
+from demo.model import build_manifest, model_files
 
 from .driver import prepare_model
 from .hub import REPO_ID
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "--origin",
         choices=("nginx", "python"),
         default="nginx",
-        help="nginx /raw/, or ttfs.demo.origin processes (sendfile) where there is no nginx",
+        help="nginx /raw/, or demo.origin processes (sendfile) where there is no nginx",
     )
     ap.add_argument("--work", type=Path, default=REPO / ".work" / "bench")
     args = ap.parse_args(argv)

@@ -5,7 +5,7 @@ download over several processes on many-core hosts. This script measures that on
 machine (the 16-core GPU box: Ubuntu 24.04, Python 3.12, no network, no nginx, no libfuse).
 
 It generates ~4 GiB of files (``--size-gib``, ``--files``; once, reused), serves them from
-``--origins`` local :class:`ttfs.demo.origin.Origin` processes (sendfile, no limits; files
+``--origins`` local :class:`demo.origin.Origin` processes (sendfile, no limits; files
 spread round-robin over them), then runs ``ttfs resolve`` at every combination of
 
 * 1, 4 and 16 resolve processes at once (``--procs``), each resolving a disjoint subset of
@@ -108,7 +108,7 @@ def start_origins(data: Path, n: int, env: dict[str, str]) -> list[OriginProc]:
     origins = []
     for _ in range(n):
         proc = subprocess.Popen(
-            [sys.executable, "-m", "ttfs.demo.origin", str(data), "--log-level", "ERROR"],
+            [sys.executable, "-m", "demo.origin", str(data), "--log-level", "ERROR"],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
             text=True,
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"\n{total / GB:.2f} GB in {len(files)} files from {args.origins} origin process(es) "
-        f"(ttfs.demo.origin, sendfile), {args.runs} run(s), medians; "
+        f"(demo.origin, sendfile), {args.runs} run(s), medians; "
         f"{'one shared cache dir' if args.shared_cache else 'one cache dir per process'}.\n"
     )
     print(

@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from ttfs.demo.origin import Origin
+from demo.origin import Origin
 from ttfs.fuse.kernel import is_mounted
 
 REPO = Path(__file__).resolve().parent.parent

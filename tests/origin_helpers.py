@@ -1,7 +1,7 @@
 """Helpers for the tests that talk to the real counting origin over real sockets.
 
 * fixtures ``origin_root`` (an empty tmp dir) and ``origin`` (a started
-  :class:`~ttfs.demo.origin.Origin` serving it), registered in ``tests/conftest.py``;
+  :class:`~demo.origin.Origin` serving it), registered in ``tests/conftest.py``;
 * :func:`write_random_files` writes files of given sizes under a root (``random.randbytes``:
   hundreds of MB per second);
 * :func:`manifest_for` builds a bptr manifest for files the origin serves, either through plain
@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 import trio
 
-from ttfs.demo.model import build_manifest, sha256_file
-from ttfs.demo.origin import Origin, RequestRecord
+from demo.model import build_manifest, sha256_file
+from demo.origin import Origin, RequestRecord
 from ttfs.manifest import Pointer, parse_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

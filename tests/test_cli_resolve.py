@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from demo.origin import Origin
 from tests.origin_helpers import (
     allocated_bytes,
     cli_env,
@@ -24,7 +25,6 @@ from tests.origin_helpers import (
     tree,
     write_manifest,
 )
-from ttfs.demo.origin import Origin
 from ttfs.units import MiB
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from demo.origin import Faults, Origin
 from tests.origin_helpers import (
     HF_REPO,
     NoRangeServer,
@@ -36,7 +37,6 @@ from tests.origin_helpers import (
     write_random_files,
 )
 from ttfs.config import RetryPolicy, Settings
-from ttfs.demo.origin import Faults, Origin
 from ttfs.errors import (
     AccessDenied,
     DownloadError,

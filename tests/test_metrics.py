@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from demo.origin import Faults, Origin
 from tests.mount_helpers import mounted, require_fuse, run_py, ttfs, wait_for, write_manifest
 from tests.origin_helpers import REPO_ROOT, cli_env, write_random_files
-from ttfs.demo.origin import Faults, Origin
 from ttfs.errors import ConfigError
 from ttfs.telemetry.metrics import LatencyHistogram, parse_address
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     daemon_env,
     make_shard,
@@ -34,7 +35,6 @@ from tests.mount_helpers import (
     write_manifest,
 )
 from ttfs.control import walk_status
-from ttfs.demo.origin import Origin
 from ttfs.fuse.kernel import is_mounted
 from ttfs.units import MiB
 

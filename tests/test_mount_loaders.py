@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     daemon_env,
     make_shard,
@@ -27,7 +28,6 @@ from tests.mount_helpers import (
     status,
     write_manifest,
 )
-from ttfs.demo.origin import Origin
 from ttfs.units import MiB
 from ttfs.vfs.readahead import ReadaheadConfig
 

@@ -1,4 +1,4 @@
-"""Tests for the counting origin (``ttfs.demo.origin``).
+"""Tests for the counting origin (``demo.origin``).
 
 Every other component's tests trust this server to tell the truth about ranges, redirects and
 faults, so its own behaviour is pinned here over real sockets with real clients.
@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ttfs.demo.origin import Faults, Origin
+from demo.origin import Faults, Origin
 from ttfs.units import MiB
 
 SMALL = bytes(range(256)) * 40  # 10240 bytes, a "git" file on the hub
@@ -442,7 +442,9 @@ def test_throughput(tmp_path: Path) -> None:
     rate = size / elapsed / 1e6
     print(f"throughput: {rate:.0f} MB/s")
     assert n == size
-    assert rate >= 150, f"{rate:.0f} MB/s"
+    # A floor, not a benchmark: the origin must not be what a test of ttfs waits on, but the
+    # suite also runs on a loaded 2-core CI machine (measured 97 MB/s there against 400+ idle).
+    assert rate >= 30, f"{rate:.0f} MB/s"
 
 
 # -- lifecycle -------------------------------------------------------------------------------
@@ -473,9 +475,10 @@ def test_stop_is_fast_with_open_connections(root: Path) -> None:
 
 def test_cli_subprocess(root: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ttfs.demo.origin", str(root), "--latency", "0"],
+        [sys.executable, "-m", "demo.origin", str(root), "--latency", "0"],
         stdout=subprocess.PIPE,
         text=True,
+        cwd=Path(__file__).resolve().parents[1],  # demo/ is a top-level package of the checkout
     )
     try:
         assert proc.stdout is not None

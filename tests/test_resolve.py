@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Faults, Origin
 from tests.origin_helpers import (
     HF_REPO,
     REPO_ROOT,
@@ -45,7 +46,6 @@ from tests.origin_helpers import (
     write_manifest,
     write_random_files,
 )
-from ttfs.demo.origin import Faults, Origin
 from ttfs.units import MiB
 
 BLOCK = 2 * MiB

@@ -22,13 +22,8 @@ import trio
 import ttfs.blocks.shared as shared_mod
 from tests.fakes import FakeProvider, pointer_for, ramp
 from ttfs.blocks import BlockStore
-from ttfs.blocks.shared import (
-    SharedCache,
-    SharedCacheConfig,
-    SpaceStats,
-    desired_speed,
-)
-from ttfs.config import Settings
+from ttfs.blocks.shared import SharedCache, SpaceStats, desired_speed
+from ttfs.config import Settings, SharedCacheConfig
 from ttfs.errors import ConfigError
 from ttfs.fetch import Fetcher, Priority, open_fetcher
 from ttfs.providers import ProviderSet

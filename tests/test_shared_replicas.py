@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.origin_helpers import (
     REPO_ROOT,
     assert_same_files,
@@ -29,7 +30,6 @@ from tests.origin_helpers import (
     write_manifest,
     write_random_files,
 )
-from ttfs.demo.origin import Origin
 from ttfs.units import KiB, MiB
 
 SIZES = {

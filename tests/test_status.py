@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     FAR_FUTURE,
     mounted,
@@ -29,7 +30,6 @@ from tests.mount_helpers import (
     write_manifest,
 )
 from ttfs.control import CONTROL_FILE, full_status, mount_status
-from ttfs.demo.origin import Origin
 
 pytestmark = pytest.mark.fuse
 

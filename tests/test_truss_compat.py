@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 
 import truss_transfer
+from demo.origin import Origin
 from tests.origin_helpers import REPO_ROOT, cli_env, run_cli, write_manifest, write_random_files
-from ttfs.demo.origin import Origin
 
 SIZE = 1482
 NAME = "nested/config.json"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.origin import Origin
 from tests.mount_helpers import (
     REPO,
     require_fuse,
@@ -27,7 +28,6 @@ from tests.mount_helpers import (
     wait_for,
     write_manifest,
 )
-from ttfs.demo.origin import Origin
 from ttfs.fuse.daemon import Daemon, mount_in_subprocess, unmount
 from ttfs.fuse.kernel import is_mounted
 from ttfs.procs import process_alive

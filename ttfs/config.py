@@ -14,13 +14,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import ConfigError
-from .units import MiB, parse_size
-
-if TYPE_CHECKING:
-    from .blocks.shared import SharedCacheConfig
+from .units import GiB, MiB, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +136,6 @@ class Settings:
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
         values["metrics"] = env.get("TTFS_METRICS") or None
         # b10fs: BASETEN_FS_ENABLED + USE_BASETEN_FS_TRUSS_TRANSFER, or --shared-cache DIR.
-        from .blocks.shared import SharedCacheConfig
-
         values["shared_cache"] = SharedCacheConfig.from_env(
             env, overrides.pop("shared_cache_dir", None)
         )
@@ -205,3 +200,94 @@ def _size(env: Mapping[str, str], name: str) -> int:
         return parse_size(env[name])
     except ValueError as e:
         raise ConfigError(f"{name}: {e}") from e
+
+
+# -- the b10fs shared cache (docs/b10fs.md); ttfs.blocks.shared does the storage half --------
+# Upstream constants (spec §7.1): the cache dir, 96 h cleanup, 100 GiB headroom, 128 MiB probe.
+DEFAULT_DIR = Path("/cache/org/artifacts/truss_transfer_managed_v1")
+CLEANUP_HOURS = 96.0
+MIN_FREE_GB = 100.0
+BENCHMARK_BYTES = 128 * MiB
+PUBLISH_TIMEOUT = 900.0
+SPEED_CPU_THRESHOLD = 16
+LOCK_STALE_SECS = 60.0
+
+
+def _number(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} is not a number") from e
+    if not value >= 0:  # also NaN
+        raise ConfigError(f"{name} must be >= 0, got {raw!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SharedCacheConfig:
+    """Where the shared cache is and the rules it follows (built from the environment).
+
+    ``enabled_by`` says how it was switched on: ``"b10fs"`` (``BASETEN_FS_ENABLED`` and
+    ``USE_BASETEN_FS_TRUSS_TRANSFER``) or ``"option"`` (``--shared-cache`` /
+    ``TTFS_SHARED_CACHE``). The rules are the same either way.
+    """
+
+    directory: Path
+    enabled_by: str = "option"
+    cleanup_hours: float = CLEANUP_HOURS
+    max_stale_bytes: int | None = None
+    min_free_bytes: int = int(MIN_FREE_GB * GiB)
+    # Read threshold in MiB/s; None draws one per process, as upstream (see desired_speed).
+    speed_mbps: float | None = None
+    benchmark_bytes: int = BENCHMARK_BYTES
+    lock_stale_secs: float = LOCK_STALE_SECS
+    poll_secs: float = 0.5
+    publish_timeout: float = PUBLISH_TIMEOUT
+
+    @property
+    def lock_refresh_secs(self) -> float:
+        """How often a holder touches its locks: several times per stale timeout."""
+        return max(0.1, min(5.0, self.lock_stale_secs / 4))
+
+    @classmethod
+    def from_env(
+        cls, env: Mapping[str, str], directory: Path | str | None = None
+    ) -> SharedCacheConfig | None:
+        """The shared-cache settings, or None when the tier is off.
+
+        On when ``directory`` (``--shared-cache``) or ``TTFS_SHARED_CACHE`` names a directory,
+        or when both ``BASETEN_FS_ENABLED`` and ``USE_BASETEN_FS_TRUSS_TRANSFER`` are truthy
+        (then at ``TRUSS_TRANSFER_CACHE_DIR``, default :data:`DEFAULT_DIR`).
+
+        Raises:
+            ConfigError: a numeric variable is not a number (upstream silently uses the default).
+        """
+        chosen = directory if directory is not None else (env.get("TTFS_SHARED_CACHE") or None)
+        if chosen is not None:
+            where, by = Path(chosen), "option"
+        elif truthy(env.get("BASETEN_FS_ENABLED")) and truthy(
+            env.get("USE_BASETEN_FS_TRUSS_TRANSFER")
+        ):
+            where, by = Path(env.get("TRUSS_TRANSFER_CACHE_DIR") or DEFAULT_DIR), "b10fs"
+        else:
+            return None
+        hours = _number(env, "TRUSS_TRANSFER_B10FS_CLEANUP_HOURS", CLEANUP_HOURS)
+        stale_gb = _number(env, "TRUSS_TRANSFER_B10FS_MAX_STALE_CACHE_SIZE_GB", None)
+        free_gb = _number(env, "TRUSS_TRANSFER_B10FS_MIN_REQUIRED_AVAILABLE_SPACE_GB", MIN_FREE_GB)
+        speed = _number(env, "TRUSS_TRANSFER_B10FS_DOWNLOAD_SPEED_MBPS", None)
+        lock_secs = _number(env, "TTFS_SHARED_LOCK_STALE_SECS", LOCK_STALE_SECS)
+        assert hours is not None and free_gb is not None and lock_secs is not None
+        if lock_secs <= 0:
+            raise ConfigError("TTFS_SHARED_LOCK_STALE_SECS must be > 0")
+        return cls(
+            directory=where,
+            enabled_by=by,
+            cleanup_hours=hours,
+            max_stale_bytes=None if stale_gb is None else int(stale_gb * GiB),
+            min_free_bytes=int(free_gb * GiB),
+            speed_mbps=speed,
+            lock_stale_secs=lock_secs,
+        )

@@ -44,13 +44,14 @@ from enum import IntEnum
 
 import trio
 
-from ..blocks import Blob, BlobSpec, BlockStore, checker_for
+from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
 from ..errors import CacheError, IntegrityError, TransientError, TtfsError
 from ..manifest import Pointer
-from ..providers import Provider, ProviderSet
+from ..providers import ProviderSet
 from ..telemetry.metrics import FetchCounters, MetricsSnapshot
-from .tiers import BlobTier, SharedTier
+from .source import Source
+from .tiers import SharedTier
 
 log = logging.getLogger(__name__)
 
@@ -75,26 +76,6 @@ class _BlockState:
     inflight: bool = False
     event: trio.Event = field(default_factory=trio.Event)
     error: BaseException | None = None
-
-
-@dataclass(slots=True)
-class Source:
-    """A blob as the fetcher sees it: where its bytes come from and its progress."""
-
-    blob: Blob
-    pointer: Pointer
-    provider: Provider
-    runs_inflight: int = 0
-    deferred: list[tuple[int, int, str, int]] = field(default_factory=list)
-    verify_attempts: int = 0
-    discards: int = 0
-    # Replaced (and the old one set) whenever a block lands, the blob is discarded or finishes.
-    changed: trio.Event = field(default_factory=trio.Event)
-    failure: BaseException | None = None
-    done: trio.Event = field(default_factory=trio.Event)
-    origin_bytes: int = 0
-    shared_bytes: int = 0  # bytes read from the shared cache (b10fs) tier
-    tier: BlobTier | None = None  # the shared tier's state for this blob (None: tier off)
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +159,17 @@ class Fetcher:
 
     def sources(self) -> list[Source]:
         return list(self._sources.values())
+
+    # -- what the shared tier may ask (ttfs.fetch.source.TierHost) ---------------------------
+    def unpark(self, source: Source) -> None:
+        """Put the blob's parked queue entries back and wake the dispatcher."""
+        deferred, source.deferred = source.deferred, []
+        for entry in deferred:
+            heapq.heappush(self._heap, entry)
+        self._wakeup.set()
+
+    def wake(self) -> None:
+        self._wakeup.set()
 
     def _must_verify(self, source: Source) -> bool:
         return self.settings.verify and source.blob.spec.checker.checkable

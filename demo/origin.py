@@ -1006,7 +1006,7 @@ def _commit_for(repo_id: str, revision: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the origin until SIGTERM/SIGINT; print its URLs as one JSON line for the parent."""
     parser = argparse.ArgumentParser(
-        prog="python -m ttfs.demo.origin", description="Serve ROOT as a local test/demo origin."
+        prog="python -m demo.origin", description="Serve ROOT as a local test/demo origin."
     )
     parser.add_argument("root", type=Path)
     parser.add_argument("--host", default="127.0.0.1")

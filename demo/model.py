@@ -6,7 +6,7 @@ tensors. The weights are random float16 written with numpy only (no torch needed
 with the exact names and shapes ``transformers``' ``LlamaForCausalLM`` expects, so
 ``AutoModelForCausalLM.from_pretrained`` loads it. Nothing is downloaded.
 
-Also builds a bptr manifest for any directory served by :class:`~ttfs.demo.origin.Origin`,
+Also builds a bptr manifest for any directory served by :class:`~demo.origin.Origin`,
 with the hashes the Hugging Face creator would write (sha256 for large files, git blob SHA-1
 for small ones, hashtype ``etag``).
 """

@@ -1,7 +1,7 @@
 """``make run``: the end-to-end demo on the embedded local origin.
 
 1. Generates a sharded Llama-style model (~300 MB) once, under ``.work/demo``.
-2. Serves it from :class:`~ttfs.demo.origin.Origin` like Hugging Face does: a hub that answers
+2. Serves it from :class:`~demo.origin.Origin` like Hugging Face does: a hub that answers
    ``resolve`` URLs with a 302 to a signed CDN URL on a second port.
 3. Writes a bptr manifest for it and runs the real CLI: ``ttfs resolve`` from a cold cache, a
    second time (nothing is fetched), and ``python -m truss_transfer`` (the drop-in).
