@@ -217,3 +217,31 @@ def test_the_systemd_unit_clears_a_dead_mount_with_ttfs_umount(
             assert not is_mounted(mnt)
         finally:
             stop_daemon(mnt, daemon.pid)
+
+
+def test_umount_of_an_aborted_connection_with_the_daemon_still_running(
+    tmp_path: Path, manifest: Path
+) -> None:
+    """Half gone: the kernel's side of the FUSE connection is aborted (fusectl ``abort``, as an
+    admin does for a hung mount) while the daemon process lives on."""
+    from ttfs.fuse.kernel import FUSECTL, mount_device
+
+    mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+    daemon = _mount(manifest, mnt, cache)
+    try:
+        device = mount_device(mnt)
+        assert device is not None
+        major, _, minor = device.partition(":")
+        abort = FUSECTL / str((int(major) << 20) | int(minor)) / "abort"
+        if not abort.exists():
+            pytest.skip("fusectl is not mounted")
+        abort.write_text("1")
+        with pytest.raises(OSError):
+            os.listdir(mnt)
+        done = ttfs("umount", str(mnt), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(mnt)
+        # The daemon's session is gone: it notices and exits by itself.
+        wait_for(lambda: not process_alive(daemon.pid), timeout=30, what="the daemon to exit")
+    finally:
+        stop_daemon(mnt, daemon.pid)
