@@ -21,6 +21,7 @@ from demo.origin import Faults, Origin
 from tests.mount_helpers import mounted, require_fuse, run_py, ttfs, wait_for, write_manifest
 from tests.origin_helpers import REPO_ROOT, cli_env, write_random_files
 from ttfs.errors import ConfigError
+from ttfs.fuse.kernel import is_mounted
 from ttfs.telemetry.metrics import LatencyHistogram, parse_address
 
 MiB = 1 << 20
@@ -103,6 +104,16 @@ def test_mount_metrics_move_with_reads_retries_and_verification(tmp_path: Path) 
         manifest = tmp_path / "m.json"
         write_manifest(origin, src, manifest)
         mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+        mnt.mkdir()
+        with socket.socket() as busy:  # a port in use: one line from the daemon, no mount
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            taken = f"127.0.0.1:{busy.getsockname()[1]}"
+            done = ttfs(
+                "mount", "--cache-dir", str(cache), "--metrics", taken, str(manifest), str(mnt)
+            )
+        assert done.returncode != 0 and "cannot serve metrics" in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and not is_mounted(mnt)
         args = ("--no-prefetch", "--metrics", f"127.0.0.1:{port}")
         with mounted(manifest, mnt, cache, *args):
             before = scrape(port)
