@@ -14,6 +14,9 @@ What it proves, per origin profile (``cdn``: 25 MB/s per connection + 20 ms per 
   through a cold mount vs ``ttfs materialize`` alone vs ``snapshot_download`` then load; a warm
   sequential read through the mount vs reading the cached blob files directly (page-cache hot,
   and after dropping the page cache, which is global and only done there).
+* **Fast path** (``--only fastpath``, :mod:`bench.fastpath`): a materialized mount read with
+  1 MiB reads and with ``load_file``, fast path on and off, against the blob files, at 512 MiB
+  and 1 GiB shards; page-cache footprint.
 
 The model (config, tokenizer, index, 4 safetensors shards with many tensors) is generated once
 under ``--work``; the fake hub (:mod:`bench.hub`) serves metadata and 302s to nginx for bytes.
@@ -61,7 +64,8 @@ Sample = dict[str, float]
 
 EAGER = ("resolve", "materialize", "snapshot", "hf_transfer", "aria2c", "curl", "rclone")
 LAZY = ("tensor", "tensor_noprefetch", "tensor_rclone", "load_mount", "warm_read", "snapshot_load")
-ITEMS = EAGER + LAZY
+SEPARATE = ("fastpath",)  # own origin and model, run once, not per profile (bench/fastpath.py)
+ITEMS = EAGER + LAZY + SEPARATE
 
 
 @dataclass
@@ -576,6 +580,22 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     work = args.work.resolve()
     (work / "run").mkdir(parents=True, exist_ok=True)
+    separate = [x for x in args.items if x in SEPARATE]
+    args.items = [x for x in args.items if x not in SEPARATE]
+    extra = ""
+    if "fastpath" in separate:
+        from . import fastpath
+
+        with CHILDREN:
+            extra = fastpath.run(work / "fastpath", shard_sizes=[512, 1024], runs=args.runs)
+        if not args.items:
+            print()
+            print(extra)
+            args.results.mkdir(parents=True, exist_ok=True)
+            out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}-fastpath.md"
+            out.write_text(f"# ttfs bench (fastpath), {started}\n\n{extra}")
+            print(f"bench: results written to {out}")
+            return 0
     data, _model = prepare_model(work, args.size)
     all_results: dict[str, dict[str, list[Sample]]] = {}
     with CHILDREN, contextlib.ExitStack() as stack:
@@ -601,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
                     rmtree(s.path(name))
     elapsed = time.monotonic() - t_start
     text = report.render(s, all_results, info=info, started=started, elapsed=elapsed)
+    if extra:
+        text += "\n" + extra
     print()
     print(text)
     args.results.mkdir(parents=True, exist_ok=True)

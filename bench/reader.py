@@ -10,16 +10,20 @@ Commands (paths are absolute):
 * ``{"op": "tensor", "path": P, "name": N}``: ``safe_open(P).get_tensor(N)`` (numpy), the way a
   loader reads one tensor: header, then the tensor's bytes through an mmap.
 * ``{"op": "load", "paths": [...]}``: every tensor of every shard, in order (a full load).
-* ``{"op": "read", "paths": [...]}``: sequential ``readinto`` of every file with an 8 MiB buffer.
+* ``{"op": "read", "paths": [...], "buf": B}``: sequential ``readinto`` of every file with a
+  ``B``-byte buffer (8 MiB unless given).
+* ``{"op": "load_file", "paths": [...]}``: ``safetensors.numpy.load_file`` of every shard.
 * ``{"op": "sha256", "paths": [...]}``: hex digests (output checks).
 
-Answer: ``{"ok": true, "seconds": s, "bytes": n, ...}`` or ``{"ok": false, "error": "..."}``.
+Answer: ``{"ok": true, "seconds": s, "cpu": c, "bytes": n, ...}`` (``cpu``: user+system seconds
+of this process during the command) or ``{"ok": false, "error": "..."}``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import sys
 import time
 from typing import Any
@@ -45,8 +49,22 @@ def _load(paths: list[str]) -> int:
     return total
 
 
-def _read(paths: list[str]) -> int:
-    buf = bytearray(BUF)
+def _load_file(paths: list[str]) -> int:
+    from safetensors.numpy import load_file
+
+    total = 0
+    for path in paths:
+        total += sum(int(t.nbytes) for t in load_file(path).values())
+    return total
+
+
+def _cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _read(paths: list[str], size: int = BUF) -> int:
+    buf = bytearray(size)
     total = 0
     for path in paths:
         with open(path, "rb", buffering=0) as f:
@@ -71,6 +89,7 @@ def _sha256(paths: list[str]) -> dict[str, str]:
 def handle(cmd: dict[str, Any]) -> dict[str, Any]:
     op = cmd["op"]
     t0 = time.perf_counter()
+    c0 = _cpu()
     extra: dict[str, Any] = {}
     if op == "ping":
         n = 0
@@ -79,13 +98,16 @@ def handle(cmd: dict[str, Any]) -> dict[str, Any]:
     elif op == "load":
         n = _load(cmd["paths"])
     elif op == "read":
-        n = _read(cmd["paths"])
+        n = _read(cmd["paths"], int(cmd.get("buf", BUF)))
+    elif op == "load_file":
+        n = _load_file(cmd["paths"])
     elif op == "sha256":
         extra["digests"] = _sha256(cmd["paths"])
         n = 0
     else:
         raise ValueError(f"unknown op {op!r}")
-    return {"ok": True, "seconds": time.perf_counter() - t0, "bytes": n, **extra}
+    seconds = time.perf_counter() - t0
+    return {"ok": True, "seconds": seconds, "cpu": _cpu() - c0, "bytes": n, **extra}
 
 
 def main() -> None:

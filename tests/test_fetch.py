@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import AsyncIterator
+import threading
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from tests.fakes import FakeProvider, pointer_for, ramp
-from ttfs.blocks import BlockStore
+from ttfs.blocks import Blob, BlobSpec, BlockStore
 from ttfs.config import Settings
 from ttfs.errors import IntegrityError, ObjectNotFound, TransientError
-from ttfs.fetch import Fetcher, Priority, open_fetcher
+from ttfs.fetch import Fetcher, Priority, Source, open_fetcher
 from ttfs.providers import ProviderSet
 from ttfs.units import MiB
 
@@ -222,3 +223,37 @@ async def test_prefetch_pauses_while_a_reader_waits(settings: Settings) -> None:
             gate.set()
         await fetcher.complete(big_src)  # and it resumes once the reader is served
         assert big_src.blob.pread(0, len(big)) == big
+
+
+async def test_a_slow_open_does_not_hold_up_other_blobs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opening a big partial blob checks its blocks (seconds); a reader of another file, and a
+    second opener of the same blob, must not queue behind a global lock for it."""
+    slow, fast = ramp(BS, seed=1), ramp(BS, seed=2)
+    fake = FakeProvider({"slow.bin": slow, "fast.bin": fast})
+    release = threading.Event()
+    async with fetcher_for(settings, fake) as fetcher:
+        real = fetcher.store.open_blob
+
+        def stalled(spec: BlobSpec) -> Blob:
+            if spec.blob_id == hashlib.sha256(slow).hexdigest():
+                release.wait(10)
+            return real(spec)
+
+        monkeypatch.setattr(fetcher.store, "open_blob", stalled)
+        opened: list[Source] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(lambda: _append(opened, fetcher.add(pointer_for("slow.bin", slow))))
+            n.start_soon(lambda: _append(opened, fetcher.add(pointer_for("slow.bin", slow))))
+            await trio.sleep(0.1)
+            with trio.fail_after(5):
+                other = await fetcher.add(pointer_for("fast.bin", fast))
+                assert await fetcher.read(other, 0, 100) == fast[:100]
+            assert not opened  # both openers of the slow blob are still waiting for it
+            release.set()
+        assert len(opened) == 2 and opened[0] is opened[1]
+
+
+async def _append(out: list[Source], pending: Awaitable[Source]) -> None:
+    out.append(await pending)

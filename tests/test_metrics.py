@@ -7,6 +7,7 @@ must move the way the origin's own counters say they should.
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -71,7 +72,19 @@ def test_parse_address_and_histogram() -> None:
 def test_bad_metrics_address_and_busy_port_are_one_line_errors(tmp_path: Path) -> None:
     env = cli_env(tmp_path / "cache")
     manifest = tmp_path / "m.json"
-    manifest.write_text('{"pointers": []}')
+    pointer = {
+        "resolution": {
+            "resolution_type": "http",
+            "url": "http://127.0.0.1:9/x.bin",  # never asked: the endpoint fails first
+            "expiration_timestamp": 4044816725,
+        },
+        "uid": "x",
+        "file_name": "x.bin",
+        "hashtype": "sha256",
+        "hash": "0" * 64,
+        "size": 1,
+    }
+    manifest.write_text(json.dumps({"pointers": [pointer]}))
     done = ttfs("resolve", "--metrics", "nope", str(manifest), str(tmp_path / "out"), env=env)
     assert done.returncode == 2 and "not HOST:PORT" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr

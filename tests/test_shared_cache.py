@@ -327,7 +327,11 @@ def test_truncated_entry_is_not_opened(tmp_path: Path) -> None:
     assert cache.open_entry("h", 11) is None
     entry = cache.open_entry("h", 10)
     assert entry is not None
-    os.close(entry.fd)
+    os.close(cache.open_for_read(entry))
+    put(tmp_path / "h.new", b"y" * 10)
+    os.replace(tmp_path / "h.new", tmp_path / "h")  # replaced: never read the new file blindly
+    with pytest.raises(OSError, match="replaced or changed"):
+        cache.open_for_read(entry)
 
 
 # -- the fetch tier -------------------------------------------------------------------------------

@@ -144,18 +144,18 @@ async def test_metadata_is_served_from_memory_with_zero_origin_requests(settings
     async with model_fs(settings, fake, [named(n, d) for n, d in files.items()]) as fs:
         root = fs.getattr(ROOT_INODE)
         assert root.is_dir and root.mode & 0o777 == 0o555 and root.nlink == 3
-        w = fs.lookup(ROOT_INODE, "w")
+        w = await fs.lookup(ROOT_INODE, "w")
         assert w.is_dir and w.nlink == 3
-        m = fs.lookup(w.ino, "model.safetensors")
+        m = await fs.lookup(w.ino, "model.safetensors")
         assert (m.size, m.mode & 0o777, m.nlink, m.blocks) == (3 * BS, 0o444, 1, 3 * BS // 512)
         assert m.uid == os.getuid()
         assert [n for n, _, _ in fs.readdir(ROOT_INODE, 0)] == ["config.json", "w"]
         assert [n for n, _, _ in fs.readdir(w.ino, 0)] == ["model.safetensors", "sub"]
         assert [n for n, _, _ in fs.readdir(w.ino, 1)] == ["sub"]  # resumes after an offset
-        assert fs.lookup(w.ino, "..").ino == ROOT_INODE
+        assert (await fs.lookup(w.ino, "..")).ino == ROOT_INODE
         for bad, code in (((ROOT_INODE, "nope"), errno.ENOENT), ((m.ino, "x"), errno.ENOTDIR)):
             with pytest.raises(OSError) as e:
-                fs.lookup(*bad)
+                await fs.lookup(*bad)
             assert e.value.errno == code
         st = fs.statfs()
         assert st.blocks * st.block_size >= 3 * BS and st.files == 6
@@ -338,7 +338,6 @@ async def test_status_reports_bytes_by_source_and_a_remount_reuses_the_cache(
         root = await wait_state(fs, "materialize", ("done", "failed"))
         assert root["materialize"]["state"] == "done"  # type: ignore[index]
         assert json.loads(fs.getxattr(ROOT_INODE, MATERIALIZE_XATTR))["generation"] == 1
-        assert fs.fetcher.store.pinned == {pointers[0].hash}
         doc = status(fs, "w/m.bin")
         assert (doc["verified"], doc["local_pct"], doc["verify"]) == (True, 100.0, "sha256")
     fake.calls.clear()
@@ -405,11 +404,11 @@ async def test_status_file_matches_the_attribute_documents_and_is_not_listed(
         fh = await fs.open(ino_of(fs, odd), os.O_RDONLY)
         assert await fs.read(fh, 0, 100) == small
         await fs.fetcher.complete(fs.fetcher.source(pointers[2].hash))
-        ctl = fs.lookup(ROOT_INODE, CONTROL_FILE)
+        ctl = await fs.lookup(ROOT_INODE, CONTROL_FILE)
         assert ctl.ino == fs.control_ino and ctl.size == 0 and fs.getattr(ctl.ino) == ctl
         assert CONTROL_FILE not in [name for name, _, _ in fs.readdir(ROOT_INODE, 0)]
         with pytest.raises(OSError) as e:
-            fs.lookup(ino_of(fs, "d"), CONTROL_FILE)
+            await fs.lookup(ino_of(fs, "d"), CONTROL_FILE)
         assert e.value.errno == errno.ENOENT
         with pytest.raises(OSError) as e:
             await fs.open(ctl.ino, os.O_WRONLY)
@@ -437,3 +436,40 @@ def test_errno_for_maps_every_exception() -> None:
     assert errno_for(DownloadError("f", TransientError("x"))) == errno.EIO
     assert errno_for(OSError(errno.EROFS, "ro")) == errno.EROFS
     assert errno_for(RuntimeError("bug")) == errno.EIO
+
+
+# -- fast path (real mounts: tests/test_fastpath.py) ---------------------------------------------
+
+
+async def test_a_linked_blob_is_pinned_and_survives_eviction(settings: Settings) -> None:
+    """Once a verified file is answered as a link, eviction never deletes its blob file, even
+    with a cache limit of zero: the mount holds every blob it serves open, and the store never
+    evicts an open blob. Once the mount is gone the same blob is evictable again."""
+    data, other = ramp(3 * BS, seed=4), ramp(2 * BS, seed=5)
+    fake = Provider({"a": data, "b": other})
+    pointers = [named("a", data), named("b", other)]
+    async with model_fs(settings, fake, pointers) as fs:
+        assert (await fs.lookup(ROOT_INODE, "a")).mode & 0o170000 == 0o100000  # not local yet
+        fh = await fs.open(ino_of(fs, "a"), os.O_RDONLY)
+        assert await fs.read(fh, 0, len(data)) == data
+        fs.release(fh)
+        source = fs._files[ino_of(fs, "a")].source  # type: ignore[index]
+        assert source is not None
+        with trio.fail_after(10):
+            await source.done.wait()
+        attr = await fs.lookup(ROOT_INODE, "a")
+        assert attr.mode & 0o170000 == 0o120000, oct(attr.mode)  # a symlink
+        target = fs.readlink(attr.ino)
+        assert target == os.fsencode(os.path.abspath(source.blob.path))  # noqa: ASYNC240
+        store = fs.fetcher.store
+        store.max_bytes = 0
+        await trio.to_thread.run_sync(store.evict)
+        assert store.data_path(pointers[0].hash).exists()
+        assert (await fs.lookup(ROOT_INODE, "a")).mode & 0o170000 == 0o120000
+    # Unmounted: nothing holds the blob open, so a zero-size cache evicts it.
+    store = BlockStore(settings.cache_dir, block_size=settings.block_size, max_bytes=0)
+    try:
+        store.evict()
+        assert not store.data_path(pointers[0].hash).exists()
+    finally:
+        store.close()

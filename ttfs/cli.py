@@ -243,6 +243,14 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
 )
 @click.option("--no-prefetch", is_flag=True, help="Fetch on demand and readahead only.")
 @click.option(
+    "--fast-path/--no-fast-path",
+    default=True,
+    envvar="TTFS_FAST_PATH",
+    show_default=True,
+    help="Serve complete, verified files as symlinks into the cache, read by the kernel at "
+    "local-file speed (docs/mount.md). Off: every read goes through the daemon.",
+)
+@click.option(
     "--log-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Daemon log [default: <cache-dir>/logs/mount-<mountpoint>.log].",
@@ -250,7 +258,7 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
 @click.option(
     "--read-ahead-kb",
     type=click.IntRange(0, 1 << 20),
-    help="Kernel readahead of the mount, set as root [default: 4096].",
+    help="Kernel readahead of the mount, set as root [default: 1024].",
 )
 @click.option(
     "--max-background",
@@ -277,6 +285,7 @@ def mount_cmd(
     foreground: bool,
     root_prefix: str | None,
     no_prefetch: bool,
+    fast_path: bool,
     log_file: Path | None,
     read_ahead_kb: int | None,
     max_background: int | None,
@@ -306,6 +315,7 @@ def mount_cmd(
             spawner.write_ready(ready_fd, message)
 
     try:
+        spawner.require_pyfuse3()
         *manifests, mountpoint = paths
         settings = settings_from(opts)
         pointers, sources = _mount_pointers(tuple(manifests))
@@ -329,6 +339,8 @@ def mount_cmd(
                 extra += ["--max-background", str(max_background)]
             if allow_other is not None:
                 extra.append("--allow-other" if allow_other else "--no-allow-other")
+            if not fast_path:
+                extra.append("--no-fast-path")
             args = spawner.mount_args(
                 [m.absolute() for m in manifests],
                 mnt,
@@ -347,7 +359,13 @@ def mount_cmd(
             return
 
         from .fuse import kernel
-        from .fuse.serve import MountConfig, Ready, run
+
+        try:
+            from .fuse.serve import MountConfig, Ready, run
+        except ImportError as e:  # a pyfuse3 that cannot load (e.g. libfuse3 missing)
+            from .errors import ConfigError
+
+            raise ConfigError(f"{spawner.FUSE_MISSING} ({e})") from e
 
         def on_ready(ready: Ready) -> None:
             report(spawner.READY)
@@ -361,6 +379,7 @@ def mount_cmd(
             read_ahead_kb=kernel.READ_AHEAD_KB if read_ahead_kb is None else read_ahead_kb,
             max_background=kernel.MAX_BACKGROUND if max_background is None else max_background,
             allow_other=allow_other,
+            fast_path=fast_path,
             ready_timeout=timeout,
             info={"manifests": sources},
         )
@@ -483,7 +502,7 @@ def status_cmd(
 def _print_files(files: list[dict[str, Any]]) -> None:
     from .units import format_size
 
-    rows = [("PATH", "SIZE", "LOCAL", "VERIFIED", "CACHE", "ORIGIN")]
+    rows = [("PATH", "SIZE", "LOCAL", "VERIFIED", "SERVED", "CACHE", "ORIGIN")]
     for f in files:
         verified = "yes" if f["verified"] else ("n/a" if "unavailable" in f["verify"] else "no")
         src = f["bytes_by_source"]
@@ -493,6 +512,7 @@ def _print_files(files: list[dict[str, Any]]) -> None:
                 format_size(f["size"]),
                 f"{f['local_pct']:.1f}%",
                 verified + (" !" if f.get("error") else ""),
+                f.get("served_by", "daemon"),
                 format_size(src["cache"]),
                 format_size(src["origin"]),
             )
@@ -522,6 +542,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         f"{fetcher.get('origin_requests', 0)} origin request(s), "
         f"{fetcher.get('retries', 0)} retries; daemon pid {summary['pid']}"
     )
+    if "served_by_kernel" in summary:
+        click.echo(
+            f"served by the kernel (fast path): {summary['served_by_kernel']} file(s); "
+            f"fast path {summary['fast_path']}"
+        )
     for failure in summary.get("failures", []):
         click.echo(f"failed: {failure['file']}: {failure['reason']}")
     more = int(summary.get("failure_count", 0)) - len(summary.get("failures", []))
@@ -681,6 +706,9 @@ def create_cmd(
 
 
 def main() -> None:
+    from .providers import tune_httpcore
+
+    tune_httpcore()  # our own process: larger socket reads (providers/_stream.py)
     cli(prog_name="ttfs")
 
 

@@ -57,6 +57,9 @@ class RetryPolicy:
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Settings:
     cache_dir: Path
+    # True when the user named the cache (``--cache-dir`` / ``TTFS_CACHE_DIR``). A resolve
+    # without one keeps its block store on the destination's filesystem (resolve.store_plan).
+    cache_dir_given: bool = False
     cache_max_bytes: int | None = None
     # Presence/checksum granularity and the unit of a demand fetch. 2 MiB: a demand miss on a
     # 25 MB/s CDN stream costs ~80 ms + latency, and 140 GB of blocks is a 70k-entry bitmap.
@@ -81,6 +84,9 @@ class Settings:
     flush_interval: float = 0.5
     verify: bool = True
     hf_endpoint: str | None = None
+    # The one proxy ranged GETs go through (TTFS_PROXY); HTTP(S)_PROXY are ignored for them
+    # (providers._stream.data_proxy says why).
+    proxy: str | None = field(default=None, repr=False)  # may carry user:password
     # The b10fs shared cache tier (docs/b10fs.md); None = off.
     shared_cache: SharedCacheConfig | None = None
     # HOST:PORT of the opt-in Prometheus endpoint (--metrics, TTFS_METRICS); None = off.
@@ -104,6 +110,9 @@ class Settings:
         values: dict[str, Any] = {}
         values["cache_dir"] = (
             Path(env["TTFS_CACHE_DIR"]) if env.get("TTFS_CACHE_DIR") else (default_cache_dir(env))
+        )
+        values["cache_dir_given"] = bool(env.get("TTFS_CACHE_DIR")) or (
+            overrides.get("cache_dir") is not None
         )
         if env.get("TTFS_CACHE_MAX_BYTES"):
             values["cache_max_bytes"] = _size(env, "TTFS_CACHE_MAX_BYTES")
@@ -135,6 +144,11 @@ class Settings:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
         values["metrics"] = env.get("TTFS_METRICS") or None
+        if env.get("TTFS_PROXY"):
+            proxy = env["TTFS_PROXY"].strip()
+            if "://" not in proxy:
+                raise ConfigError("TTFS_PROXY must be a URL like http://host:port")
+            values["proxy"] = proxy
         # b10fs: BASETEN_FS_ENABLED + USE_BASETEN_FS_TRUSS_TRANSFER, or --shared-cache DIR.
         values["shared_cache"] = SharedCacheConfig.from_env(
             env, overrides.pop("shared_cache_dir", None)

@@ -13,6 +13,7 @@ attribute                              where                 value
 =====================================  ====================  ======================================
 ``user.ttfs.status`` (get)             mount root            JSON summary of the whole mount
 ``user.ttfs.status`` (get)             each file             JSON status of that file
+``user.ttfs.status.<name>`` (get)      each directory        JSON status of its file ``name``
 ``user.ttfs.materialize`` (set ``1``)  mount root            pin every blob, fetch and verify all
 ``user.ttfs.materialize`` (get)        mount root            JSON state of the last materialize
 ``.ttfs-status`` (open, read)          mount root            JSON: the root document and every
@@ -41,6 +42,10 @@ from .errors import MountError
 
 STATUS_XATTR = "user.ttfs.status"
 MATERIALIZE_XATTR = "user.ttfs.materialize"
+CHILD_STATUS_PREFIX = "user.ttfs.status."
+"""``user.ttfs.status.<name>`` on a directory: the status of its file ``name``. The kernel
+refuses ``user.*`` attributes on symlinks, so a file served as a link (the fast path) answers
+through its parent; names longer than 238 bytes then exceed the 255-byte attribute name."""
 XATTR_MAX = 65536 - 1024
 """Largest value the daemon sends (the kernel's XATTR_SIZE_MAX is 64 KiB)."""
 CONTROL_FILE = ".ttfs-status"
@@ -86,12 +91,15 @@ def mount_status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def file_status(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The status document of one file of a ttfs mount.
+    """The status document of one file of a ttfs mount (a regular file or a fast-path link).
 
     Raises:
         MountError: the path is not a file of a ttfs mount.
     """
-    return _get(Path(path), STATUS_XATTR)
+    p = Path(path)
+    if p.is_symlink():
+        return _get(p.parent, CHILD_STATUS_PREFIX + p.name)
+    return _get(p, STATUS_XATTR)
 
 
 def full_status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:

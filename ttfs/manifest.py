@@ -296,7 +296,7 @@ def _get_i64(obj: Mapping[Any, Any], key: str, what: str) -> int:
 def _format_datetime(value: _dt.datetime) -> str:
     """RFC 3339 in UTC with ``Z`` (YAML turns unquoted timestamps into datetimes)."""
     if value.tzinfo is not None:
-        value = value.astimezone(_dt.UTC).replace(tzinfo=None)
+        value = value.astimezone(_dt.timezone.utc).replace(tzinfo=None)
     text = value.strftime("%Y-%m-%dT%H:%M:%S")
     if value.microsecond:
         frac = f"{value.microsecond:06d}"

@@ -22,3 +22,26 @@ def process_alive(pid: int) -> bool:
     except (OSError, IndexError):
         return True
     return state not in ("Z", "X")
+
+
+def raise_nofile_limit() -> tuple[int, int]:
+    """Raise this process's soft ``RLIMIT_NOFILE`` to its hard limit; returns (before, after).
+
+    The soft limit is often 1,024 (systemd's default for services) while the hard one is far
+    higher; a mount daemon's sockets, index connections and descriptor cache then have room.
+    The block store bounds its own descriptors anyway (ttfs/blocks/descriptors.py), so this is
+    headroom, not a requirement.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard or (hard != resource.RLIM_INFINITY and soft > hard):
+        return soft, soft
+    target = hard
+    if hard == resource.RLIM_INFINITY:
+        target = 1 << 20  # the kernel's usual nr_open; "unlimited" is refused for NOFILE
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, target

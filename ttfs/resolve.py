@@ -11,6 +11,14 @@ an earlier resolve produced, or when its content hashes to the manifest hash; ot
 replaced. Files whose hash cannot be checked locally fall back to upstream's size rule, and
 the log says so.
 
+Where the block store lives (:func:`store_plan`): without ``--cache-dir`` / ``TTFS_CACHE_DIR``
+it is a hidden ``.ttfs`` directory on the destination's own filesystem (beside the files, as
+``huggingface_hub`` keeps ``.cache/huggingface`` in a ``local_dir``), so the hard link always
+works and a resolve uses the model's size on disk, once, on any layout; after a successful
+resolve every blob no destination links to any more is deleted, so the store never holds a
+second copy. Resolves using one store are serialised by an advisory lock on it (``flock``):
+two processes resolving into one directory take turns, and the second finds the files in place.
+
 With the b10fs shared cache on (docs/b10fs.md) the upstream decision runs first (cleanup, space,
 speed), the files are taken in a random order per process (spec §3.6) so that replicas starting
 together fetch different blobs first, and a file's task ends only after its blob is published.
@@ -23,21 +31,24 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import json
 import logging
 import os
 import random
+import secrets
 import shutil
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
-from .blocks import BlockStore, checker_for
+from .blocks import BlockStore, checker_for, perms
 from .config import Settings
 from .errors import CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
@@ -137,7 +148,8 @@ def _hash_file(path: Path, pointer: Pointer) -> bool | None:
 def _place(src: Path, dest: Path) -> None:
     """Make ``dest`` a complete copy of ``src`` atomically: hard link if possible, else copy."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}.tmp"
+    # Unique per process *and* call: two threads placing the same file never share a name.
+    tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
@@ -147,7 +159,9 @@ def _place(src: Path, dest: Path) -> None:
             if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise
             shutil.copyfile(src, tmp)  # uses copy_file_range/sendfile where the kernel can
-            os.chmod(tmp, 0o644)
+        # The blob is 0600 in the private cache; the output gets the mode of a file the user
+        # created (for a hard link that is the blob's inode, still unreachable via the cache).
+        perms.served_file(tmp)
         if dest.is_dir() and not dest.is_symlink():
             raise IsADirectoryError(errno.EISDIR, "destination is a directory", str(dest))
         os.replace(tmp, dest)
@@ -180,14 +194,19 @@ class Resolver:
         self._pager: trio.Nursery | None = None
         self._page_lock = trio.Lock()
 
-    async def run(self, pointers: Sequence[Pointer]) -> ResolveReport:
+    async def run(
+        self, pointers: Sequence[Pointer], manifest: Sequence[Pointer] | None = None
+    ) -> ResolveReport:
         """Resolve every pointer; on the first failure cancel the rest and raise.
+
+        ``manifest`` is the whole manifest when ``pointers`` is a part of it.
 
         Raises:
             DownloadError: naming the first file that failed and why.
         """
         started = time.monotonic()
-        self.report.total_manifest_size_bytes = sum(p.size for p in pointers)
+        if not self.report.total_manifest_size_bytes:
+            self.report.total_manifest_size_bytes = sum(p.size for p in pointers)
         # Destinations first: a hostile name fails the resolve before any byte is written.
         plan = [(p, destination(self.download_dir, p.file_name)) for p in pointers]
         tier = self.fetcher.tier
@@ -196,9 +215,11 @@ class Resolver:
         else:
             log.info("b10cache is enabled (%s).", tier.config.directory)
             try:
-                decision = await tier.prepare(pointers)
+                # The whole manifest, also when this run resolves a part of it (one store
+                # per destination filesystem): cleanup must not see the rest as foreign.
+                decision = await tier.prepare(manifest if manifest is not None else pointers)
             except TtfsError as e:
-                self.report.total_download_time_secs = time.monotonic() - started
+                self.report.total_download_time_secs += time.monotonic() - started
                 raise DownloadError("b10cache", e) from e
             self.report.b10fs_enabled = True
             self.report.b10fs_decision_to_use = decision.read
@@ -206,7 +227,7 @@ class Resolver:
             # Replicas that start together then fetch different blobs first (spec §3.6).
             random.shuffle(plan)
         failure: list[DownloadError] = []
-        total = self.report.total_manifest_size_bytes
+        total = sum(p.size for p in pointers)
         show = self._progress if self._progress is not None else sys.stderr.isatty()
         progress = Progress(total, label="resolve") if total and show else None
         try:
@@ -222,9 +243,9 @@ class Resolver:
                     pager.cancel_scope.deadline = trio.current_time() + 1.0
                 nursery.cancel_scope.cancel()
         finally:
-            self.report.total_download_time_secs = time.monotonic() - started
-            self.report.origin_bytes = self.fetcher.origin_bytes
-            self.report.shared_bytes = self.fetcher.shared_bytes
+            self.report.total_download_time_secs += time.monotonic() - started
+            self.report.origin_bytes += self.fetcher.origin_bytes
+            self.report.shared_bytes += self.fetcher.shared_bytes
         if failure:
             raise failure[0]
         if progress is not None:
@@ -274,7 +295,8 @@ class Resolver:
             error = e if isinstance(e, DownloadError) else DownloadError(pointer.file_name, e)
             if not failure:
                 failure.append(error)
-                log.error("Download failure: %s", error)
+                # Raised to the caller, which reports it once (no second line here).
+                log.debug("download of %s failed: %s", pointer.file_name, error)
             scope.cancel()
         except OSError as e:
             if not failure:
@@ -381,6 +403,94 @@ class Resolver:
                 last_t, last = now, cur
 
 
+STORE_DIR_NAME = ".ttfs"
+"""The block store of a resolve without ``--cache-dir``, beside the files it produces."""
+_LOCK_FILE = "resolve.lock"
+
+
+@dataclass(frozen=True, slots=True)
+class StorePlan:
+    """One block store of a resolve and the files it serves."""
+
+    directory: Path
+    # True: chosen by ttfs on the destinations' filesystem; blobs no file links to are
+    # deleted after a successful resolve. False: the user's --cache-dir (LRU --cache-size).
+    beside: bool
+    items: list[tuple[Pointer, Path]]
+
+
+def _device(path: Path) -> int:
+    """``st_dev`` of ``path``, or of its nearest existing ancestor (it may not exist yet)."""
+    for p in (path, *path.parents):
+        try:
+            return os.stat(p).st_dev
+        except FileNotFoundError:
+            continue
+    return os.stat("/").st_dev
+
+
+def store_plan(settings: Settings, items: Sequence[tuple[Pointer, Path]]) -> list[StorePlan]:
+    """Where the block store of a resolve lives: the one place this is decided.
+
+    A named cache (``--cache-dir`` / ``TTFS_CACHE_DIR``) is used as it is, for every file: a
+    destination on another filesystem then gets a copy. Otherwise the destinations are grouped
+    by filesystem and each group's store is ``<common directory>/.ttfs`` on that filesystem,
+    so every output is a hard link of its blob and no second copy of the model exists
+    anywhere (blocking: stats the destinations).
+    """
+    if settings.cache_dir_given or not items:
+        return [StorePlan(settings.cache_dir, False, list(items))] if items else []
+    groups: dict[int, list[tuple[Pointer, Path]]] = {}
+    for pointer, dest in items:
+        absolute = Path(os.path.abspath(dest))
+        groups.setdefault(_device(absolute.parent), []).append((pointer, dest))
+    plans: list[StorePlan] = []
+    for dev, group in groups.items():
+        parents = [os.path.abspath(d.parent) for _, d in group]
+        anchor = Path(os.path.commonpath(parents))
+        if _device(anchor) == dev:
+            plans.append(StorePlan(anchor / STORE_DIR_NAME, True, group))
+            continue
+        # The common directory lies on another filesystem (a mount point between the files):
+        # one store per parent directory keeps every link on its own filesystem.
+        by_parent: dict[str, list[tuple[Pointer, Path]]] = {}
+        for (pointer, dest), parent in zip(group, parents, strict=True):
+            by_parent.setdefault(parent, []).append((pointer, dest))
+        plans += [StorePlan(Path(p) / STORE_DIR_NAME, True, g) for p, g in by_parent.items()]
+    return plans
+
+
+@asynccontextmanager
+async def exclusive_store(directory: Path) -> AsyncIterator[None]:
+    """Hold the store's resolve lock (``flock``, released by the kernel if we are killed).
+
+    Two resolves of one store (two processes, or two threads of one) take turns: the second
+    then skips every file the first placed. Polled, so a waiting resolve stays cancellable.
+
+    Raises:
+        CacheError: the store directory cannot be created or the lock file opened.
+    """
+    try:
+        await trio.to_thread.run_sync(lambda: directory.mkdir(parents=True, exist_ok=True))
+        fd = os.open(directory / _LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise CacheError(f"cannot use cache directory {directory}: {e}") from e
+    try:
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not waiting:
+                    waiting = True
+                    log.info("Waiting for another resolve using %s to finish", directory)
+                await trio.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
 async def resolve(
     pointers: Sequence[Pointer],
     download_dir: str,
@@ -398,10 +508,47 @@ async def resolve(
         DownloadError: the first file that failed.
         CacheError: the cache directory is unusable.
     """
+    report = report if report is not None else ResolveReport()
+    report.total_manifest_size_bytes = sum(p.size for p in pointers)
+    # Destinations first: a hostile name fails the resolve before any byte is written.
+    items = [(p, destination(download_dir, p.file_name)) for p in pointers]
+    plans = await trio.to_thread.run_sync(store_plan, settings, items)
+    try:
+        for plan in plans:
+            async with exclusive_store(plan.directory):
+                await _resolve_with_store(
+                    plan,
+                    pointers,
+                    download_dir,
+                    settings,
+                    providers=providers,
+                    report=report,
+                    progress=progress,
+                    monitor_secs=monitor_secs,
+                    page_after=page_after,
+                )
+    except BaseException:
+        report.success = False  # an earlier store's part may have succeeded
+        raise
+    report.success = True
+    return report
+
+
+async def _resolve_with_store(
+    plan: StorePlan,
+    manifest: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    *,
+    providers: ProviderSet | None,
+    report: ResolveReport,
+    progress: bool | None,
+    monitor_secs: float,
+    page_after: bool,
+) -> None:
+    max_bytes = None if plan.beside else settings.cache_max_bytes
     store = await trio.to_thread.run_sync(
-        lambda: BlockStore(
-            settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
-        )
+        lambda: BlockStore(plan.directory, block_size=settings.block_size, max_bytes=max_bytes)
     )
     stack = contextlib.ExitStack()  # the metrics endpoint, when --metrics asks for one
     try:
@@ -417,10 +564,13 @@ async def resolve(
                 report=report,
                 page_after=page_after,
             )
-            report = await resolver.run(pointers)
-        store.pinned = {p.hash for p in pointers}
-        await trio.to_thread.run_sync(store.evict)
-        return report
+            await resolver.run([p for p, _ in plan.items], manifest)
+        if plan.beside:
+            freed = await trio.to_thread.run_sync(store.drop_unlinked)
+            if freed:
+                log.info("Removed %d bytes of blobs no file uses from %s", freed, plan.directory)
+        else:
+            await trio.to_thread.run_sync(store.evict, {p.hash for p in manifest})
     finally:
         stack.close()
         await trio.to_thread.run_sync(store.close)

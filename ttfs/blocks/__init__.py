@@ -1,5 +1,6 @@
 """Block store: sparse data files per blob, presence index, verification, eviction."""
 
+from . import perms
 from .hashing import Checker, checker_for
 from .store import Blob, BlobSpec, BlockStore, RunWriter, StoreStatistics
 
@@ -11,4 +12,5 @@ __all__ = [
     "RunWriter",
     "StoreStatistics",
     "checker_for",
+    "perms",
 ]

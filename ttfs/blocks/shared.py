@@ -103,10 +103,14 @@ class Decision:
 
 @dataclass(frozen=True, slots=True)
 class SharedFile:
-    """An open, right-sized entry: read it with ``os.pread(fd, ...)``; ``key`` identifies it."""
+    """A right-sized entry; ``key`` identifies the very file that was checked.
+
+    It holds no descriptor: a mount may know 10^5 entries at once, far more than the open-file
+    limit. Each read run opens it with :meth:`SharedCache.open_for_read`, which refuses a file
+    that is no longer the one checked.
+    """
 
     path: Path
-    fd: int
     key: tuple[int, int, int]  # inode, size, mtime_ns
 
 
@@ -428,8 +432,26 @@ class SharedCache:
                 size,
             )
             return None
+        os.close(fd)
         self.touch(path)
-        return SharedFile(path, fd, (st.st_ino, st.st_size, st.st_mtime_ns))
+        return SharedFile(path, (st.st_ino, st.st_size, st.st_mtime_ns))
+
+    @staticmethod
+    def open_for_read(entry: SharedFile) -> int:
+        """A read descriptor of ``entry`` (the caller closes it), if it is still that file.
+
+        Raises:
+            OSError: it cannot be opened, or was replaced or changed since it was checked.
+        """
+        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != entry.key:
+                raise OSError(errno.ESTALE, "the entry was replaced or changed")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def has_entry(self, blob_id: str, size: int) -> bool:
         try:

@@ -20,8 +20,18 @@ received block resumes where it stopped. After a power loss the page cache is go
 records, index bits and data may disagree, so every present block of an unverified blob is
 checksummed when the blob is opened and a block that does not match is dropped. A "verified"
 flag is trusted only in the boot that wrote it, unless the data was fdatasync'd first (done on
-release): after a reboot an unsynced blob is checked again. Syncing is thus kept off the hot
-path. If a verified blob's data file changes (size or mtime) it is no longer trusted.
+release): after a reboot an unsynced blob is checked again. Where the boot cannot be identified
+the flag is trusted only by the process that wrote it. Syncing is thus kept off the hot path.
+If a verified blob's data file changes (size or mtime) it is no longer trusted.
+
+A complete blob whose hash cannot be checked here (a multipart S3 etag, Azure, ``--no-verify``)
+is *intact* once every block was written or checked by this store: it is then trusted by its
+data file's size and mtime under the same rules, so it is not re-read at every open.
+
+Blobs hold no file descriptor of their own: each access leases one from the store's
+:class:`~ttfs.blocks.descriptors.DescriptorTable`, a bounded LRU, so a manifest of any size
+fits under ``RLIMIT_NOFILE``. A blob whose data file does not exist yet costs no descriptor and
+no inode: the sparse file is created by its first write. Modes come from :mod:`.perms`.
 
 Everything here is synchronous and may block on disk: the fetch layer calls the slow parts
 (``open_blob``, ``flush``, ``verify``, ``check_blocks``) through ``trio.to_thread``; ``pread``
@@ -38,6 +48,7 @@ import sqlite3
 import struct
 import threading
 import time
+import uuid
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -48,6 +59,8 @@ import diskcache
 import xxhash
 
 from ..errors import CacheError, CacheFull
+from . import perms
+from .descriptors import DescriptorTable
 from .hashing import Checker
 
 log = logging.getLogger(__name__)
@@ -78,12 +91,19 @@ def _block_sum(data: bytes | memoryview) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def _boot_id() -> str:
+def _boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
+    """This boot's id; where it cannot be read, an id of this process alone.
+
+    A flag "trusted in this boot" must never outlive the boot it means: with a fixed fallback
+    ("unknown") every later boot would match it. A per-process id errs the safe way: the next
+    process checks the blob again.
+    """
     try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
+        with open(path) as f:
+            boot = f.read().strip()
     except OSError:
-        return "unknown"
+        boot = ""
+    return boot or f"process-{uuid.uuid4()}"
 
 
 BOOT_ID = _boot_id()
@@ -102,28 +122,36 @@ class Blob:
         store: BlockStore,
         spec: BlobSpec,
         path: Path,
-        fd: int,
         block_size: int,
-        present: bytearray,
-        sums: array[int],
-        verified: bool,
     ) -> None:
         self.store = store
         self.spec = spec
         self.path = path
-        self.fd = fd
         self.block_size = block_size
         self.n_blocks = max(1, -(-spec.size // block_size)) if spec.size else 0
-        self.present = present
-        self.sums = sums
+        self.present = bytearray(self.n_blocks)
+        self.sums = array("Q", bytes(8 * self.n_blocks))
         self.partial: dict[int, int] = {}
-        self.journal_fd: int | None = None
-        self.verified = verified
-        self.n_present = sum(present)
+        self.verified = False
+        self.n_present = 0
         self.atime = time.time()
         self._dirty = False
         self._synced = False
         self.refs = 0
+        # Owned by the store's DescriptorTable (under its lock): the descriptors while open,
+        # the leases on them, and the data file's (st_dev, st_ino) once it exists.
+        self._fd: int | None = None
+        self._journal_fd: int | None = None
+        self._leases = 0
+        self._ino: tuple[int, int] | None = None
+
+    def lease(self) -> contextlib.AbstractContextManager[int]:
+        """``with blob.lease() as fd:`` the data descriptor, open for the block's duration.
+
+        Raises:
+            CacheError: the data file cannot be opened, or vanished while the blob was open.
+        """
+        return self.store.fds.lease(self)
 
     # -- block arithmetic (pure) -------------------------------------------------------------
     @property
@@ -164,9 +192,18 @@ class Blob:
 
     # -- data path ---------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        """Read bytes the caller knows are present (page cache; stays on the event loop)."""
+        """Read bytes the caller knows are present (page cache; stays on the event loop).
+
+        Raises:
+            CacheError: the data file vanished (its presence is dropped: fetch again).
+        """
         self.atime = time.time()
-        return os.pread(self.fd, length, offset)
+        fds = self.store.fds
+        fd = fds.acquire(self)
+        try:
+            return os.pread(fd, length, offset)
+        finally:
+            fds.release(self)
 
     def writer(self, first_block: int) -> RunWriter:
         return RunWriter(self, first_block)
@@ -181,29 +218,35 @@ class Blob:
         self._dirty = True
 
     def journal(self, index: int, length: int, digest: int) -> None:
-        """Append one journal record: ``length`` bytes of block ``index`` hash to ``digest``."""
-        if self.journal_fd is None:
-            self.journal_fd = os.open(
-                f"{self.path}.journal",
-                os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                0o644,
-            )
-        os.write(self.journal_fd, _JOURNAL.pack(index, length, digest))
+        """Append one journal record: ``length`` bytes of block ``index`` hash to ``digest``.
 
-    def discard(self) -> None:
-        """Forget every block (a failed verification); the space is released by re-truncating."""
+        Call with a data lease held (``RunWriter.write`` does), so the journal descriptor
+        stays open.
+        """
+        os.write(self.store.fds.journal(self), _JOURNAL.pack(index, length, digest))
+
+    def forget_blocks(self) -> None:
+        """Drop every block from the presence map (in memory; persisted at the next flush)."""
         self.present[:] = bytes(len(self.present))
         self.n_present = 0
         self.verified = False
         self.partial.clear()
+        self._dirty = True
+
+    def discard(self) -> None:
+        """Forget every block (a failed verification); the space is released by re-truncating."""
+        self.forget_blocks()
         try:
-            os.ftruncate(self.fd, 0)
-            os.ftruncate(self.fd, self.size)
-            if self.journal_fd is not None:
-                os.ftruncate(self.journal_fd, 0)
+            with self.lease() as fd:
+                os.ftruncate(fd, 0)
+                os.ftruncate(fd, self.size)
+                if self._journal_fd is not None:
+                    os.ftruncate(self._journal_fd, 0)
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.truncate(f"{self.path}.journal", 0)
         except OSError as e:
             raise CacheError(f"cannot reset {self.path}: {e}") from e
-        self._dirty = True
 
     # -- slow paths (call from a worker thread) ------------------------------------------------
     def verify(self) -> bool:
@@ -220,7 +263,7 @@ class Blob:
             try:
                 self.hash_blocks(h, 0, self.n_blocks)
             except CacheError:
-                if os.fstat(self.fd).st_size < self.size:
+                if self.stat_key()[0] < self.size:
                     return False  # truncated behind our back: not a match, not an I/O error
                 raise
         ok = h.hexdigest() == checker.expected
@@ -237,38 +280,42 @@ class Blob:
         """
         offset, stop = self.block_range(first)[0], self.block_range(end - 1)[1]
         try:
-            while offset < stop:
-                chunk = os.pread(self.fd, min(_READ_CHUNK, stop - offset), offset)
-                if not chunk:
-                    raise CacheError(f"{self.path} is shorter than expected")
-                hasher.update(chunk)
-                offset += len(chunk)
+            with self.lease() as fd:
+                while offset < stop:
+                    chunk = os.pread(fd, min(_READ_CHUNK, stop - offset), offset)
+                    if not chunk:
+                        raise CacheError(f"{self.path} is shorter than expected")
+                    hasher.update(chunk)
+                    offset += len(chunk)
         except OSError as e:
             raise CacheError(f"cannot read {self.path}: {e}") from e
 
     def check_blocks(self) -> list[int]:
         """Re-read every present block and drop those whose checksum differs; returns them."""
         bad = []
-        for i in range(self.n_blocks):
-            if not self.present[i]:
-                continue
-            start, end = self.block_range(i)
-            try:
-                data = os.pread(self.fd, end - start, start)
-            except OSError:
-                data = b""
-            if len(data) != end - start or _block_sum(data) != self.sums[i]:
-                bad.append(i)
-                self.present[i] = 0
-                self.n_present -= 1
-                self.verified = False
+        with self.lease() as fd:
+            for i in range(self.n_blocks):
+                if not self.present[i]:
+                    continue
+                start, end = self.block_range(i)
+                try:
+                    data = os.pread(fd, end - start, start)
+                except OSError:
+                    data = b""
+                if len(data) != end - start or _block_sum(data) != self.sums[i]:
+                    bad.append(i)
+                    self.present[i] = 0
+                    self.n_present -= 1
+                    self.verified = False
         if bad:
             self._dirty = True
             log.warning("blob %s: %d corrupt block(s) dropped: %s", self.blob_id, len(bad), bad[:8])
         return bad
 
     def stat_key(self) -> tuple[int, int]:
-        st = os.fstat(self.fd)
+        """(size, mtime_ns) of the data file: what a trusted flag is bound to."""
+        with self.lease() as fd:
+            st = os.fstat(fd)
         return st.st_size, st.st_mtime_ns
 
     def replay_journal(self) -> None:
@@ -294,7 +341,8 @@ class Blob:
             start, end = self.block_range(index)
             if not 0 < length <= end - start:
                 continue
-            data = os.pread(self.fd, length, start)
+            with self.lease() as fd:
+                data = os.pread(fd, length, start)
             if len(data) != length or _block_sum(data) != digest:
                 continue
             if length == end - start:
@@ -307,14 +355,17 @@ class Blob:
             log.info("blob %s: recovered %d bytes from the journal", self.blob_id, recovered)
 
     def _record(self) -> dict[str, Any]:
+        complete = self.complete
         return {
             "v": INDEX_VERSION,
             "size": self.size,
             "block_size": self.block_size,
             "present": bytes(self.present),
             "sums": self.sums.tobytes(),
-            "verified": self.verified and self.complete,
-            "stat": self.stat_key() if self.verified and self.complete else None,
+            "verified": self.verified and complete,
+            # Every block was written or checked by us: trusted by stat like "verified".
+            "intact": complete,
+            "stat": self.stat_key() if complete else None,
             # None once the data is known to be on disk; else the boot it is trusted in.
             "boot": None if self._synced else BOOT_ID,
             "atime": self.atime,
@@ -337,7 +388,8 @@ class RunWriter:
         self._hasher = xxhash.xxh3_64()
         done = blob.partial.get(first_block, 0)
         if done:
-            prefix = os.pread(blob.fd, done, start)
+            with blob.lease() as fd:
+                prefix = os.pread(fd, done, start)
             if len(prefix) == done:
                 self._hasher.update(prefix)
             else:
@@ -349,8 +401,16 @@ class RunWriter:
         return self.block
 
     def write(self, data: bytes | memoryview) -> list[int]:
+        blob = self.blob
+        fds = blob.store.fds
+        fd = fds.acquire(blob)
+        try:
+            return self._write(fd, memoryview(data))
+        finally:
+            fds.release(blob)
+
+    def _write(self, fd: int, view: memoryview) -> list[int]:
         done: list[int] = []
-        view = memoryview(data)
         blob = self.blob
         while view:
             take = min(len(view), self._block_end - self.pos)
@@ -358,7 +418,7 @@ class RunWriter:
                 raise CacheError(f"blob {blob.blob_id}: write past the end of the run")
             piece = view[:take]
             try:
-                written = os.pwrite(blob.fd, piece, self.pos)
+                written = os.pwrite(fd, piece, self.pos)
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
@@ -394,29 +454,42 @@ class RunWriter:
 class BlockStore:
     """All blobs under one cache directory. Thread-safe for the calls documented as blocking."""
 
-    def __init__(self, root: Path, *, block_size: int, max_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        block_size: int,
+        max_bytes: int | None = None,
+        max_descriptors: int | None = None,
+    ) -> None:
         self.root = root
         self.block_size = block_size
         self.max_bytes = max_bytes
         try:
-            (root / "blobs").mkdir(parents=True, exist_ok=True)
+            perms.make_private_dir(root)
+            for sub in ("blobs", "index"):
+                perms.mkdir_private(root / sub)
+                perms.private_dir(root / sub)  # also one an older ttfs created 0755
             # eviction_policy none: diskcache must never drop our index entries on its own.
             self._index = diskcache.Cache(
                 str(root / "index"), eviction_policy="none", size_limit=2**62, statistics=False
             )
+            for f in (root / "index").iterdir():  # SQLite creates its files with the umask
+                if f.is_file() and f.stat().st_mode & 0o077:
+                    f.chmod(perms.FILE_MODE)
         except OSError as e:
             raise CacheError(f"cannot use cache directory {root}: {e}") from e
+        self.fds = DescriptorTable(max_descriptors)
         self._open: dict[str, Blob] = {}
+        self._loading: dict[str, threading.Event] = {}
         self._lock = threading.Lock()
-        self.pinned: set[str] = set()
+        self.last_usage = 0  # bytes the cache held after the last eviction pass
 
     def close(self) -> None:
         self.flush()
         with self._lock:
-            for blob in self._open.values():
-                with contextlib.suppress(OSError):
-                    os.close(blob.fd)
             self._open.clear()
+        self.fds.close_all()
         self._index.close()
 
     def __enter__(self) -> BlockStore:
@@ -432,78 +505,104 @@ class BlockStore:
     def open_blob(self, spec: BlobSpec) -> Blob:
         """Open (creating if needed) the blob; blocking: may check block checksums.
 
+        Opens of different blobs run in parallel (the slow part, checking a partial blob's
+        blocks, holds no store-wide lock); concurrent opens of one blob share one load.
+
         Raises:
             CacheError: the data file cannot be created or opened.
         """
-        with self._lock:
-            blob = self._open.get(spec.blob_id)
-            if blob is not None:
-                if blob.size != spec.size:
-                    raise CacheError(
-                        f"hash {spec.blob_id} is used with two sizes ({blob.size} and {spec.size})"
-                    )
-                blob.refs += 1
+        while True:
+            with self._lock:
+                blob = self._open.get(spec.blob_id)
+                if blob is not None:
+                    if blob.size != spec.size:
+                        raise CacheError(
+                            f"hash {spec.blob_id} is used with two sizes "
+                            f"({blob.size} and {spec.size})"
+                        )
+                    blob.refs += 1
+                    return blob
+                loading = self._loading.get(spec.blob_id)
+                if loading is None:
+                    mine = self._loading[spec.blob_id] = threading.Event()
+            if loading is not None:
+                loading.wait()  # another thread loads it: then take a reference (or retry)
+                continue
+            try:
+                blob = self._load(spec)
+                with self._lock:
+                    blob.refs += 1
+                    self._open[spec.blob_id] = blob
                 return blob
-            blob = self._load(spec)
-            blob.refs += 1
-            self._open[spec.blob_id] = blob
-            return blob
+            finally:
+                with self._lock:
+                    self._loading.pop(spec.blob_id, None)
+                mine.set()
 
     def _load(self, spec: BlobSpec) -> Blob:
         path = self.data_path(spec.blob_id)
+        blob = Blob(self, spec, path, self.block_size)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            st = os.stat(path)
+        except FileNotFoundError:
+            if spec.size == 0:
+                with blob.lease():  # an empty blob is complete: its (empty) file must exist
+                    pass
+            return blob  # nothing local: the sparse file is created by the first write
         except OSError as e:
             raise CacheError(f"cannot open cache file {path}: {e}") from e
+        blob._ino = (st.st_dev, st.st_ino)  # a later lease must find this very file
         try:
             record = self._index.get(spec.blob_id)
-            n_blocks = max(1, -(-spec.size // self.block_size)) if spec.size else 0
             usable = (
                 isinstance(record, dict)
                 and record.get("v") == INDEX_VERSION
                 and record.get("size") == spec.size
                 and record.get("block_size") == self.block_size
-                and len(record.get("present", b"")) == n_blocks
+                and len(record.get("present", b"")) == blob.n_blocks
+                and st.st_size == spec.size  # else truncated or replaced behind our back
             )
-            st = os.fstat(fd)
-            if usable and st.st_size != spec.size:
-                usable = False  # the data file was truncated or replaced behind our back
-            if not usable:
-                if record is not None:
-                    log.info("blob %s: index entry unusable, starting empty", spec.blob_id)
-                if st.st_size != spec.size:
-                    # Keep bytes of a same-sized file: the journal may vouch for them.
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, spec.size)
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(f"{path}.journal")
-                present = bytearray(n_blocks)
-                sums = array("Q", bytes(8 * n_blocks))
-                verified = False
-            else:
+            if not usable and record is not None:
+                log.info("blob %s: index entry unusable, starting empty", spec.blob_id)
+            if not usable and st.st_size != spec.size:
+                # Bytes of a same-sized file are kept (the journal may vouch for them); a
+                # wrong-sized one is dropped and created afresh by the first write.
+                self._unlink_files(path)
+                blob._ino = None
+                if spec.size == 0:
+                    with blob.lease():
+                        pass
+                return blob
+            trusted = False
+            if usable:
                 assert isinstance(record, dict)
-                present = bytearray(record["present"])
-                sums = array("Q")
-                sums.frombytes(record["sums"])
-                verified = (
-                    bool(record.get("verified"))
+                blob.present[:] = record["present"]
+                blob.n_present = sum(blob.present)
+                blob.sums = array("Q")
+                blob.sums.frombytes(record["sums"])
+                trusted = (
+                    blob.complete
+                    and bool(record.get("verified") or record.get("intact"))
                     and tuple(record.get("stat") or ()) == (st.st_size, st.st_mtime_ns)
                     and record.get("boot") in (None, BOOT_ID)
                 )
-            blob = Blob(self, spec, path, fd, self.block_size, present, sums, verified)
-            blob._synced = verified and isinstance(record, dict) and record.get("boot") is None
-            if not verified:
+            if trusted:
+                assert isinstance(record, dict)
+                blob.verified = bool(record.get("verified"))
+                blob._synced = record.get("boot") is None
+            else:
                 if blob.n_present:
                     blob.check_blocks()
                 blob.replay_journal()
+                # Complete now and every block checked: trusted by stat from here on.
+                blob._dirty = blob._dirty or blob.complete
             if blob._dirty:
                 self._persist(blob)
                 if not blob.partial:
                     self._reset_journal(blob)
             return blob
         except BaseException:
-            os.close(fd)
+            self.fds.forget(blob)
             raise
 
     def release(self, blob: Blob) -> None:
@@ -513,28 +612,31 @@ class BlockStore:
             if blob.refs > 0:
                 return
             self._open.pop(blob.blob_id, None)
-        if blob.n_present == 0 and not blob.partial and blob.size:
-            self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
-            return
-        # A verified blob is synced once, here, so its flag survives a reboot.
-        if self._persist(blob, sync=blob.verified and not blob._synced) and not blob.partial:
-            self._reset_journal(blob)  # everything it vouched for is in the index now
-        if blob.journal_fd is not None:
-            with contextlib.suppress(OSError):
-                os.close(blob.journal_fd)
-        with contextlib.suppress(OSError):
-            os.close(blob.fd)
+        try:
+            if blob.n_present == 0 and not blob.partial and blob.size:
+                self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
+                return
+            # A complete blob is synced once, here, so its trust survives a reboot.
+            sync = blob.complete and not blob._synced
+            if (blob._dirty or sync) and self._persist(blob, sync=sync) and not blob.partial:
+                self._reset_journal(blob)  # everything it vouched for is in the index now
+        except CacheError as e:  # the data file vanished meanwhile: nothing left to keep
+            log.warning("blob %s: %s", blob.blob_id, e)
+        finally:
+            self.fds.forget(blob)
 
     def _forget(self, blob: Blob) -> None:
-        for fd in (blob.journal_fd, blob.fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        for path in (blob.path, Path(f"{blob.path}.journal")):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+        self.fds.forget(blob)
+        self._unlink_files(blob.path)
         with contextlib.suppress(sqlite3.Error, OSError, diskcache.Timeout):
             self._index.delete(blob.blob_id)
+
+    @staticmethod
+    def _unlink_files(path: Path) -> None:
+        """Remove a blob's data file and its journal (either may be missing)."""
+        for p in (path, Path(f"{path}.journal")):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
 
     # -- persistence ------------------------------------------------------------------------
     def flush(self) -> None:
@@ -544,16 +646,23 @@ class BlockStore:
         while this runs in a worker thread; it is reset when the blob is opened or released.
         """
         with self._lock:
-            blobs = list(self._open.values())
+            blobs = [b for b in self._open.values() if b._dirty]
         for blob in blobs:
-            if blob._dirty:
+            try:
                 self._persist(blob)
+            except CacheError as e:  # its data file vanished: the next access says so
+                log.warning("blob %s: %s", blob.blob_id, e)
 
     def _persist(self, blob: Blob, *, sync: bool = False) -> bool:
-        """Write the blob's index entry (after fdatasync when ``sync``); False if it failed."""
+        """Write the blob's index entry (after fdatasync when ``sync``); False if it failed.
+
+        Raises:
+            CacheError: the data file vanished (the blob's presence is dropped).
+        """
         if sync:
             try:
-                os.fdatasync(blob.fd)
+                with blob.lease() as fd:
+                    os.fdatasync(fd)
             except OSError as e:
                 log.warning("fdatasync %s failed: %s", blob.path, e)
                 return False
@@ -567,8 +676,8 @@ class BlockStore:
     @staticmethod
     def _reset_journal(blob: Blob) -> None:
         try:
-            if blob.journal_fd is not None:
-                os.ftruncate(blob.journal_fd, 0)
+            if blob._journal_fd is not None:
+                os.ftruncate(blob._journal_fd, 0)
             else:
                 os.truncate(f"{blob.path}.journal", 0)
         except FileNotFoundError:
@@ -593,10 +702,28 @@ class BlockStore:
         """Persist a whole-blob verification (blocking; trusted in this boot until synced)."""
         self._persist(blob)
 
+    def forget_verification(self, blob: Blob) -> None:
+        """The data file changed after verification: trust it no more (blocking)."""
+        blob.verified = False
+        blob._synced = False
+        self._persist(blob)
+
+    def link_record(self, blob_id: str) -> tuple[int, ...] | None:
+        """The identity (dev, ino, size, mtime, ctime) of the data file when a mount last served
+        it as a link (the fast path), or None (blocking)."""
+        record = self._index.get(f"link:{blob_id}")
+        return tuple(record) if isinstance(record, tuple | list) else None
+
+    def record_link(self, blob_id: str, key: tuple[int, ...]) -> None:
+        """Remember the data file's identity while a mount serves it as a link (blocking): the
+        size+mtime check of a verified blob misses a write that restores mtime; ctime and the
+        inode number cannot be restored, so the next mount checks those too."""
+        self._index_set(f"link:{blob_id}", tuple(key))
+
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._index.iterkeys()):
-            if isinstance(key, str) and not key.startswith("out:"):
+            if isinstance(key, str) and not key.startswith(("out:", "link:")):
                 record = self._index.get(key)
                 if isinstance(record, dict):
                     yield key, record
@@ -633,32 +760,107 @@ class BlockStore:
         count = 0
         for _, record in self.known():
             count += 1
-            total += sum(record["present"]) * record["block_size"]
+            total += _record_bytes(record)
         return StoreStatistics(blobs=count, bytes_present=total, open_blobs=len(self._open))
+
+    # -- eviction -------------------------------------------------------------------------------
+    def usage(self) -> list[tuple[str, float, int]]:
+        """``(blob id, last access, bytes it costs)`` of every blob in the index, oldest first.
+
+        A blob's cost is the bytes present in it, except for a data file with more than one
+        link: a resolve output hard-linked to it keeps those bytes on disk whatever the cache
+        does, so the blob costs nothing beyond the output and deleting it would free nothing.
+        """
+        rows = []
+        for blob_id, record in self.known():
+            cost = _record_bytes(record)
+            if cost:
+                try:
+                    if os.stat(self.data_path(blob_id)).st_nlink > 1:
+                        cost = 0
+                except OSError:
+                    cost = 0  # no data file: the record is all that is left
+            rows.append((blob_id, float(record.get("atime", 0.0)), cost))
+        rows.sort(key=lambda row: row[1])
+        return rows
+
+    def drop_unlinked(self) -> int:
+        """Delete every closed blob whose data file has no other hard link; returns bytes freed.
+
+        For a store whose blobs are linked into place as the outputs (a resolve's store on the
+        destination's filesystem): a blob no output links to any more is a second copy that
+        nobody asked for (a replaced or deleted output, a destination that was already right).
+        Blocking.
+        """
+        with self._lock:
+            busy = set(self._open)
+        freed = 0
+        for blob_id, _ in list(self.known()):
+            if blob_id in busy:
+                continue
+            path = self.data_path(blob_id)
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                st = None
+            if st is not None and st.st_nlink > 1:
+                continue
+            for p in (path, Path(f"{path}.journal")):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            with contextlib.suppress(sqlite3.Error, OSError, diskcache.Timeout):
+                self._index.delete(blob_id)
+            freed += st.st_blocks * 512 if st is not None else 0
+        return freed
 
     def evict(self, keep: set[str] | None = None) -> int:
         """Delete least-recently-used blobs until the cache fits ``max_bytes``; returns bytes freed.
 
-        Open blobs, pinned blobs and ``keep`` are never evicted.
+        Open blobs (a mount serves them, a resolve fetches them), ``keep`` (a resolve's own
+        blobs, after it released them) and blobs hard-linked to a resolve output are never
+        evicted. A blob goes with its journal and its index entry. Blocking (an index scan and
+        a stat per blob): call it in a thread.
         """
         if self.max_bytes is None:
             return 0
-        keep = set(keep or ()) | self.pinned
-        with self._lock:
-            keep |= set(self._open)
-        records = sorted(self.known(), key=lambda kv: kv[1].get("atime", 0.0))
-        total = sum(sum(r["present"]) * r["block_size"] for _, r in records)
+        keep = keep or set()
+        rows = self.usage()
+        total = sum(cost for _, _, cost in rows)
         freed = 0
-        for blob_id, record in records:
+        for blob_id, _, cost in rows:
             if total <= self.max_bytes:
                 break
-            if blob_id in keep:
+            if blob_id in keep or not cost:
                 continue
-            size = sum(record["present"]) * record["block_size"]
-            with contextlib.suppress(FileNotFoundError):
-                self.data_path(blob_id).unlink()
-            self._index.delete(blob_id)
-            total -= size
-            freed += size
-            log.info("evicted blob %s (%d bytes)", blob_id, size)
+            with self._lock:  # not opened meanwhile, and not opened while it goes
+                if blob_id in self._open or blob_id in self._loading:
+                    continue
+                self._unlink_files(self.data_path(blob_id))
+                with contextlib.suppress(sqlite3.Error, OSError, diskcache.Timeout):
+                    self._index.delete(blob_id)
+                    self._index.delete(f"link:{blob_id}")
+            total -= cost
+            freed += cost
+            log.info("evicted blob %s (%d bytes)", blob_id, cost)
+        self.last_usage = total
+        if total > self.max_bytes:
+            log.info(
+                "cache %s holds %d bytes in use, over its limit of %d bytes",
+                self.root,
+                total,
+                self.max_bytes,
+            )
         return freed
+
+
+def _record_bytes(record: dict[str, Any]) -> int:
+    """Bytes present according to an index record (whole blocks; the last one clipped)."""
+    present = bytes(record.get("present", b""))
+    n = sum(present)
+    size = int(record.get("size", 0))
+    if present and n == len(present):
+        return size
+    full = n * int(record.get("block_size", 0))
+    if present and present[-1]:
+        full -= len(present) * int(record.get("block_size", 0)) - size
+    return max(0, int(full))

@@ -6,20 +6,32 @@ value, ``Exception`` on failure) with ttfs's fixes: files appear only complete a
 killed resolve resumes, ``..`` in file names is refused.
 
 Differences, on purpose: environment variables are read at every call (upstream caches them per
-process), and garbage in a numeric variable is an error instead of a silent default.
+process), and garbage in a numeric variable is an error (one line, naming the variable) instead of
+a silent default.
+
+Errors carry upstream's texts where users match on them: a failed download is
+``Download failure: <cause>``; a manifest that cannot be parsed, a bad model repo or a bad
+environment value is the plain message, as upstream returns them. Nothing here logs the error:
+the caller (or the CLI, ``truss_transfer/__main__.py``) reports it once.
+
+Resolves in one process are serialised by a lock, as upstream's global mutex does: a second
+caller (another thread) blocks until the first is done and then finds the files in place.
+Waiting on it, and the resolve itself, leave the caller's other threads running; for running
+model code while the weights arrive, see :mod:`ttfs.compat.background`.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Mapping, Sequence
 
 import trio
 
 from ..config import Settings, truthy
 from ..create import create_manifest, expand_pointers
-from ..errors import TtfsError
+from ..errors import ConfigError, DownloadError, TtfsError
 from ..manifest import ModelRepo, find_manifests
 from ..resolve import ResolveReport, resolve, write_stats
 from ..telemetry.logs import setup_logging
@@ -29,6 +41,8 @@ log = logging.getLogger("ttfs.truss_transfer")
 __version__ = "0.0.43"
 DEFAULT_DOWNLOAD_DIR = "/tmp/truss_transfer"
 VALID_KINDS = frozenset({"http", "hf", "gcs", "s3", "azure"})
+# Upstream's process-wide mutex: one resolve at a time per process.
+_RESOLVE_LOCK = threading.Lock()
 
 
 class PyModelRepo:
@@ -96,6 +110,24 @@ def _download_dir(download_dir: str | None) -> str:
     return os.environ.get("TRUSS_TRANSFER_DOWNLOAD_DIR") or DEFAULT_DOWNLOAD_DIR
 
 
+def monitor_secs(env: Mapping[str, str] | None = None) -> float:
+    """``TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS`` (default 30).
+
+    Raises:
+        ConfigError: the value is not a positive number.
+    """
+    raw = (os.environ if env is None else env).get("TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS")
+    if raw is None or raw.strip() == "":
+        return 30.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:  # also NaN
+        raise ConfigError(f"TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS={raw!r} is not a positive number")
+    return value
+
+
 def lazy_data_resolve(
     download_dir: str | None = None,
     models: list[PyModelRepo] | None = None,
@@ -109,6 +141,13 @@ def lazy_data_resolve(
     if models and model_path is None:
         raise TtfsError("model_path must be provided when models are provided")
     setup_logging()
+    with _RESOLVE_LOCK:  # waiting releases the GIL
+        return _resolve_locked(download_dir, models, model_path)
+
+
+def _resolve_locked(
+    download_dir: str | None, models: list[PyModelRepo] | None, model_path: str | None
+) -> str:
     target = _download_dir(download_dir)
     log.info("truss_transfer_cli, version: %s (ttfs)", __version__)
     log.info("Starting downloads to: %s", target)
@@ -124,7 +163,7 @@ def lazy_data_resolve(
         report.total_manifest_size_bytes = sum(p.size for p in pointers)
         if pointers:
             settings = Settings.from_env()
-            monitor = float(os.environ.get("TRUSS_TRANSFER_DOWNLOAD_MONITOR_SECS") or 30)
+            monitor = monitor_secs()
             page_after = truthy(os.environ.get("TRUSS_TRANSFER_PAGE_AFTER_DOWNLOAD"))
             trio.run(
                 lambda: resolve(
@@ -138,8 +177,9 @@ def lazy_data_resolve(
                 )
             )
         report.success = True
-    except TtfsError as e:
-        log.error("Error during execution: %s", e)
+    except DownloadError as e:
+        # Upstream's text for a failed download task (spec §3.2 step 9); other errors (parse,
+        # creation, configuration) are returned as they are, as upstream does.
         raise TtfsError(f"Download failure: {e}") from e
     finally:
         write_stats(report, os.environ.get("TTFS_STATS_FILE") or "/tmp/truss_transfer_stats.json")

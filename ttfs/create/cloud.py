@@ -65,7 +65,7 @@ def rfc3339(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     if value.tzinfo is not None:
-        value = value.astimezone(dt.UTC)
+        value = value.astimezone(dt.timezone.utc)
     text = value.strftime("%Y-%m-%dT%H:%M:%S")
     if value.microsecond:
         frac = f"{value.microsecond:06d}"
@@ -312,9 +312,16 @@ def create_azure(
         resolution=lambda o: AzureResolution(
             account_name=uri.account, container_name=uri.container, blob_name=o.key
         ),
-        hashed=lambda o: ("etag", (o.etag or "").strip('"') or _random_hash("azure")),
+        # Upstream's form: the quoted ETag, normalised ('"' -> '_'), e.g. _0x8DC0FFEE_.
+        hashed=lambda o: ("etag", _quoted(o.etag) or _random_hash("azure")),
         uid=lambda o, _h: f"azure:{uri.account}:{uri.container}:{o.key}",
     )
+
+
+def _quoted(etag: str | None) -> str:
+    """An ETag with its quotes, whether or not the SDK kept them ("" for none)."""
+    bare = (etag or "").strip('"')
+    return f'"{bare}"' if bare else ""
 
 
 def _list_azure(client: Any, container: str, prefix: str, source: str) -> Iterable[Listed]:

@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
 
-from ..blocks.shared import Decision, HeldLock, SharedCache, SharedFile
+from ..blocks.shared import Decision, HeldLock, SharedCache
 from ..config import SharedCacheConfig
 from .source import Source, TierHost, TierState
 
@@ -209,8 +208,6 @@ class ReplicaLocks:
                 assert st is not None
                 bid = source.blob.blob_id
                 if st.state is not TierState.WAITING:
-                    if isinstance(payload, SharedFile):
-                        os.close(payload.fd)
                     continue
                 if outcome == "wait":
                     continue

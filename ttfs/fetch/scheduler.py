@@ -36,6 +36,7 @@ import itertools
 import logging
 import math
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
@@ -43,6 +44,9 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import trio
+
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
 
 from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
@@ -108,7 +112,7 @@ class Fetcher:
         self._last_demand = -math.inf
         self._preemptible: set[trio.CancelScope] = set()
         self._nursery: trio.Nursery | None = None
-        self._open_lock = trio.Lock()
+        self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.origin_bytes = 0
         self.origin_requests = 0
         self.retries = 0
@@ -133,10 +137,14 @@ class Fetcher:
             ConfigError: no provider serves its resolution type.
         """
         blob_id = pointer.hash
-        async with self._open_lock:
-            source = self._sources.get(blob_id)
-            if source is not None:
-                return source
+        # Single-flight per blob, not one lock for all: opening a partial blob re-checks its
+        # blocks (seconds for a big one), and a reader of another file must not wait for it.
+        while (source := self._sources.get(blob_id)) is None and blob_id in self._adding:
+            await self._adding[blob_id].wait()
+        if source is not None:
+            return source
+        adding = self._adding[blob_id] = trio.Event()
+        try:
             provider = self.providers.for_pointer(pointer)
             spec = BlobSpec(blob_id, pointer.size, checker_for(pointer.hashtype, pointer.hash))
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
@@ -153,6 +161,9 @@ class Fetcher:
                 assert self._nursery is not None
                 self._nursery.start_soon(self._follow, source)
             return source
+        finally:
+            del self._adding[blob_id]
+            adding.set()
 
     def source(self, blob_id: str) -> Source:
         return self._sources[blob_id]
@@ -263,6 +274,21 @@ class Fetcher:
                 and source.discards == generation
             ):
                 await source.changed.wait()
+
+    async def recheck(self, source: Source) -> list[int]:
+        """The blob's data file changed after it was verified (a write behind the cache's
+        back): drop every block whose checksum no longer matches, forget the verification and
+        follow the blob again; returns the dropped blocks, which the next reads fetch again.
+        """
+        blob = source.blob
+        bad = await trio.to_thread.run_sync(blob.check_blocks)
+        await trio.to_thread.run_sync(self.store.forget_verification, blob)
+        if source.done.is_set():
+            source.done = trio.Event()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._follow, source)
+        self._notify(source)
+        return bad
 
     # -- verification ------------------------------------------------------------------------
     def _notify(self, source: Source) -> None:

@@ -27,7 +27,6 @@ The tier sees the fetcher only through :class:`~ttfs.fetch.source.TierHost`.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -172,25 +171,38 @@ class SharedTier:
         # One buffer per run, reused: the sink copies it out (pwrite) before the next read.
         buf = bytearray(min(_READ_CHUNK, max(end - start, 1)))
         view = memoryview(buf)
-        while offset < end:
-            n = min(len(buf), end - offset)
-            part = view[:n]
-            try:
-                got = await trio.to_thread.run_sync(
-                    os.preadv, entry.fd, [part], offset, limiter=self._readers
-                )
-            except OSError as e:
-                self._drop(source, f"read failed: {e}")
-                raise TransientError(
-                    f"b10cache read of {entry.path} failed: {e}", kind="shared_cache"
-                ) from e
-            if got != n:
-                self._drop(source, "it is shorter than expected")
-                raise TransientError(
-                    f"b10cache entry {entry.path} is shorter than expected", kind="shared_cache"
-                )
-            sink(part)
-            offset += n
+        # One descriptor per run, not per blob: the entries of a big manifest do not fit the
+        # open-file limit at once (ttfs/blocks/descriptors.py has the same reason).
+        try:
+            fd = await trio.to_thread.run_sync(
+                self.cache.open_for_read, entry, limiter=self._readers
+            )
+        except OSError as e:
+            self._drop(source, f"cannot open it: {e}")
+            raise TransientError(f"b10cache entry {entry.path}: {e}", kind="shared_cache") from e
+        try:
+            while offset < end:
+                n = min(len(buf), end - offset)
+                part = view[:n]
+                try:
+                    got = await trio.to_thread.run_sync(
+                        os.preadv, fd, [part], offset, limiter=self._readers
+                    )
+                except OSError as e:
+                    self._drop(source, f"read failed: {e}")
+                    raise TransientError(
+                        f"b10cache read of {entry.path} failed: {e}", kind="shared_cache"
+                    ) from e
+                if got != n:
+                    self._drop(source, "it is shorter than expected")
+                    raise TransientError(
+                        f"b10cache entry {entry.path} is shorter than expected",
+                        kind="shared_cache",
+                    )
+                sink(part)
+                offset += n
+        finally:
+            os.close(fd)
 
     def on_done(self, source: Source) -> None:
         """The blob is complete and verified: publish it (or refresh its atime), then unlock."""
@@ -285,10 +297,7 @@ class SharedTier:
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
     def _close_entry(st: BlobTier) -> None:
-        entry, st.entry = st.entry, None
-        if entry is not None:
-            with contextlib.suppress(OSError):
-                os.close(entry.fd)
+        st.entry = None  # entries hold no descriptor (SharedFile); runs open their own
 
     def _drop(self, source: Source, why: str) -> None:
         st = source.tier

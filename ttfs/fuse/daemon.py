@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib.util
 import logging
 import os
 import select
@@ -35,8 +36,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..blocks import perms
 from ..control import mount_status
-from ..errors import MountError, TtfsError
+from ..errors import ConfigError, MountError, TtfsError
 from ..procs import process_alive
 from .kernel import is_mounted
 
@@ -61,6 +63,27 @@ class Daemon:
     pid: int
     mountpoint: Path
     log_file: Path
+
+
+FUSE_MISSING = (
+    "ttfs mount needs pyfuse3, which is not installed: pip install 'ttfs[fuse]' "
+    "(it builds against libfuse3: apt-get install fuse3 libfuse3-dev pkg-config gcc "
+    "python3-dev). 'ttfs resolve' needs no FUSE."
+)
+
+
+def require_pyfuse3() -> None:
+    """Fail with how to install it when pyfuse3 is missing (checked before spawning).
+
+    Raises:
+        ConfigError: pyfuse3 cannot be imported.
+    """
+    try:
+        found = importlib.util.find_spec("pyfuse3") is not None
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+        found = False
+    if not found:
+        raise ConfigError(FUSE_MISSING)
 
 
 def check_mountpoint(mountpoint: str | os.PathLike[str]) -> Path:
@@ -129,7 +152,12 @@ def spawn(
         MountError: the daemon failed (with its reason), died, or was not ready in time.
         TtfsError: the daemon reported another error class (its exit code is kept).
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        perms.make_private_dir(log_file.parent)
+        # Private like the cache: a log names the files and URLs of private models.
+        log_fd = perms.open_private(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    except OSError as e:
+        raise MountError(f"cannot open the log file {log_file}: {e}") from e
     read_fd, write_fd = os.pipe()
     cmd = [
         python or sys.executable,
@@ -142,7 +170,7 @@ def spawn(
         *args,
     ]
     try:
-        with open(log_file, "ab") as log:
+        with open(log_fd, "ab") as log:
             proc = subprocess.Popen(
                 cmd,
                 stdin=subprocess.DEVNULL,

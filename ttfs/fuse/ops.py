@@ -7,6 +7,10 @@ the core, builds ``EntryAttributes``/``FileInfo`` and passes every exception thr
 :func:`ttfs.vfs.core.errno_for` (``trio.Cancelled`` is a BaseException and passes untouched,
 as it must).
 
+Complete, verified files are answered as symlinks into the blob store (the fast path,
+:mod:`ttfs.vfs.fastpath`); this layer passes the requester's pid to ``lookup`` and
+``readlink`` and gives the core the kernel's entry invalidation.
+
 Mount-wide choices made here (docs/semantics.md): ``keep_cache=True`` and never ``direct_io``
 (files are immutable; MAP_SHARED mmap needs the page cache), entry and attribute timeouts of a
 day (nothing ever changes under a mount), and every write-type request answers EROFS.
@@ -35,7 +39,9 @@ R = TypeVar("R")
 # attributes "forever" (a day; the kernel stores the deadline in jiffies).
 TIMEOUT = 24 * 3600.0
 # Errors that are ordinary answers, not failures worth a log line above DEBUG.
-_QUIET = frozenset({errno.ENOENT, errno.ENODATA, errno.EROFS, errno.ENOTDIR, errno.EISDIR})
+_QUIET = frozenset(
+    {errno.ENOENT, errno.ENODATA, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.ESTALE}
+)
 
 
 def boundary(op: str) -> Callable[[Callable[P, Awaitable[R]]], Callable[P, Coroutine[Any, Any, R]]]:
@@ -84,6 +90,14 @@ def entry(attr: Attr) -> pyfuse3.EntryAttributes:
     return e
 
 
+def invalidate_entry(parent: int, name: str) -> None:
+    """Make the kernel forget ``name`` in ``parent`` (the fast path switched its type).
+
+    Asynchronous: the synchronous call deadlocks when made while the kernel waits on a
+    request of ours for that entry. An entry the kernel does not hold is no error."""
+    pyfuse3.invalidate_entry_async(parent, os.fsencode(name), ignore_enoent=True)
+
+
 def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
@@ -98,13 +112,14 @@ class FuseOps(pyfuse3.Operations):
     def __init__(self, fs: ModelFs) -> None:
         super().__init__()
         self.fs = fs
+        fs.set_invalidator(invalidate_entry)
 
     # -- metadata ------------------------------------------------------------------------
     @boundary("lookup")
     async def lookup(
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        return entry(self.fs.lookup(parent_inode, _name(name)))
+        return entry(await self.fs.lookup(parent_inode, _name(name), ctx.pid, ctx.uid))
 
     @boundary("getattr")
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
@@ -145,8 +160,7 @@ class FuseOps(pyfuse3.Operations):
 
     @boundary("readlink")
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        self.fs.getattr(inode)  # ENOENT for an unknown inode
-        raise OSError(errno.EINVAL, "not a symbolic link")
+        return self.fs.readlink(inode, ctx.pid, ctx.uid)
 
     # -- data ----------------------------------------------------------------------------
     @boundary("open")

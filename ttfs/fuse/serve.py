@@ -28,6 +28,7 @@ import os
 import signal
 import socket
 import stat
+import sys
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -37,11 +38,15 @@ from typing import Any
 import pyfuse3
 import trio
 
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
 from ..blocks import BlockStore
 from ..config import Settings
 from ..errors import MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
+from ..procs import raise_nofile_limit
 from ..providers import ProviderSet
 from ..telemetry.metrics import exporting
 from ..vfs.core import FsOptions, ModelFs, open_model_fs
@@ -65,6 +70,7 @@ class MountConfig:
     read_ahead_kb: int | None = kernel.READ_AHEAD_KB
     max_background: int | None = kernel.MAX_BACKGROUND
     allow_other: bool | None = None  # None: when root (other uids and containers can read)
+    fast_path: bool = True  # verified files as symlinks into the blob store (docs/mount.md)
     max_tasks: int = 256
     drain_seconds: float = 5.0
     ready_timeout: float = 60.0
@@ -83,14 +89,15 @@ class Ready:
     tuning: kernel.Tuning
 
 
+def allows_other(config: MountConfig) -> bool:
+    return config.allow_other if config.allow_other is not None else os.geteuid() == 0
+
+
 def mount_options(config: MountConfig) -> set[str]:
     """FUSE mount options (docs/semantics.md). No ``default_permissions``: the daemon answers
     EROFS itself, and the control attributes must be settable by whoever sees the mount."""
     options = {"fsname=ttfs", "subtype=ttfs", "nosuid", "nodev", "noatime"}
-    allow_other = config.allow_other
-    if allow_other is None:
-        allow_other = os.geteuid() == 0
-    if allow_other:
+    if allows_other(config):
         options.add("allow_other")
     return options
 
@@ -169,6 +176,11 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     """
     settings = config.settings
     mountpoint = config.mountpoint
+    before, after = raise_nofile_limit()
+    if after != before:
+        log.info("open-file limit (RLIMIT_NOFILE) raised from %d to %d", before, after)
+    else:
+        log.info("open-file limit (RLIMIT_NOFILE) is %d", after)
     tree = Tree.build(config.pointers, prefix=config.prefix, mountpoint=str(mountpoint))
     check_fuse_device()
     store = await trio.to_thread.run_sync(
@@ -186,7 +198,13 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
             "cache_dir": str(settings.cache_dir),
             **config.info,
         }
-        options = FsOptions(prefetch=config.prefetch, readahead=config.readahead, info=info)
+        options = FsOptions(
+            prefetch=config.prefetch,
+            readahead=config.readahead,
+            info=info,
+            fast_path=config.fast_path,
+            shared_readers=allows_other(config),
+        )
         fs = await stack.enter_async_context(open_model_fs(tree, fetcher, options, serving=False))
         ops = FuseOps(fs)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..config import Settings
 from ..errors import ConfigError
 from ..manifest import AzureResolution, GcsResolution, HttpResolution, Pointer, S3Resolution
+from ._stream import data_proxy, tune_httpcore
 from .azure import AzureProvider
 from .base import Provider, Sink, redact_url
 from .gcs import GcsProvider
@@ -23,7 +24,9 @@ __all__ = [
     "ProviderSet",
     "S3Provider",
     "Sink",
+    "data_proxy",
     "redact_url",
+    "tune_httpcore",
 ]
 
 

@@ -33,23 +33,49 @@ log = logging.getLogger(__name__)
 
 # httpcore reads the socket 64 KiB at a time; every read costs a trip through h11, httpcore and
 # trio. 256 KiB reads cut the client's CPU per byte by ~20% on the 2-core VM (measured: 128 MiB
-# in 8 ranges, 0.51 s CPU at 64 KiB vs 0.41 s at 256 KiB). A class attribute of a private
-# module: if a future httpcore drops it, we only lose the speed-up.
+# in 8 ranges, 0.51 s CPU at 64 KiB vs 0.41 s at 256 KiB).
 SOCKET_READ = 256 * 1024
-with contextlib.suppress(ImportError, AttributeError):
-    from httpcore._async.http11 import AsyncHTTP11Connection
 
-    AsyncHTTP11Connection.READ_NUM_BYTES = max(AsyncHTTP11Connection.READ_NUM_BYTES, SOCKET_READ)
+
+def tune_httpcore() -> None:
+    """Raise httpcore's socket read size, process-wide: for processes ttfs owns.
+
+    A class attribute of a private module, so it changes every httpx client in the process:
+    the ``ttfs`` and ``truss-transfer-cli`` commands call it at start; ``import ttfs`` or
+    ``import truss_transfer`` in someone else's process does not (their clients stay as
+    they were; ours read 64 KiB at a time there). If a future httpcore drops the attribute,
+    only the speed-up is lost.
+    """
+    with contextlib.suppress(ImportError, AttributeError):
+        from httpcore._async.http11 import AsyncHTTP11Connection
+
+        current = AsyncHTTP11Connection.READ_NUM_BYTES
+        AsyncHTTP11Connection.READ_NUM_BYTES = max(current, SOCKET_READ)
+
 
 CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def data_proxy(settings: Settings) -> str | None:
+    """The proxy the data plane (every ranged GET, every origin) uses: ``TTFS_PROXY`` or none.
+
+    ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``ALL_PROXY`` are ignored here, as upstream's range
+    downloader ignores them: pods set them for other traffic, and tens of GB of weights must
+    not detour through a proxy sized for API calls. Whoever needs one for the weights names it
+    in ``TTFS_PROXY``. (The control plane, the SDKs that list buckets and repos, follows the
+    environment as those SDKs always do; ttfs never edits the process environment.)
+    """
+    return settings.proxy
 
 
 def make_client(settings: Settings) -> httpx.AsyncClient:
     """The httpx client of one provider: pooled keep-alive connections, stall timeouts.
 
     Redirects are not followed: a provider that expects them (Hugging Face) follows them itself
-    so that it decides where a token may go.
+    so that it decides where a token may go. The transport is built here, so httpx does not
+    mount the environment's proxies (:func:`data_proxy` decides); ``SSL_CERT_FILE`` and
+    ``SSL_CERT_DIR`` are still honoured.
     """
     limits = httpx.Limits(
         max_connections=settings.max_connections + 8,
@@ -62,8 +88,9 @@ def make_client(settings: Settings) -> httpx.AsyncClient:
         write=settings.stall_timeout,
         pool=None,  # the scheduler bounds concurrency; waiting for a slot is not a stall
     )
+    transport = httpx.AsyncHTTPTransport(limits=limits, proxy=data_proxy(settings))
     return httpx.AsyncClient(
-        limits=limits,
+        transport=transport,
         timeout=timeout,
         follow_redirects=False,
         headers={"user-agent": "ttfs/0.1", "accept-encoding": "identity"},

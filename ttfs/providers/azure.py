@@ -67,7 +67,7 @@ def sas_for(creds: AzureCredentials, container: str, blob_name: str) -> str:
         assert creds.sas_token is not None
         return creds.sas_token
     blob = sdk("azure.storage.blob")
-    now = dt.datetime.now(dt.UTC)
+    now = dt.datetime.now(dt.timezone.utc)
     token: str = blob.generate_blob_sas(
         account_name=creds.account,
         container_name=container,

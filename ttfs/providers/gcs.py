@@ -159,8 +159,8 @@ def _seconds_left(expiry: dt.datetime | None) -> float:
     if expiry is None:
         return float("inf")
     if expiry.tzinfo is None:
-        expiry = expiry.replace(tzinfo=dt.UTC)
-    return (expiry - dt.datetime.now(dt.UTC)).total_seconds()
+        expiry = expiry.replace(tzinfo=dt.timezone.utc)
+    return (expiry - dt.datetime.now(dt.timezone.utc)).total_seconds()
 
 
 def _resolution(pointer: Pointer) -> GcsResolution:

@@ -17,8 +17,11 @@ Background work, owned by :func:`open_model_fs`'s nursery:
 * the *prefetch pass* (unless ``--no-prefetch``) requests every block in the order of
   :mod:`ttfs.fetch.prefetch` and waits for every blob to be whole and verified;
 * a *materialize pass*, started by :meth:`ModelFs.materialize_nowait` (the
-  ``user.ttfs.materialize`` attribute), pins every blob, does the same, and records the outcome
-  that ``ttfs materialize`` waits for.
+  ``user.ttfs.materialize`` attribute), does the same and records the outcome that
+  ``ttfs materialize`` waits for;
+* the *evictor* (with ``--cache-size``) keeps the cache directory under its size while the
+  mount runs: every blob of the mount stays open in the store for the mount's life, so eviction
+  only ever removes blobs of other models (docs/semantics.md, "Cache size").
 
 Errors: methods raise :class:`OSError` with an errno for filesystem answers (ENOENT, EROFS,
 EISDIR, ...) and let :class:`~ttfs.errors.TtfsError` through for fetch failures;
@@ -33,18 +36,26 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NewType
 
 import trio
 
-from ..control import CONTROL_FILE, MATERIALIZE_XATTR, STATUS_XATTR, XATTR_MAX
-from ..errors import DownloadError, TransientError, TtfsError, UserError
+from ..control import (
+    CHILD_STATUS_PREFIX,
+    CONTROL_FILE,
+    MATERIALIZE_XATTR,
+    STATUS_XATTR,
+    XATTR_MAX,
+)
+from ..errors import CacheError, DownloadError, TransientError, TtfsError, UserError
 from ..fetch import Fetcher, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
+from .fastpath import INODE_SHIFT, BlobKey, key_of_path, readable_by_others, visible_to
 from .readahead import ReadaheadConfig, StreamTable
 from .tree import ROOT_INODE, Inode, Node, Tree
 
@@ -53,6 +64,7 @@ log = logging.getLogger(__name__)
 HandleId = NewType("HandleId", int)
 
 FILE_MODE = stat.S_IFREG | 0o444
+LINK_MODE = stat.S_IFLNK | 0o777
 DIR_MODE = stat.S_IFDIR | 0o555
 # st_blksize: stdio and Python's buffered IO size their buffers from it; 1 MiB is the largest
 # FUSE request the kernel sends (max_pages 256), so one buffered read is one request.
@@ -62,6 +74,11 @@ _MAX_REASON = 300
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _SNAPSHOT_YIELD = 2000  # file documents built between checkpoints (other requests run)
 _JSON = {True: "true", False: "false"}
+# Blobs opened at once by the background opener (each open is a thread hop, a stat and an index
+# read; a few in parallel hide the hops' latency, more only contend for the index).
+_OPENERS = 4
+# How often the evictor looks at the bytes landed since its last pass.
+EVICT_INTERVAL = 2.0
 
 
 def erofs(what: str) -> OSError:
@@ -125,6 +142,10 @@ class FsOptions:
     gid: int = field(default_factory=os.getgid)
     mtime_ns: int = field(default_factory=time.time_ns)
     info: dict[str, Any] = field(default_factory=dict)  # shown in the root status
+    # Serve complete, verified files as symlinks into the blob store (ttfs/vfs/fastpath.py).
+    fast_path: bool = True
+    # Other users may read the mount (allow_other): links only to blob files all can read.
+    shared_readers: bool = False
 
 
 @dataclass(slots=True)
@@ -139,6 +160,14 @@ class _File:
     read_bytes: int = 0
     error: str | None = None
     static_json: str | None = None  # the unchanging head of its status document, encoded once
+    link: BlobKey | None = None  # set while served by the kernel as a link (fast path)
+    fast_off: str | None = None  # why the fast path does not serve this file, once known
+    looked_up: bool = False  # the kernel may hold a dentry for the regular file
+    served_before: BlobKey | None = None  # blob file identity when a mount last linked it
+
+    @property
+    def link_ino(self) -> Inode:
+        return Inode(self.node.ino + INODE_SHIFT)
 
 
 @dataclass(slots=True)
@@ -183,6 +212,11 @@ class ModelFs:
         # not listed, shadowed by a manifest file of the same name.
         self.control_ino = Inode(len(tree) + 1)
         self._snapshots: dict[HandleId, bytes] = {}
+        # Fast path: why it is off for the whole mount (None: on), the kernel notifier the FUSE
+        # layer installs, blobs being checked again after a change.
+        self._fast_disabled: str | None = None if options.fast_path else "off (--no-fast-path)"
+        self._invalidate: Callable[[Inode, str], None] | None = None
+        self._rechecking: dict[str, trio.Event] = {}  # set once changed blocks are dropped
 
     # -- metadata (memory only; never blocks) ---------------------------------------------
     def _node(self, ino: int) -> Node:
@@ -209,9 +243,18 @@ class ModelFs:
     def getattr(self, ino: int) -> Attr:
         if ino == self.control_ino:
             return self._control_attr()
+        f = self._link_file(ino)
+        if f is not None:
+            return self._link_attr(f)
         return self._attr(self._node(ino))
 
-    def lookup(self, parent: int, name: str) -> Attr:
+    async def lookup(self, parent: int, name: str, pid: int = 0, uid: int | None = None) -> Attr:
+        """The entry ``name`` of directory ``parent``, as seen by process ``pid`` of ``uid``.
+
+        A complete, verified file is answered as a symlink into the blob store (the fast path);
+        with the fast path on, the lookup of a file opens its blob first (reading the cache
+        index, no network), so a remount on a warm cache serves links from the first lookup.
+        """
         node = self._node(parent)
         if not node.is_dir:
             raise OSError(errno.ENOTDIR, node.path)
@@ -220,6 +263,17 @@ class ModelFs:
             if node.ino == ROOT_INODE and name == CONTROL_FILE:
                 return self._control_attr()
             raise OSError(errno.ENOENT, name)
+        if child.pointer is None:
+            return self._attr(child)
+        f = self._files[child.ino]
+        if self._fast_disabled is None and f.source is None:
+            try:
+                await self._source(f)
+            except DownloadError:
+                pass  # served (and reported) by the daemon path
+        if self._serves_link(f, pid, uid):
+            return self._link_attr(f)
+        f.looked_up = True
         return self._attr(child)
 
     def opendir(self, ino: int) -> None:
@@ -237,6 +291,12 @@ class ModelFs:
             name = node.entries[i]
             child = self.tree.node(node.children[name])
             assert child is not None
+            f = self._files.get(child.ino) if child.pointer is not None else None
+            if f is not None and self._serves_link(f):
+                yield name, self._link_attr(f), i + 1
+                continue
+            if f is not None:
+                f.looked_up = True  # readdirplus makes dentries too
             yield name, self._attr(child), i + 1
 
     def access(self, ino: int, mode: int) -> bool:
@@ -244,6 +304,8 @@ class ModelFs:
             if mode & os.W_OK:
                 raise erofs(CONTROL_FILE)
             return not mode & os.X_OK
+        if self._link_file(ino) is not None:
+            return not mode & os.W_OK
         node = self._node(ino)
         if mode & os.W_OK:
             raise erofs(node.path or "/")
@@ -263,6 +325,12 @@ class ModelFs:
                 self._failures[f.node.path] = f.error
                 raise DownloadError(f.pointer.file_name, e) from e
             self._cache_bytes.setdefault(source.blob.blob_id, source.blob.bytes_present)
+            if self._fast_disabled is None and source.blob.verified:
+                record = await trio.to_thread.run_sync(
+                    self.fetcher.store.link_record, source.blob.blob_id
+                )
+                if record is not None and len(record) == 5:
+                    f.served_before = BlobKey(*record)
             f.source = source
         return f.source
 
@@ -308,6 +376,9 @@ class ModelFs:
         source = f.source
         assert source is not None
         blob = source.blob
+        checking = self._rechecking.get(blob.blob_id)
+        if checking is not None:  # changed behind our back: serve only re-checked blocks
+            await checking.wait()
         if offset >= blob.size or size <= 0:
             return b""
         # A whole blob needs no readahead: skip the bookkeeping on the warm path.
@@ -330,9 +401,208 @@ class ModelFs:
         self._handles.pop(HandleId(fh), None)
         self._snapshots.pop(HandleId(fh), None)
 
+    # -- the fast path: verified files as links into the blob store (fastpath.py) -----------
+    def set_invalidator(self, invalidate: Callable[[Inode, str], None]) -> None:
+        """Install the FUSE layer's "forget the entry ``name`` of directory ``parent``" call.
+
+        A name that turns from file into link (or back) must be dropped from the kernel's
+        dentry cache, which otherwise trusts the old answer for the entry timeout (a day)."""
+        self._invalidate = invalidate
+
+    def _link_file(self, ino: int) -> _File | None:
+        """The file whose link inode ``ino`` is, or None for any other inode."""
+        if ino <= INODE_SHIFT:
+            return None
+        f = self._files.get(Inode(ino - INODE_SHIFT))
+        if f is None:
+            raise OSError(errno.ENOENT, f"no inode {ino}")
+        return f
+
+    @staticmethod
+    def _target(f: _File) -> str:
+        assert f.source is not None
+        return os.path.abspath(f.source.blob.path)
+
+    def _link_attr(self, f: _File) -> Attr:
+        size = len(os.fsencode(self._target(f))) if f.source is not None else 0
+        opts = self.options
+        return Attr(f.link_ino, LINK_MODE, size, 1, opts.uid, opts.gid, opts.mtime_ns)
+
+    def _notify_entry(self, f: _File) -> None:
+        if self._invalidate is not None:
+            self._invalidate(f.node.parent, f.node.name)
+
+    def _grant(self, f: _File) -> bool:
+        """Serve ``f`` as a link if every condition of the fast path holds (module fastpath)."""
+        source = f.source
+        if self._fast_disabled is not None or source is None or f.link is not None:
+            return f.link is not None
+        blob = source.blob
+        if not (blob.complete and blob.verified and source.done.is_set()):
+            f.fast_off = "not verified" if blob.complete else "not complete"
+            return False
+        if blob.blob_id in self._rechecking:
+            f.fast_off = "blob file changed after verification; checking it again"
+            return False
+        try:
+            with blob.lease() as fd:
+                held = BlobKey.of(os.fstat(fd))
+        except (OSError, CacheError) as e:
+            f.fast_off = f"cannot stat the blob file: {e}"
+            return False
+        if key_of_path(blob.path) != held:
+            f.fast_off = "the blob file at its path is not the verified one"
+            return False
+        if f.served_before is not None and f.served_before != held:
+            # Changed since a mount last served it, yet size and mtime match the index.
+            self._changed(f)
+            return False
+        # Pinned against eviction: the mount holds every blob it serves open until it stops,
+        # and the store never evicts an open blob (BlockStore.evict).
+        if f.served_before is None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._record_link, blob.blob_id, held)
+        f.served_before = held
+        f.link = held
+        f.fast_off = None
+        if f.looked_up:
+            f.looked_up = False
+            self._notify_entry(f)
+        return True
+
+    def _check_link(self, f: _File) -> bool:
+        """True while ``f`` is served as a link to its unchanged, verified blob file.
+
+        A blob file whose identity changed (a write, a truncate, a chmod, a replacement) loses
+        the fast path at once, and its blob is checked again (:meth:`_changed`)."""
+        if f.link is None:
+            return False
+        if key_of_path(self._target(f)) == f.link:
+            return True
+        self._changed(f)
+        return False
+
+    def _serves_link(self, f: _File, pid: int = 0, uid: int | None = None) -> bool:
+        """Whether to answer ``f`` as a link to process ``pid`` of user ``uid`` now (0 and
+        None: unknown, as in readdir).
+
+        The kernel shares one dentry among every reader of the mount, so a reader who could
+        not follow the link (another mount namespace without the cache, another user without
+        read access to it) turns the fast path off for the whole mount."""
+        if self._fast_disabled is not None:
+            return False
+        if f.link is None and not self._grant(f):
+            return False
+        if not self._check_link(f):
+            return False
+        assert f.link is not None
+        target = self._target(f)
+        cache = os.path.dirname(os.path.dirname(os.path.dirname(target)))
+        if (
+            uid is not None
+            and self.options.shared_readers
+            and uid not in (0, os.geteuid())
+            and not readable_by_others(Path(target))
+        ):
+            self.disable_fast_path(
+                f"user {uid} cannot read the cache {cache} (links need o+r files and o+x "
+                "directories when other users read the mount)"
+            )
+            return False
+        if not visible_to(pid, target, f.link):
+            self.disable_fast_path(
+                f"process {pid} does not see the cache {cache} at that path (a container?)"
+            )
+            return False
+        return True
+
+    def _revoke(self, f: _File, reason: str) -> None:
+        if f.link is not None:
+            f.link = None
+            self._notify_entry(f)
+        f.fast_off = reason
+
+    def disable_fast_path(self, reason: str) -> None:
+        """Serve every file through the daemon from now on (links already open keep working)."""
+        if self._fast_disabled is not None:
+            return
+        log.warning("fast path off for this mount: %s", reason)
+        self._fast_disabled = reason
+        for f in self._files.values():
+            self._revoke(f, reason)
+
+    def _changed(self, f: _File) -> None:
+        """The blob file behind ``f``'s link changed after verification: stop serving it as a
+        link (every name of that blob) and check it again in the background."""
+        assert f.source is not None
+        blob_id = f.source.blob.blob_id
+        reason = "blob file changed after verification; checking it again"
+        log.warning("%s: %s", f.pointer.file_name, reason)
+        for g in self._files.values():
+            if g.source is not None and g.source.blob.blob_id == blob_id:
+                self._revoke(g, reason)
+        if blob_id not in self._rechecking and self._nursery is not None:
+            self._rechecking[blob_id] = dropped = trio.Event()
+            self._nursery.start_soon(self._recheck, f.source, dropped)
+
+    async def _record_link(self, blob_id: str, key: BlobKey) -> None:
+        await trio.to_thread.run_sync(
+            self.fetcher.store.record_link,
+            blob_id,
+            (key.dev, key.ino, key.size, key.mtime_ns, key.ctime_ns),
+        )
+
+    async def _recheck(self, source: Source, dropped: trio.Event) -> None:
+        """Drop the changed blocks (reads wait for that), refetch them, verify, link again."""
+        blob_id = source.blob.blob_id
+        try:
+            try:
+                bad = await self.fetcher.recheck(source)
+            finally:
+                dropped.set()
+            log.warning("%s: %d changed block(s) dropped", source.pointer.file_name, len(bad))
+            await self.fetcher.complete(source, Priority.PREFETCH)
+        except TtfsError as e:
+            log.error("%s: checking the changed blob again failed: %s", source.pointer.file_name, e)
+            return
+        finally:
+            self._rechecking.pop(blob_id, None)
+        for g in self._files.values():
+            if g.source is source:
+                g.served_before = None
+                self._grant(g)
+
+    async def _watch(self, f: _File, source: Source) -> None:
+        """Switch ``f`` to the fast path once its blob is whole and verified."""
+        await source.done.wait()
+        self._grant(f)
+
+    def readlink(self, ino: int, pid: int = 0, uid: int | None = None) -> bytes:
+        """The target of a link inode, checked again on every path walk through it.
+
+        Raises:
+            OSError: ESTALE when the link no longer holds (blob changed, fast path turned off,
+                the reader cannot follow it): the kernel then repeats the walk with a fresh
+                lookup, which answers the regular file, so the opener never sees the error.
+                EINVAL for an inode that is not a link.
+        """
+        f = self._link_file(ino)
+        if f is None:
+            self._node(ino)
+            raise OSError(errno.EINVAL, "not a symbolic link")
+        if f.link is None or not self._serves_link(f, pid, uid):
+            raise OSError(errno.ESTALE, f"{f.node.path}: served by the daemon again")
+        return os.fsencode(self._target(f))
+
+    def _served_doc(self, f: _File) -> dict[str, Any]:
+        kernel = self._check_link(f)
+        if kernel:
+            return {"served_by": "kernel", "link": self._target(f), "fast_path": None}
+        return {"served_by": "daemon", "fast_path": self._fast_disabled or f.fast_off}
+
     # -- extended attributes: the control protocol (ttfs/control.py) ------------------------
     def listxattr(self, ino: int) -> list[str]:
-        if ino == self.control_ino:
+        if ino == self.control_ino or self._link_file(ino) is not None:
             return []
         node = self._node(ino)
         if node.ino == ROOT_INODE:
@@ -345,7 +615,7 @@ class ModelFs:
         Raises:
             OSError: ENODATA for any other name.
         """
-        if ino == self.control_ino:
+        if ino == self.control_ino or self._link_file(ino) is not None:
             raise OSError(errno.ENODATA, name)
         node = self._node(ino)
         doc: dict[str, Any] | None = None
@@ -354,6 +624,12 @@ class ModelFs:
                 doc = self.status()
             elif not node.is_dir:
                 doc = self.file_status(self._files[node.ino])
+        elif name.startswith(CHILD_STATUS_PREFIX) and node.is_dir:
+            # The status of a child served as a link: the kernel refuses user.* attributes on
+            # symlinks, so it is asked of the parent directory (ttfs/control.py).
+            child = self.tree.child(node, name[len(CHILD_STATUS_PREFIX) :])
+            if child is not None and child.pointer is not None:
+                doc = self.file_status(self._files[child.ino])
         elif name == MATERIALIZE_XATTR and node.ino == ROOT_INODE:
             doc = self._pass_doc(self._materialize)
         if doc is None:
@@ -414,6 +690,7 @@ class ModelFs:
             "reads": f.reads,
             "read_bytes": f.read_bytes,
             "error": self._error_of(f),
+            **self._served_doc(f),
         }
 
     def _file_json(self, f: _File) -> str:
@@ -434,11 +711,12 @@ class ModelFs:
         pct = round(100.0 * local / p.size, 2) if p.size else 100.0
         error = self._error_of(f)
         error_json = "null" if error is None else json.dumps(error)
+        served = json.dumps(self._served_doc(f), separators=(",", ":"))[1:-1]
         return (
             f'{head},"local_bytes":{local},"local_pct":{pct},"complete":{_JSON[complete]},'
             f'"verified":{_JSON[verified]},"done":{_JSON[done]},"verify":{json.dumps(verify)},'
             f'"bytes_by_source":{{"cache":{cache},"origin":{origin}}},"reads":{f.reads},'
-            f'"read_bytes":{f.read_bytes},"error":{error_json}}}'
+            f'"read_bytes":{f.read_bytes},"error":{error_json},{served}}}'
         )
 
     def _error_of(self, f: _File) -> str | None:
@@ -494,6 +772,7 @@ class ModelFs:
                 done += f.source.done.is_set()
         failures = {f.node.path: e for f in files if (e := self._error_of(f)) is not None}
         stats = self.fetcher.statistics()
+        kernel = sum(self._check_link(f) for f in files)
         prefetch = (
             self._pass_doc(self._prefetch)
             if self.options.prefetch
@@ -511,6 +790,8 @@ class ModelFs:
             "complete": complete,
             "verified": verified,
             "done": done,
+            "served_by_kernel": kernel,
+            "fast_path": self._fast_disabled or "on",
             "failures": [
                 {"file": k, "reason": v} for k, v in list(failures.items())[:_MAX_FAILURES_SHOWN]
             ],
@@ -540,7 +821,6 @@ class ModelFs:
         assert self._nursery is not None, "use open_model_fs()"
         self._generation += 1
         self._materialize = _Pass("materialize")
-        self.fetcher.store.pinned.update(f.pointer.hash for f in self._files.values())
         self._nursery.start_soon(self._run_pass, self._materialize)
 
     async def wait_opened(self) -> None:
@@ -552,14 +832,55 @@ class ModelFs:
         self._serving.set()
 
     async def _open_all(self) -> None:
-        # One at a time: the fetcher opens blobs under one lock, so a reader's open() waits
-        # for at most one background open (which may re-check a partial blob's blocks).
-        for f in self._files.values():
-            try:
-                await self._source(f)
-            except DownloadError as e:
-                log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
+        # A few openers in parallel; opens of different blobs do not wait on each other (the
+        # fetcher's single-flight is per blob), so a reader's open() never queues behind them.
+        files = iter(list(self._files.values()))
+        assert self._nursery is not None
+        nursery_of_watchers = self._nursery
+
+        async def opener() -> None:
+            for f in files:
+                try:
+                    source = await self._source(f)
+                except DownloadError as e:
+                    log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
+                    continue
+                if self._fast_disabled is None:
+                    nursery_of_watchers.start_soon(self._watch, f, source)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(_OPENERS):
+                nursery.start_soon(opener)
         self._opened.set()
+
+    async def _evictor(self) -> None:
+        """Keep the cache under ``--cache-size`` while mounted (never this mount's blobs).
+
+        A pass scans the whole index, so it runs once the mount's blobs are open (they are then
+        safe) and again only when the bytes landed since could have crossed the limit.
+        """
+        store = self.fetcher.store
+        limit = store.max_bytes
+        assert limit is not None
+        await self._opened.wait()
+        usage: int | None = None
+        landed_at = 0
+        warned = False
+        while True:
+            landed = self.fetcher.origin_bytes + self.fetcher.shared_bytes
+            if usage is None or usage + landed - landed_at > limit:
+                landed_at = landed
+                await trio.to_thread.run_sync(store.evict)
+                usage = store.last_usage
+                if usage > limit and not warned:
+                    log.warning(
+                        "this mount alone needs %d bytes of cache, over --cache-size %d: "
+                        "nothing it serves can be evicted",
+                        usage,
+                        limit,
+                    )
+                warned = usage > limit
+            await trio.sleep(EVICT_INTERVAL)
 
     async def _run_pass(self, p: _Pass) -> None:
         try:
@@ -650,6 +971,8 @@ async def open_model_fs(
     async with trio.open_nursery() as nursery:
         fs._nursery = nursery
         nursery.start_soon(fs._open_all)
+        if fetcher.store.max_bytes is not None:
+            nursery.start_soon(fs._evictor)
         if fs.options.prefetch:
             fs._prefetch = _Pass("prefetch")
             nursery.start_soon(fs._run_pass, fs._prefetch)
