@@ -74,6 +74,19 @@ _MAX_REASON = 300
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 _SNAPSHOT_YIELD = 2000  # file documents built between checkpoints (other requests run)
 _JSON = {True: "true", False: "false"}
+_JS: dict[str | None, str] = {}
+
+
+def _js(value: str | None) -> str:
+    """``json.dumps(value)`` for the few distinct strings every file repeats (memoised)."""
+    out = _JS.get(value)
+    if out is None:
+        if len(_JS) > 1024:
+            _JS.clear()
+        out = _JS[value] = json.dumps(value)
+    return out
+
+
 # Blobs opened at once by the background opener (each open is a thread hop, a stat and an index
 # read; a few in parallel hide the hops' latency, more only contend for the index).
 _OPENERS = 4
@@ -711,10 +724,13 @@ class ModelFs:
         pct = round(100.0 * local / p.size, 2) if p.size else 100.0
         error = self._error_of(f)
         error_json = "null" if error is None else json.dumps(error)
-        served = json.dumps(self._served_doc(f), separators=(",", ":"))[1:-1]
+        if self._check_link(f):  # served by the kernel: the link's path is the file's own
+            served = json.dumps(self._served_doc(f), separators=(",", ":"))[1:-1]
+        else:  # the same few reasons for every file: encoded once
+            served = f'"served_by":"daemon","fast_path":{_js(self._fast_disabled or f.fast_off)}'
         return (
             f'{head},"local_bytes":{local},"local_pct":{pct},"complete":{_JSON[complete]},'
-            f'"verified":{_JSON[verified]},"done":{_JSON[done]},"verify":{json.dumps(verify)},'
+            f'"verified":{_JSON[verified]},"done":{_JSON[done]},"verify":{_js(verify)},'
             f'"bytes_by_source":{{"cache":{cache},"origin":{origin}}},"reads":{f.reads},'
             f'"read_bytes":{f.read_bytes},"error":{error_json},{served}}}'
         )
