@@ -231,6 +231,7 @@ def test_descriptors_stay_bounded_whatever_the_number_of_blobs(tmp_path: Path) -
         for blob in blobs:
             store.release(blob)
         assert store.fds.open_count == 0
+        assert not list(tmp_path.rglob("*.journal"))  # covered by the index: removed
     with BlockStore(tmp_path, block_size=BS, max_descriptors=8) as store:
         for bid, data in datas.items():  # journals and presence survived the churn
             blob = store.open_blob(spec_for(data, bid))
@@ -427,3 +428,17 @@ def test_raise_nofile_limit_in_a_child() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "(256, 2048) (2048, 2048)"
+
+
+def test_a_lease_outlives_forget_and_closes_at_its_end(tmp_path: Path) -> None:
+    """A flush in another thread may still hold a lease when the blob's last reference goes:
+    its descriptor must stay valid (never closed and reused under it) until the lease ends."""
+    data = ramp(BS)
+    with BlockStore(tmp_path, block_size=BS) as store:
+        blob = store.open_blob(spec_for(data))
+        blob.writer(0).write(data)
+        with blob.lease() as fd:
+            store.fds.forget(blob)
+            assert os.pread(fd, 16, 0) == data[:16]
+        assert blob._fd is None and store.fds.open_count == 0
+        store.release(blob)

@@ -225,6 +225,57 @@ async def test_prefetch_pauses_while_a_reader_waits(settings: Settings) -> None:
         assert big_src.blob.pread(0, len(big)) == big
 
 
+async def test_readahead_streams_of_different_shards_share_the_connections(
+    settings: Settings,
+) -> None:
+    """Two loaders stream two shards; the second asks after the first queued its whole window.
+    Readahead is served in the order the readers need the bytes (distance ahead of each
+    reader), so the second shard's first run starts before the first shard's window ends."""
+    settings = settings.replace(max_connections=3, demand_reserved=1)
+    a, b = ramp(64 * BS, 1), ramp(64 * BS, 2)
+    gate = trio.Event()
+    fake = FakeProvider({"a.bin": a, "b.bin": b}, gate=gate)
+    async with fetcher_for(settings, fake) as fetcher:
+        sa = await fetcher.add(pointer_for("a.bin", a))
+        sb = await fetcher.add(pointer_for("b.bin", b))
+        fetcher.request_nowait(sa, range(4, 64), Priority.READAHEAD, reader_at=4)
+        fetcher.request_nowait(sb, range(4, 64), Priority.READAHEAD, reader_at=4)
+        await trio.sleep(0.05)
+        gate.set()
+        await fetcher.ensure(sa, range(4, 64), Priority.READAHEAD)
+        await fetcher.ensure(sb, range(4, 64), Priority.READAHEAD)
+    order = [c[0] for c in fake.calls]
+    # The shards take turns instead of a.bin's whole window (eight runs) going first; which
+    # of two equally urgent runs starts first is up to trio's scheduling.
+    assert order[:8].count("a.bin") == order[:8].count("b.bin") == 4, order
+    assert order.index("b.bin") <= 1
+
+
+async def test_demand_preempts_prefetch_elsewhere_not_the_readers_own_stream(
+    settings: Settings,
+) -> None:
+    settings = settings.replace(max_connections=4, demand_reserved=1)
+    own, other = ramp(64 * BS, 1), ramp(64 * BS, 2)
+    fake = FakeProvider({"own.bin": own, "other.bin": other}, latency=0.02, chunk=16 * 1024)
+    async with fetcher_for(settings, fake) as fetcher:
+        so = await fetcher.add(pointer_for("own.bin", own))
+        st = await fetcher.add(pointer_for("other.bin", other))
+        # Prefetch runs in flight: one on the reader's shard just ahead of it, one elsewhere.
+        fetcher.request_nowait(so, range(8, 16), Priority.PREFETCH)
+        fetcher.request_nowait(st, range(0, 8), Priority.PREFETCH)
+        await trio.sleep(0.05)
+        assert len(fetcher._preemptible) == 2
+        await fetcher.read(so, 7 * BS, 10)  # the reader's first demand of a burst
+        await fetcher.ensure(so, range(8, 16), Priority.PREFETCH)
+        await fetcher.ensure(st, range(0, 8), Priority.PREFETCH)
+    starts = [(c[0], c[1]) for c in fake.calls]
+    # The run on the reader's own stream was not cancelled: its blocks were asked for once.
+    assert [s for s in starts if s[0] == "own.bin" and s[1] >= 8 * BS] == [("own.bin", 8 * BS)]
+    # The run elsewhere was cancelled and resumed where it stopped.
+    other_starts = [s[1] for s in starts if s[0] == "other.bin"]
+    assert len(other_starts) >= 2 and other_starts[0] == 0 and other_starts[1] > 0, starts
+
+
 async def test_a_slow_open_does_not_hold_up_other_blobs(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -257,3 +308,37 @@ async def test_a_slow_open_does_not_hold_up_other_blobs(
 
 async def _append(out: list[Source], pending: Awaitable[Source]) -> None:
     out.append(await pending)
+
+
+async def test_reads_that_could_wait_on_the_device_leave_the_event_loop(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached bytes are read on the loop (RWF_NOWAIT); bytes the page cache lost are read in a
+    worker thread, so a slow disk never stalls the other FUSE requests."""
+    import os
+
+    data = ramp(4 * BS)
+    fake = FakeProvider({"m.bin": data})
+    async with fetcher_for(settings, fake) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        assert await fetcher.read(source, 100, BS) == data[100 : BS + 100]  # fetched, cached
+        blob = source.blob
+        assert blob.pread_cached(100, BS) == data[100 : BS + 100]
+        # Written back and dropped from the page cache: the non-blocking read declines.
+        with blob.lease() as fd:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        dropped = blob.pread_cached(100, BS) is None
+        threads: list[threading.Thread] = []
+        real_pread = type(blob).pread
+
+        def spy(self: object, offset: int, length: int) -> bytes:
+            threads.append(threading.current_thread())
+            return real_pread(self, offset, length)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(type(blob), "pread", spy)
+        monkeypatch.setattr(type(blob), "pread_cached", lambda self, offset, length: None)
+        assert await fetcher.read(source, 3, 2 * BS) == data[3 : 2 * BS + 3]
+    assert threads and all(t is not threading.main_thread() for t in threads)
+    if not dropped:  # e.g. tmpfs keeps its pages: the fallback above is still exercised
+        pytest.skip("this filesystem does not drop clean pages on POSIX_FADV_DONTNEED")

@@ -266,6 +266,9 @@ def test_kill_9_mid_prefetch_umount_clears_it_and_a_remount_resumes(tmp_path: Pa
         origin.rate_limit = None
         origin.reset_stats()
         with mounted(manifest, mnt, cache, "--no-prefetch"):
+            # The cache opens once the mount is ready; the status counts what is local once
+            # every blob was opened.
+            wait_for(lambda: status(mnt)["opened"] == 6, what="every blob opened")
             after_mount = status(mnt)
             assert ttfs("materialize", str(mnt)).returncode == 0
             for name in sorted(p.name for p in src.iterdir()):

@@ -142,8 +142,13 @@ def test_cache_size_is_enforced_while_mounted(tmp_path: Path) -> None:
             j.write_bytes(b"\0" * 16)  # as a killed writer leaves them
         # b: 9 MiB alone, over a 4 MiB limit. Everything of a goes; b and c stay.
         with mounted(manifests["b"], tmp_path / "mnt-b", cache, "--cache-size", "4M") as m:
-            wait_for(lambda: not (a_blobs & _blob_files(cache)), 30, "a's blobs evicted")
-            assert not any(j.exists() for j in journals)
+            wait_for(
+                lambda: (
+                    not (a_blobs & _blob_files(cache)) and not any(j.exists() for j in journals)
+                ),
+                30,
+                "a's blobs and journals evicted",
+            )
             assert ttfs("materialize", str(m.mountpoint), timeout=120).returncode == 0
             time.sleep(2.5)  # one more evictor pass with everything of b landed
             for p in (src / "b").iterdir():

@@ -18,6 +18,7 @@ Proves, with the real counting origin, real subprocesses and (as root) a real tm
 
 from __future__ import annotations
 
+import fcntl
 import http.client
 import json
 import os
@@ -34,9 +35,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from ttfs.demo.origin import Origin
 
 import truss_transfer
+from demo.origin import Origin
 from tests.origin_helpers import (
     REPO_ROOT,
     allocated_bytes,
@@ -164,14 +165,18 @@ def test_kill_9_then_resume_with_the_store_beside_the_files(origin: Origin, tmp_
         proc.wait()
     time.sleep(0.2)
     first = origin.stats.snapshot().bytes_sent
-    assert first < total
+    # What reached the store's files (bytes still in socket buffers at the kill are lost, and
+    # on a loaded machine that can be megabytes per connection, so count what landed).
+    landed = allocated_bytes(out / ".ttfs" / "blobs")
+    assert landed < total
     origin.rate_limit = None
     result = run_cli([str(out)], drop_in_env(manifest), module="truss_transfer")
     assert result.returncode == 0, result.stderr
     assert_same_files(out, files)
     assert not [p for p in leftovers(out) if ".ttfs" not in p.parts]
-    served = origin.stats.snapshot().bytes_sent
-    assert served <= total + len(files) * BLOCK, (served, total, first)
+    second = origin.stats.snapshot().bytes_sent - first
+    # The resume fetches what had not landed, plus at most about a block per file.
+    assert second <= total - landed + len(files) * BLOCK, (second, total, landed)
 
 
 # -- 7. concurrency -------------------------------------------------------------------------------
@@ -183,25 +188,43 @@ def test_two_processes_into_one_directory_take_turns(origin: Origin, tmp_path: P
     total = sum(sizes.values())
     manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files))
     out = tmp_path / "out"
-    origin.rate_limit = 8e6
     env = drop_in_env(manifest, TRUSS_TRANSFER_LOG="info")
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "truss_transfer", str(out)],
-            env=env,
-            cwd=REPO_ROOT,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
-    errs = [p.communicate(timeout=120)[1] for p in procs]
+    # The test holds the store's lock first (as a third resolve would), so both processes must
+    # wait, whatever the machine's load; then they race for it once it is free.
+    lock_dir = out / ".ttfs"
+    lock_dir.mkdir(parents=True)
+    held = os.open(lock_dir / "resolve.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    logs = [tmp_path / f"err{i}.log" for i in range(2)]
+    procs = []
+    try:
+        for log_path in logs:
+            with log_path.open("w") as err:
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "truss_transfer", str(out)],
+                        env=env,
+                        cwd=REPO_ROOT,
+                        stdout=subprocess.DEVNULL,
+                        stderr=err,
+                        text=True,
+                    )
+                )
+        deadline = time.monotonic() + 60
+        while not all("Waiting for another resolve" in p.read_text() for p in logs):
+            assert all(p.poll() is None for p in procs), [p.read_text() for p in logs]
+            assert time.monotonic() < deadline, [p.read_text() for p in logs]
+            time.sleep(0.05)
+        assert not (out / "w1.bin").exists()  # nobody wrote while the lock was held
+    finally:
+        os.close(held)
+    for proc in procs:
+        proc.wait(timeout=120)
+    errs = [p.read_text() for p in logs]
     assert [p.returncode for p in procs] == [0, 0], errs
     assert_same_files(out, files)
     assert not [p for p in leftovers(out) if ".ttfs" not in p.parts]
     assert origin.stats.snapshot().bytes_sent <= total + BLOCK  # fetched once, not twice
-    assert sum("Waiting for another resolve" in e for e in errs) == 1, errs
 
 
 def test_two_threads_resolving_one_directory(

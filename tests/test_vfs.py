@@ -273,6 +273,32 @@ def test_stream_table_tracks_interleaved_streams_and_grows_the_window() -> None:
     assert len(t.streams) == 2 and t.streams[0].next == 3 * MiB
 
 
+def test_mmap_fault_pattern_of_safetensors_load_is_one_stream() -> None:
+    """The FUSE reads of ``safetensors.load_file`` (0.8, numpy, 4 MiB tensors, read_ahead_kb
+    1024), as recorded through a ttfs mount: per tensor, a read near its end (the kernel's
+    read-around of the first fault), then reads filling the megabytes behind it. It must be
+    one sequential stream whose window grows, with non-overlapping asks."""
+    cfg = ReadaheadConfig.for_budget(28, 16 * MiB)
+    table = StreamTable(cfg)
+    size = 256 * MiB + MiB
+    reads = [(0, MiB)]
+    for k in range(63):
+        b = k * 4 * MiB
+        reads += [(b + 3674112, MiB), (b + MiB, MiB), (b + 2 * MiB, MiB)]
+        reads += [(b + 3 * MiB, 528384), (b + 4722688, 520192)]
+    asks = [a for off, n in reads if (a := table.on_read(off, n, size)) is not None]
+    assert len(table.streams) == 1
+    assert asks and asks[0][0] <= 16 * MiB  # readahead starts within the first few tensors
+    assert all(asks[i][1] <= asks[i + 1][0] for i in range(len(asks) - 1))  # no overlap
+    assert table.streams[0].window >= 64 * MiB  # and grows toward the budget
+    assert asks[-1][1] == size  # reaching the end of the file
+
+
+def test_readahead_window_is_sized_to_the_connection_budget() -> None:
+    assert ReadaheadConfig.for_budget(28, 16 * MiB).maximum == 448 * MiB
+    assert ReadaheadConfig.for_budget(1, 16 * MiB).maximum == 32 * MiB  # one queued, one running
+
+
 # -- prefetch and status -----------------------------------------------------------------------
 
 

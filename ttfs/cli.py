@@ -3,29 +3,38 @@
 A :class:`~ttfs.errors.TtfsError` reaching a command prints one line (``ttfs: error: ...``) and
 exits with the error's ``exit_code``; ``--debug`` adds the traceback chain. Anything else is a
 bug and prints a traceback.
+
+Imports are per command: this module imports only click and ttfs's vocabulary, and each
+command imports what it uses, so ``ttfs mount`` never loads httpx, the cloud SDKs or
+huggingface_hub before its mount is ready (half a second of a cold start on a small VM; the
+daemon's status lists any that slipped in, and a test asserts there are none).
 """
 
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
-import trio
+
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
 
 from . import __version__
 from .config import Settings
-from .create import expand_pointers
 from .errors import TtfsError
-from .manifest import find_manifests, load_manifest
-from .resolve import STATS_FILE, ResolveReport, resolve, write_stats
 from .telemetry.logs import setup_logging
 from .units import parse_size
+
+_STARTED = time.monotonic()  # about when this command started: the mount's status reports
+# its start-up time from here
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +72,8 @@ def common_options(f: F) -> F:
             "--cache-dir",
             type=click.Path(path_type=Path),
             envvar="TTFS_CACHE_DIR",
-            help="Block cache directory [default: /var/cache/ttfs as root, else "
-            "$XDG_CACHE_HOME/ttfs].",
+            help="Block cache directory [default: resolve: .ttfs beside the files, on their "
+            "filesystem; mount: /var/cache/ttfs as root, else $XDG_CACHE_HOME/ttfs].",
         ),
         click.option(
             "--cache-size",
@@ -77,6 +86,13 @@ def common_options(f: F) -> F:
             type=click.IntRange(1, 1024),
             envvar="TTFS_MAX_CONNECTIONS",
             help="Ranged GETs in flight [default: 32].",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(0, 256),
+            envvar="TTFS_WORKERS",
+            help="Worker processes that download range bodies; 0 = in this process "
+            "[default: one per core, at most 16].",
         ),
         click.option(
             "--shared-cache",
@@ -111,6 +127,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         cache_dir=opts.get("cache_dir"),
         cache_max_bytes=opts.get("cache_size"),
         max_connections=opts.get("max_connections"),
+        workers=opts.get("workers"),
         verify=False if opts.get("no_verify") else None,
         shared_cache_dir=opts.get("shared_cache"),
         metrics=opts.get("metrics"),
@@ -127,6 +144,13 @@ def run_or_exit(fn: Callable[..., Any], *args: Any, debug: bool = False) -> Any:
         click.echo(f"ttfs: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        click.echo("ttfs: interrupted", err=True)
+        sys.exit(130)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a trio nursery arrives wrapped in a group: still one line.
+        interrupted, _ = group.split(KeyboardInterrupt)
+        if interrupted is None:
+            raise
         click.echo("ttfs: interrupted", err=True)
         sys.exit(130)
 
@@ -167,6 +191,12 @@ def resolve_cmd(
     /bptr/bptr-manifest.json, /static-bptr/static-bptr-manifest.json). Files appear only when
     complete and verified; a killed resolve resumes from the cache.
     """
+    import trio
+
+    from .create import expand_pointers
+    from .manifest import find_manifests, load_manifest
+    from .resolve import STATS_FILE, ResolveReport, resolve, write_stats
+
     settings = settings_from(opts)
     report = ResolveReport()
     try:
@@ -209,7 +239,9 @@ def control_options(f: F) -> F:
 
 
 def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
+    from .create import expand_pointers
     from .errors import ManifestError
+    from .manifest import find_manifests, load_manifest
 
     loaded = [load_manifest(m) for m in manifests] if manifests else find_manifests()
     if not loaded:
@@ -242,6 +274,11 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
     "name lies under it, else their common directory]. '/' keeps full paths.",
 )
 @click.option("--no-prefetch", is_flag=True, help="Fetch on demand and readahead only.")
+@click.option(
+    "--no-trace",
+    is_flag=True,
+    help="Neither record nor replay the access trace (docs/mount.md, 'Access traces').",
+)
 @click.option(
     "--fast-path/--no-fast-path",
     default=True,
@@ -285,6 +322,7 @@ def mount_cmd(
     foreground: bool,
     root_prefix: str | None,
     no_prefetch: bool,
+    no_trace: bool,
     fast_path: bool,
     log_file: Path | None,
     read_ahead_kb: int | None,
@@ -318,19 +356,44 @@ def mount_cmd(
         spawner.require_pyfuse3()
         *manifests, mountpoint = paths
         settings = settings_from(opts)
-        pointers, sources = _mount_pointers(tuple(manifests))
-        mnt = spawner.check_mountpoint(mountpoint)
-        Tree.build(pointers, prefix=root_prefix, mountpoint=str(mnt))  # fail before mounting
+        # The pointers and the tree live as long as the mount: collecting garbage while they
+        # are built only walks them again and again (100k files: ~30% of the parse), and
+        # freezing them keeps every later collection of the daemon from walking them.
+        gc.disable()
+        try:
+            pointers, sources = _mount_pointers(tuple(manifests))
+            mnt = spawner.check_mountpoint(mountpoint)
+            tree = Tree.build(pointers, prefix=root_prefix, mountpoint=str(mnt))  # before mount
+        finally:
+            gc.freeze()
+            gc.enable()
         if not foreground:
+            log_path = log_file or spawner.default_log_file(settings.cache_dir.absolute(), mnt)
+            forked = spawner.fork_daemon(mnt, log_path, timeout=timeout)
+            if isinstance(forked, spawner.Daemon):
+                click.echo(
+                    f"ttfs: mounted {len(pointers)} file(s) at {mnt} (pid {forked.pid}, "
+                    f"log {log_path})",
+                    err=True,
+                )
+                return
+            if forked is not None:  # the daemon: serve below, report on the pipe
+                ready_fd = forked
+                foreground = True
+        if not foreground:  # threads exist, so no fork: a fresh interpreter serves
             extra: list[str] = []
             if opts.get("cache_size"):
                 extra += ["--cache-size", str(opts["cache_size"])]
             if opts.get("max_connections"):
                 extra += ["--max-connections", str(opts["max_connections"])]
+            if opts.get("workers") is not None:
+                extra += ["--workers", str(opts["workers"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
             if opts.get("metrics"):
                 extra += ["--metrics", str(opts["metrics"])]
+            if no_trace:
+                extra.append("--no-trace")
             if opts.get("shared_cache"):
                 extra += ["--shared-cache", str(Path(opts["shared_cache"]).absolute())]
             if read_ahead_kb is not None:
@@ -350,7 +413,6 @@ def mount_cmd(
                 log_level=opts.get("log_level") or ("debug" if opts.get("debug") else None),
                 extra_args=extra,
             )
-            log_path = log_file or spawner.default_log_file(settings.cache_dir.absolute(), mnt)
             d = spawner.spawn(args, mnt, log_path, timeout=timeout)
             click.echo(
                 f"ttfs: mounted {len(pointers)} file(s) at {mnt} (pid {d.pid}, log {log_path})",
@@ -376,12 +438,15 @@ def mount_cmd(
             settings=settings,
             prefix=root_prefix,
             prefetch=not no_prefetch,
+            trace=not no_trace,
             read_ahead_kb=kernel.READ_AHEAD_KB if read_ahead_kb is None else read_ahead_kb,
             max_background=kernel.MAX_BACKGROUND if max_background is None else max_background,
             allow_other=allow_other,
             fast_path=fast_path,
             ready_timeout=timeout,
             info={"manifests": sources},
+            tree=tree,
+            started=_STARTED,
         )
         run(config, on_ready=on_ready)
     except BaseException as e:
@@ -706,9 +771,11 @@ def create_cmd(
 
 
 def main() -> None:
-    from .providers import tune_httpcore
+    from .procs import claim_process
 
-    tune_httpcore()  # our own process: larger socket reads (providers/_stream.py)
+    # Our own process: larger socket reads once a client is made (providers/_stream.py);
+    # not imported here, so a mount stays free of httpx until it is ready.
+    claim_process()
     cli(prog_name="ttfs")
 
 

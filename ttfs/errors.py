@@ -16,7 +16,8 @@ layer replies with, the exit code the CLI uses and the log level it deserves, so
      │   └─ StaleManifest              ESTALE   1     origin size differs from the manifest
      ├─ IntegrityError                 EIO      1     hash/size mismatch after download
      ├─ CacheError                     EIO      1     block store trouble
-     │   └─ CacheFull                  ENOSPC   1     disk full / cache cap cannot be met
+     │   ├─ CacheFull                  ENOSPC   1     disk full / cache cap cannot be met
+     │   └─ CacheBusy                  EBUSY    1     another process owns the cache directory
      ├─ DownloadError                  EIO      1     a file could not be fetched (wraps the cause)
      └─ MountError                     EIO      1     mount / unmount / control channel
 
@@ -107,6 +108,12 @@ class CacheError(TtfsError):
 
 class CacheFull(CacheError):
     errno = _errno.ENOSPC
+
+
+class CacheBusy(CacheError):
+    """Another process owns the cache directory and cannot serve this one (ttfs.owner)."""
+
+    errno = _errno.EBUSY
 
 
 class DownloadError(TtfsError):

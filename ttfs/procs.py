@@ -4,6 +4,20 @@ from __future__ import annotations
 
 import os
 
+_OWN_PROCESS = False
+
+
+def claim_process() -> None:
+    """Mark this process as a ttfs command's own (``ttfs``, ``truss-transfer-cli``): process-wide
+    tuning (httpcore's read size) is then applied when the first HTTP client is made, instead
+    of importing httpx at start (a mount must not import it before it is ready)."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
+
+
+def own_process() -> bool:
+    return _OWN_PROCESS
+
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs on this machine; a zombie counts as dead (it holds nothing any more).

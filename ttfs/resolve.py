@@ -50,9 +50,18 @@ import trio
 
 from .blocks import BlockStore, checker_for, perms
 from .config import Settings
-from .errors import CacheError, DownloadError, TtfsError
+from .errors import CacheBusy, CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
 from .manifest import Pointer, destination
+from .owner import OwnerInfo, OwnerLock, claim
+from .owner.client import (
+    Completed,
+    OwnerGone,
+    complete_via_owner,
+    outputs_match,
+    record_outputs,
+)
+from .owner.server import serving
 from .providers import ProviderSet
 from .telemetry.metrics import exporting
 from .telemetry.progress import Progress
@@ -305,7 +314,7 @@ class Resolver:
 
     async def _download(self, pointer: Pointer, dest: Path) -> None:
         store = self.fetcher.store
-        if await trio.to_thread.run_sync(self._already_there, store, pointer, dest):
+        if await trio.to_thread.run_sync(already_there, store, pointer, dest):
             self.report.skipped += 1
             return
         t0 = time.monotonic()
@@ -348,40 +357,6 @@ class Resolver:
             )
         log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
 
-    def _already_there(self, store: BlockStore, pointer: Pointer, dest: Path) -> bool:
-        try:
-            st = dest.stat()
-        except OSError:
-            return False
-        if st.st_size != pointer.size or not dest.is_file():
-            log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
-            return False
-        if store.output_matches(dest, pointer.hash, pointer.size):
-            log.info(
-                "File %s already exists with correct size. Skipping download.", pointer.file_name
-            )
-            return True
-        verdict = _hash_file(dest, pointer)
-        if verdict is None:
-            log.info(
-                "File %s already exists with correct size; its hash (%s) cannot be "
-                "checked locally. Skipping download.",
-                pointer.file_name,
-                pointer.hashtype,
-            )
-            return True
-        if verdict:
-            log.info(
-                "File %s already exists and matches its hash. Skipping download.", pointer.file_name
-            )
-            store.record_output(dest, pointer.hash)
-            return True
-        log.warning(
-            "File %s exists with the right size but the wrong content. Redownloading.",
-            pointer.file_name,
-        )
-        return False
-
     async def _monitor(self, source: Source, dest: Path, scope: trio.CancelScope) -> None:
         """truss-transfer's per-file progress line, every ``monitor_secs`` (first tick skipped)."""
         with scope:
@@ -401,6 +376,42 @@ class Resolver:
                     (cur - last) / 2**20 / (now - last_t),
                 )
                 last_t, last = now, cur
+
+
+def already_there(store: BlockStore | None, pointer: Pointer, dest: Path) -> bool:
+    """Whether ``dest`` already holds the pointer's content (skip it); ``store`` may be None
+    (a client of the cache's owner has no store: it hashes instead)."""
+    try:
+        st = dest.stat()
+    except OSError:
+        return False
+    if st.st_size != pointer.size or not dest.is_file():
+        log.warning("File %s exists but size mismatch. Redownloading.", pointer.file_name)
+        return False
+    if store is not None and store.output_matches(dest, pointer.hash, pointer.size):
+        log.info("File %s already exists with correct size. Skipping download.", pointer.file_name)
+        return True
+    verdict = _hash_file(dest, pointer)
+    if verdict is None:
+        log.info(
+            "File %s already exists with correct size; its hash (%s) cannot be "
+            "checked locally. Skipping download.",
+            pointer.file_name,
+            pointer.hashtype,
+        )
+        return True
+    if verdict:
+        log.info(
+            "File %s already exists and matches its hash. Skipping download.", pointer.file_name
+        )
+        if store is not None:
+            store.record_output(dest, pointer.hash)
+        return True
+    log.warning(
+        "File %s exists with the right size but the wrong content. Redownloading.",
+        pointer.file_name,
+    )
+    return False
 
 
 STORE_DIR_NAME = ".ttfs"
@@ -502,11 +513,13 @@ async def resolve(
     report: ResolveReport | None = None,
     page_after: bool = False,
 ) -> ResolveReport:
-    """Open the cache and a fetcher, resolve ``pointers`` into ``download_dir``.
+    """Resolve ``pointers`` into ``download_dir``: for each block store (resolve.store_plan) as
+    its owner, or through its owner when another process (a mount, another resolve) has it.
 
     Raises:
         DownloadError: the first file that failed.
         CacheError: the cache directory is unusable.
+        CacheBusy: another process owns the cache and could not serve this one in time.
     """
     report = report if report is not None else ResolveReport()
     report.total_manifest_size_bytes = sum(p.size for p in pointers)
@@ -515,8 +528,13 @@ async def resolve(
     plans = await trio.to_thread.run_sync(store_plan, settings, items)
     try:
         for plan in plans:
-            async with exclusive_store(plan.directory):
-                await _resolve_with_store(
+            # Two resolves into one directory take turns on its own store (the second then
+            # skips what the first placed); a named cache is shared with mounts and other
+            # resolves through its owner (ttfs.owner).
+            async with contextlib.AsyncExitStack() as stack:
+                if plan.beside:
+                    await stack.enter_async_context(exclusive_store(plan.directory))
+                await _resolve_plan(
                     plan,
                     pointers,
                     download_dir,
@@ -535,6 +553,7 @@ async def resolve(
 
 
 async def _resolve_with_store(
+    lock: OwnerLock,
     plan: StorePlan,
     manifest: Sequence[Pointer],
     download_dir: str,
@@ -546,13 +565,17 @@ async def _resolve_with_store(
     monitor_secs: float,
     page_after: bool,
 ) -> None:
+    """The owner path: open the store and a fetcher, serve other processes while resolving."""
     max_bytes = None if plan.beside else settings.cache_max_bytes
     store = await trio.to_thread.run_sync(
         lambda: BlockStore(plan.directory, block_size=settings.block_size, max_bytes=max_bytes)
     )
     stack = contextlib.ExitStack()  # the metrics endpoint, when --metrics asks for one
     try:
-        async with open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher:
+        async with (
+            open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher,
+            serving(fetcher, lock),
+        ):
             stack.enter_context(
                 exporting(settings.metrics, fetcher.metrics_snapshot, role="resolve")
             )
@@ -574,3 +597,125 @@ async def _resolve_with_store(
     finally:
         stack.close()
         await trio.to_thread.run_sync(store.close)
+
+
+async def _resolve_plan(
+    plan: StorePlan,
+    manifest: Sequence[Pointer],
+    download_dir: str,
+    settings: Settings,
+    *,
+    providers: ProviderSet | None,
+    report: ResolveReport,
+    progress: bool | None,
+    monitor_secs: float,
+    page_after: bool,
+) -> None:
+    """One store's part, as the owner of its directory or as a client of the owner.
+
+    Raises:
+        DownloadError: the first file that failed.
+        CacheBusy: the owner cannot serve us and did not go away within ``owner_wait``.
+    """
+    deadline = trio.current_time() + settings.owner_wait
+    while True:
+        got = await trio.to_thread.run_sync(claim, plan.directory)
+        if isinstance(got, OwnerLock):
+            with got:
+                await _resolve_with_store(
+                    got,
+                    plan,
+                    manifest,
+                    download_dir,
+                    settings,
+                    providers=providers,
+                    report=report,
+                    progress=progress,
+                    monitor_secs=monitor_secs,
+                    page_after=page_after,
+                )
+            return
+        try:
+            await _resolve_through(got, plan, settings, report)
+            return
+        except OwnerGone as e:
+            if e.connected:
+                deadline = trio.current_time() + settings.owner_wait  # a new owner may be us
+            elif trio.current_time() >= deadline:
+                raise CacheBusy(
+                    f"cache directory {plan.directory} is in use by {got.describe()}, "
+                    f"which cannot serve this process ({e}); waited {settings.owner_wait:g}s "
+                    "(TTFS_OWNER_WAIT)"
+                ) from e
+            log.info("%s; trying again", e)
+            await trio.sleep(0.2)
+
+
+async def _resolve_through(
+    owner: OwnerInfo, plan: StorePlan, settings: Settings, report: ResolveReport
+) -> None:
+    """The client path: the owner completes and verifies the blobs; we place the files.
+
+    Raises:
+        OwnerGone: the owner cannot serve us (the caller retries or takes over).
+        DownloadError: the first file that failed.
+    """
+    started = time.monotonic()
+    report.b10fs_enabled = settings.shared_cache is not None
+    placed: list[tuple[Path, str]] = []  # outputs the owner should remember
+    log.info(
+        "cache directory %s is owned by %s; fetching through it", plan.directory, owner.describe()
+    )
+    todo: dict[str, list[tuple[Pointer, Path]]] = {}
+    # Destinations the owner recorded as our earlier outputs are skipped without hashing.
+    known = await outputs_match(owner, [(d, p) for p, d in plan.items])
+    for (pointer, dest), recorded in zip(plan.items, known, strict=True):
+        if recorded and await trio.to_thread.run_sync(_same_size_file, dest, pointer.size):
+            log.info(
+                "File %s already exists with correct size. Skipping download.", pointer.file_name
+            )
+            report.skipped += 1
+        elif await trio.to_thread.run_sync(already_there, None, pointer, dest):
+            report.skipped += 1
+            placed.append((dest, pointer.hash))
+        else:
+            todo.setdefault(pointer.hash, []).append((pointer, dest))
+    failure: list[DownloadError] = []
+
+    async def place(done: Completed) -> None:
+        report.origin_bytes += done.origin_bytes
+        for pointer, dest in todo.get(done.blob_id, []):
+            try:
+                await trio.to_thread.run_sync(_place, done.path, dest)
+            except OSError as e:
+                failure.append(DownloadError(pointer.file_name, CacheError(str(e))))
+                return
+            placed.append((dest, pointer.hash))
+            secs = time.monotonic() - started
+            report.file_downloads.append(
+                FileDownload(pointer.file_name, pointer.size, secs, pointer.size / 2**20 / secs)
+            )
+            log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
+
+    wanted = [entries[0][0] for entries in todo.values()]
+    try:
+        if wanted:
+            await complete_via_owner(owner, wanted, place)
+    except DownloadError:
+        raise
+    except TtfsError as e:
+        raise DownloadError("(via the cache owner)", e) from e
+    finally:
+        report.total_download_time_secs += time.monotonic() - started
+    if failure:
+        raise failure[0]
+    await record_outputs(owner, placed)
+    log.info("All downloads completed successfully after %.2fs", time.monotonic() - started)
+
+
+def _same_size_file(path: Path, size: int) -> bool:
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return st.st_size == size and path.is_file()

@@ -76,6 +76,8 @@ class DescriptorTable:
         self._lock = threading.Lock()
         self._lru: OrderedDict[Blob, None] = OrderedDict()
         self.open_count = 0  # descriptors open now (data + journal)
+        # Descriptors of replaced data files still leased when replaced (see replace_data).
+        self._retired: list[tuple[Blob, int]] = []
         self.opens = 0  # data descriptors opened, reopens included (tests, status)
 
     def acquire(self, blob: Blob) -> int:
@@ -98,7 +100,11 @@ class DescriptorTable:
     def release(self, blob: Blob) -> None:
         with self._lock:
             blob._leases -= 1
-            if self.open_count > self.limit:
+            if self._retired and blob._leases == 0:
+                self._close_retired(blob)
+            if blob._leases == 0 and blob not in self._lru:
+                self._close(blob)  # forgotten while this lease was out: close it now
+            elif self.open_count > self.limit:
                 self._trim()
 
     @contextlib.contextmanager
@@ -124,14 +130,68 @@ class DescriptorTable:
                 self.open_count += 1
             return blob._journal_fd
 
+    def replace_data(self, blob: Blob) -> None:
+        """Give ``blob`` a fresh sparse data file renamed over its path, and no journal
+        (blocking; a discard after a failed verification).
+
+        Never ``ftruncate`` in place: a reader of the old inode (a lease in another thread, a
+        hard link, a copy in progress) keeps the bytes it had. A descriptor of the old file
+        that is leased right now is closed when its last lease ends, never under its user.
+        """
+        path = blob.path
+        tmp = path.with_name(f"{path.name}.new-{os.getpid()}")
+        with self._lock:
+            fd = perms.open_private(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+            try:
+                os.ftruncate(fd, blob.size)
+                os.replace(tmp, path)
+                st = os.fstat(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            for name in ("_fd", "_journal_fd"):
+                old = getattr(blob, name)
+                if old is None:
+                    continue
+                setattr(blob, name, None)
+                if blob._leases:
+                    self._retired.append((blob, old))  # closed by the last release
+                else:
+                    self.open_count -= 1
+                    with contextlib.suppress(OSError):
+                        os.close(old)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{path}.journal")
+            blob._fd = fd
+            blob._ino = (st.st_dev, st.st_ino)
+            self.open_count += 1
+            self.opens += 1
+            self._lru[blob] = None
+
     def forget(self, blob: Blob) -> None:
-        """Close the blob's descriptors for good (its last reference is gone)."""
+        """Close the blob's descriptors for good (its last reference is gone); a lease still
+        out (a flush persisting it from another thread) closes them when it ends."""
         with self._lock:
             self._lru.pop(blob, None)
-            self._close(blob)
+            if blob._leases == 0:
+                self._close(blob)
+
+    def _close_retired(self, blob: Blob | None) -> None:
+        keep = []
+        for owner, fd in self._retired:
+            if blob is None or owner is blob:
+                self.open_count -= 1
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            else:
+                keep.append((owner, fd))
+        self._retired = keep
 
     def close_all(self) -> None:
         with self._lock:
+            self._close_retired(None)
             for blob in list(self._lru):
                 self._close(blob)
             self._lru.clear()

@@ -34,8 +34,9 @@ fits under ``RLIMIT_NOFILE``. A blob whose data file does not exist yet costs no
 no inode: the sparse file is created by its first write. Modes come from :mod:`.perms`.
 
 Everything here is synchronous and may block on disk: the fetch layer calls the slow parts
-(``open_blob``, ``flush``, ``verify``, ``check_blocks``) through ``trio.to_thread``; ``pread``
-and ``RunWriter.write`` touch only the page cache and stay on the event loop thread.
+(``open_blob``, ``flush``, ``verify``, ``check_blocks``, ``discard``, ``pread``) through
+``trio.to_thread``. Only ``pread_cached`` (``RWF_NOWAIT``: page cache or nothing) and
+``RunWriter.write`` (page cache writes) run on the event loop thread.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ from .hashing import Checker
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+_HASH_CHUNK = 1024 * 1024
+# Piece size of the buffered fallback of kernel_copy (a worker thread's buffer).
 _READ_CHUNK = 8 * 1024 * 1024
+# preadv flag: fail instead of waiting for the device (Linux >= 4.14); 0 where missing.
+_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # Journal record: block index, bytes of the block written so far, xxh3-64 of those bytes.
 _JOURNAL = struct.Struct("<IIQ")
 
@@ -85,6 +90,43 @@ class StoreStatistics:
     blobs: int
     bytes_present: int
     open_blobs: int
+
+
+# copy_file_range refuses these file pairs on some kernels and filesystems (cross-filesystem
+# before Linux 5.19, FUSE, some network filesystems): copy through a worker thread's buffer.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+)
+
+
+def kernel_copy(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``[offset, offset+length)`` of ``src`` to the same offsets of ``dst`` (blocking).
+
+    ``copy_file_range``: the bytes never enter Python; the kernel reflinks (btrfs, XFS),
+    asks the server to copy (NFS 4.2) or copies page to page. Where it is refused, ``pread`` /
+    ``pwrite`` in 8 MiB pieces (still in the calling worker thread).
+
+    Raises:
+        EOFError: ``src`` ended before ``offset+length``.
+        OSError: reading or writing failed.
+    """
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            break
+        if n == 0:
+            raise EOFError(f"source ended at {offset + done}")
+        done += n
+    while done < length:
+        data = os.pread(src, min(_READ_CHUNK, length - done), offset + done)
+        if not data:
+            raise EOFError(f"source ended at {offset + done}")
+        os.pwrite(dst, data, offset + done)
+        done += len(data)
 
 
 def _block_sum(data: bytes | memoryview) -> int:
@@ -192,7 +234,7 @@ class Blob:
 
     # -- data path ---------------------------------------------------------------------------
     def pread(self, offset: int, length: int) -> bytes:
-        """Read bytes the caller knows are present (page cache; stays on the event loop).
+        """Read bytes the caller knows are present (blocking: may wait on the device).
 
         Raises:
             CacheError: the data file vanished (its presence is dropped: fetch again).
@@ -204,6 +246,35 @@ class Blob:
             return os.pread(fd, length, offset)
         finally:
             fds.release(self)
+
+    def pread_cached(self, offset: int, length: int) -> bytearray | None:
+        """The bytes if the page cache holds all of them, else None; never waits on the device.
+
+        ``preadv(RWF_NOWAIT)`` fails with EAGAIN (or reads short) instead of starting I/O, so
+        the event loop can serve cached bytes itself and send only the rest to a thread.
+        Measured on the 2-core VM, 128 KiB page-cache-hot reads: ~11 us CPU against ~8 us for
+        a plain ``pread`` (the difference is zero-filling the buffer), far below one FUSE
+        round trip. Where the kernel or filesystem lacks RWF_NOWAIT this returns None.
+
+        Raises:
+            CacheError: the data file vanished (its presence is dropped: fetch again).
+        """
+        if not _NOWAIT:
+            return None
+        buf = bytearray(length)
+        try:
+            with self.lease() as fd:
+                got = os.preadv(fd, [buf], offset, _NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return None
+            raise CacheError(f"cannot read {self.path}: {e}") from e
+        if got != length:
+            return None
+        self.atime = time.time()
+        return buf
 
     def writer(self, first_block: int) -> RunWriter:
         return RunWriter(self, first_block)
@@ -234,17 +305,16 @@ class Blob:
         self._dirty = True
 
     def discard(self) -> None:
-        """Forget every block (a failed verification); the space is released by re-truncating."""
+        """Forget every block (a failed verification; blocking).
+
+        The data file is *replaced* by a fresh sparse one renamed into place, never truncated in
+        place: anyone still reading the old inode (a ``pread`` racing this, a copy in progress)
+        keeps the bytes it had instead of seeing them turn to zeros
+        (:meth:`~ttfs.blocks.descriptors.DescriptorTable.replace_data`).
+        """
         self.forget_blocks()
         try:
-            with self.lease() as fd:
-                os.ftruncate(fd, 0)
-                os.ftruncate(fd, self.size)
-                if self._journal_fd is not None:
-                    os.ftruncate(self._journal_fd, 0)
-                else:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.truncate(f"{self.path}.journal", 0)
+            self.store.fds.replace_data(self)
         except OSError as e:
             raise CacheError(f"cannot reset {self.path}: {e}") from e
 
@@ -279,14 +349,17 @@ class Blob:
             CacheError: the data file could not be read.
         """
         offset, stop = self.block_range(first)[0], self.block_range(end - 1)[1]
+        # One reused buffer: a fresh 8 MiB bytes per read cost page faults on every call
+        # (~0.1 CPU-s per GB on the 2-core VM); hashlib reads the view without a copy.
+        buf = memoryview(bytearray(min(_HASH_CHUNK, max(stop - offset, 1))))
         try:
             with self.lease() as fd:
                 while offset < stop:
-                    chunk = os.pread(fd, min(_READ_CHUNK, stop - offset), offset)
-                    if not chunk:
+                    n = os.preadv(fd, [buf[: min(len(buf), stop - offset)]], offset)
+                    if not n:
                         raise CacheError(f"{self.path} is shorter than expected")
-                    hasher.update(chunk)
-                    offset += len(chunk)
+                    hasher.update(buf[:n])
+                    offset += n
         except OSError as e:
             raise CacheError(f"cannot read {self.path}: {e}") from e
 
@@ -388,9 +461,14 @@ class RunWriter:
         self._hasher = xxhash.xxh3_64()
         done = blob.partial.get(first_block, 0)
         if done:
-            with blob.lease() as fd:
-                prefix = os.pread(fd, done, start)
-            if len(prefix) == done:
+            # Runs start on the event loop: a prefix the page cache lost is fetched again (at
+            # most one block) rather than read from the device here.
+            if _NOWAIT:
+                prefix: bytes | bytearray | None = blob.pread_cached(start, done)
+            else:
+                with blob.lease() as fd:
+                    prefix = os.pread(fd, done, start)
+            if prefix is not None and len(prefix) == done:
                 self._hasher.update(prefix)
             else:
                 done = 0
@@ -399,6 +477,56 @@ class RunWriter:
     @property
     def next_block(self) -> int:
         return self.block
+
+    def copy_from(self, fd: int, length: int) -> list[tuple[int, int]]:
+        """Copy the next ``length`` bytes from ``fd`` (same offsets) in the kernel (blocking).
+
+        For a source that holds the blob's bytes at the blob's offsets (a shared-cache entry):
+        :func:`kernel_copy` moves them, then each piece is read back from the page cache once
+        for its block checksum and journalled, as :meth:`write` does. Returns the blocks it
+        completed as ``(index, checksum)``; the caller lands them on its own thread (presence
+        is the event loop's state). Call from one worker thread at a time per writer.
+
+        Raises:
+            EOFError: ``fd`` ended early.
+            CacheFull: the cache disk is full.
+            OSError: reading ``fd`` or writing the data file failed.
+        """
+        blob = self.blob
+        done: list[tuple[int, int]] = []
+        end = self.pos + length
+        while self.pos < end:
+            take = min(end, self._block_end) - self.pos
+            if take <= 0:
+                raise CacheError(f"blob {blob.blob_id}: copy past the end of the run")
+            fds = blob.store.fds
+            dst = fds.acquire(blob)  # a lease: the descriptors stay open while we use them
+            try:
+                try:
+                    kernel_copy(fd, dst, self.pos, take)
+                    data = os.pread(dst, take, self.pos)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
+                    raise
+                if len(data) != take:
+                    raise CacheError(f"{blob.path}: short read back after a copy")
+                self._hasher.update(data)
+                self.pos += take
+                digest = self._hasher.intdigest()
+                written_in_block = self.pos - self.block * blob.block_size
+                blob.journal(self.block, written_in_block, digest)
+            finally:
+                fds.release(blob)
+            if self.pos < self._block_end:
+                blob.partial[self.block] = written_in_block
+            else:
+                done.append((self.block, digest))
+                self.block += 1
+                self._hasher = xxhash.xxh3_64()
+                if self.block < blob.n_blocks:
+                    self._block_end = blob.block_range(self.block)[1]
+        return done
 
     def write(self, data: bytes | memoryview) -> list[int]:
         blob = self.blob
@@ -612,18 +740,20 @@ class BlockStore:
             if blob.refs > 0:
                 return
             self._open.pop(blob.blob_id, None)
+        if blob.n_present == 0 and not blob.partial and blob.size:
+            self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
+            return
+        indexed = False
         try:
-            if blob.n_present == 0 and not blob.partial and blob.size:
-                self._forget(blob)  # nothing fetched (e.g. a 404): leave no sparse file behind
-                return
             # A complete blob is synced once, here, so its trust survives a reboot.
             sync = blob.complete and not blob._synced
-            if (blob._dirty or sync) and self._persist(blob, sync=sync) and not blob.partial:
-                self._reset_journal(blob)  # everything it vouched for is in the index now
+            indexed = not (blob._dirty or sync) or self._persist(blob, sync=sync)
         except CacheError as e:  # the data file vanished meanwhile: nothing left to keep
             log.warning("blob %s: %s", blob.blob_id, e)
         finally:
             self.fds.forget(blob)
+        if indexed and not blob.partial:
+            self._reset_journal(blob)  # everything it vouched for is in the index now
 
     def _forget(self, blob: Blob) -> None:
         self.fds.forget(blob)
@@ -675,15 +805,16 @@ class BlockStore:
 
     @staticmethod
     def _reset_journal(blob: Blob) -> None:
+        """Remove the journal of a blob whose index entry covers it (no descriptor is open on it:
+        called while loading, before any write, and after release). Removed, not truncated: a
+        cache of 10^5 blobs must not keep 10^5 empty files."""
+        assert blob._journal_fd is None
         try:
-            if blob._journal_fd is not None:
-                os.ftruncate(blob._journal_fd, 0)
-            else:
-                os.truncate(f"{blob.path}.journal", 0)
+            os.unlink(f"{blob.path}.journal")
         except FileNotFoundError:
             pass
         except OSError as e:
-            log.warning("cannot reset journal of %s: %s", blob.path, e)
+            log.warning("cannot remove the journal of %s: %s", blob.path, e)
 
     def _index_set(self, key: str, value: object) -> bool:
         """Write one index entry; a full or failing disk is logged, never raised.

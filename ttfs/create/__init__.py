@@ -15,9 +15,14 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 
-from ..manifest import Manifest, ModelRepo, Pointer, merge_pointers, validate_pointers
-from .cloud import create_azure, create_gcs, create_s3
-from .huggingface import create_hf
+from ..manifest import (
+    Manifest,
+    ModelRepo,
+    Pointer,
+    log_expired,
+    merge_pointers,
+    validate_pointers,
+)
 
 __all__ = ["DEFAULT_MODEL_PATH", "create_manifest", "create_pointers", "route"]
 
@@ -52,6 +57,11 @@ def create_pointers(
     repo: ModelRepo, model_path: str = DEFAULT_MODEL_PATH, env: Mapping[str, str] | None = None
 ) -> list[Pointer]:
     """The pointers of one repo (see :func:`create_manifest`)."""
+    # Imported here: the SDK wrappers (and httpx) cost ~0.3 s, which a mount or resolve of a
+    # manifest without JIT models never needs.
+    from .cloud import create_azure, create_gcs, create_s3
+    from .huggingface import create_hf
+
     provider = route(repo)
     if provider == "gcs":
         return create_gcs(repo, model_path, env)
@@ -111,5 +121,10 @@ def expand_pointers(
     if jit:
         merged.append(create_manifest(jit, model_path, env))
     pointers = merge_pointers(merged)
-    validate_pointers(pointers)
+    if len(merged) == 1 and merged[0].validated:
+        # One parsed manifest: the parser ran the same checks on these very pointers (merging
+        # only drops exact repeats), so only the expiry warning is left to give.
+        log_expired(pointers)
+    else:
+        validate_pointers(pointers)
     return pointers

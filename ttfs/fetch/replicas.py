@@ -54,6 +54,7 @@ class ReplicaLocks:
         self._promoting = False
         self._waiting: dict[str, Source] = {}
         self._held: dict[str, Source] = {}
+        self._releasing: list[HeldLock] = []
         self._nursery: trio.Nursery | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
@@ -69,6 +70,9 @@ class ReplicaLocks:
                 with contextlib.suppress(OSError):
                     self.cache.release(st.lock)
                 st.lock = None
+        releasing, self._releasing = self._releasing, []
+        for lock in releasing:
+            self._release_now(lock)
         self._held.clear()
         self._waiting.clear()
 
@@ -97,11 +101,26 @@ class ReplicaLocks:
         assert st is not None
         self._held.pop(source.blob.blob_id, None)
         lock, st.lock = st.lock, None
-        if lock is not None:
-            try:
-                self.cache.release(lock)  # a few metadata operations; not worth a thread hop
-            except OSError as e:
-                log.warning("b10cache: cannot release %s: %s", lock.path, e)
+        if lock is None:
+            return
+        if self._nursery is not None:
+            # A few metadata operations, but on a network filesystem: never on the event loop.
+            # Until the thread ran, close() still releases it (shutdown cancels the task).
+            self._releasing.append(lock)
+            self._nursery.start_soon(self._release, lock)
+        else:
+            self._release_now(lock)
+
+    async def _release(self, lock: HeldLock) -> None:
+        await trio.to_thread.run_sync(self._release_now, lock)
+        with contextlib.suppress(ValueError):
+            self._releasing.remove(lock)
+
+    def _release_now(self, lock: HeldLock) -> None:
+        try:
+            self.cache.release(lock)
+        except OSError as e:
+            log.warning("b10cache: cannot release %s: %s", lock.path, e)
 
     # -- tasks -------------------------------------------------------------------------------
     async def _promote(self) -> None:

@@ -14,12 +14,9 @@ they need and at what :class:`Priority`; the fetcher turns queued blocks into ra
   blocks are coalesced at dispatch time with their queued neighbours into runs of up to
   ``background_unit`` (16 MiB), which keeps request overhead low and bounds how long a demand
   read can wait behind one unit.
-* **Retries.** A run that breaks resumes at its first block that did not land (the
-  :class:`~ttfs.blocks.RunWriter` lands blocks as they complete), with jittered exponential
-  backoff that honours ``Retry-After``, bounded by attempts and by time.
-* **Verification.** A follower task per blob hashes the contiguous prefix of present blocks in
-  a worker thread while the rest downloads, so completion costs only the tail; a mismatch
-  discards the blob and fetches it once more, then fails for good.
+* **Runs** are executed by :mod:`.runs` (retries, resume mid-block; bytes from a worker process,
+  the shared cache or the provider in process) and verified by the follower of :mod:`.follower`.
+  This module only decides what runs and when.
 * **Shared cache (b10fs).** With ``settings.shared_cache`` a :class:`~ttfs.fetch.tiers.SharedTier`
   decides per blob whether runs read the shared entry or the origin, parks background runs of
   blobs another replica is fetching, and publishes verified blobs (see ``tiers.py``). Bytes are
@@ -35,13 +32,13 @@ import heapq
 import itertools
 import logging
 import math
-import random
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -50,12 +47,17 @@ if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on t
 
 from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
-from ..errors import CacheError, IntegrityError, TransientError, TtfsError
+from ..errors import CacheError, TransientError, TtfsError
 from ..manifest import Pointer
-from ..providers import ProviderSet
-from ..telemetry.metrics import FetchCounters, MetricsSnapshot
+from ..telemetry.metrics import MetricsSnapshot
+from ..transfer.pool import WorkerPool
+from .follower import Verifier
+from .runs import Counters, Progress, RunExecutor
 from .source import Source
 from .tiers import SharedTier
+
+if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
+    from ..providers import ProviderSet
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,8 @@ class FetcherStatistics:
     shared_bytes: int = 0
     shared_requests: int = 0
     shared_corrupt: int = 0
+    worker_requests: int = 0
+    worker_restarts: int = 0
 
 
 class Fetcher:
@@ -110,17 +114,28 @@ class Fetcher:
         self._inflight_background = 0
         self._demand_inflight = 0
         self._last_demand = -math.inf
-        self._preemptible: set[trio.CancelScope] = set()
+        # In-flight PREFETCH runs a reader's demand may cancel: scope -> (blob id, first block).
+        self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
-        self.origin_bytes = 0
-        self.origin_requests = 0
-        self.retries = 0
-        self.shared_bytes = 0
-        self.shared_requests = 0
-        self.counters = FetchCounters()  # the rest of what --metrics exports
+        self.counters = Counters()
+        # Called (as tasks) after a blob was discarded: the mount drops the kernel's pages of
+        # its files, which may still hold the bytes that failed verification.
+        self.discard_listeners: list[Callable[[Source], Awaitable[None]]] = []
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
+        self.pool: WorkerPool | None = None
+        # Workers connect directly; a configured TTFS_PROXY (settings.proxy, what
+        # providers.data_proxy returns) keeps bodies on the httpx path, which speaks through it.
+        if settings.workers > 0 and settings.proxy is None:
+            threads = max(1, -(-settings.max_connections // settings.workers))
+            self.pool = WorkerPool(
+                settings.workers, threads, settings.connect_timeout, settings.stall_timeout
+            )
+        self._runs = RunExecutor(settings, self.counters, self._landed, self.tier, self.pool)
+        self._verifier = Verifier(
+            store, self.tier, settings.verify, self._refetch, self._notify, self.counters
+        )
         if settings.use_range:
             self._unit_blocks = max(1, settings.background_unit // store.block_size)
             self._per_blob = settings.per_blob_connections
@@ -153,13 +168,13 @@ class Fetcher:
             self.counters.local_bytes += blob.bytes_present
             if self.tier is not None:
                 source.tier = self.tier.track(source)
-            if blob.complete and (blob.verified or not self._must_verify(source)):
+            if blob.complete and (blob.verified or not self._verifier.must_verify(source)):
                 source.done.set()
                 if self.tier is not None:
                     self.tier.on_done(source)  # publish a blob that was already local
             else:
                 assert self._nursery is not None
-                self._nursery.start_soon(self._follow, source)
+                self._nursery.start_soon(self._verifier.follow, source)
             return source
         finally:
             del self._adding[blob_id]
@@ -170,6 +185,23 @@ class Fetcher:
 
     def sources(self) -> list[Source]:
         return list(self._sources.values())
+
+    # Byte and request counters (statistics, resolve's summary line).
+    @property
+    def origin_bytes(self) -> int:
+        return self.counters.origin_bytes
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.counters.shared_bytes
+
+    @property
+    def origin_requests(self) -> int:
+        return self.counters.origin_requests
+
+    @property
+    def retries(self) -> int:
+        return self.counters.retries
 
     # -- what the shared tier may ask (ttfs.fetch.source.TierHost) ---------------------------
     def unpark(self, source: Source) -> None:
@@ -182,12 +214,19 @@ class Fetcher:
     def wake(self) -> None:
         self._wakeup.set()
 
-    def _must_verify(self, source: Source) -> bool:
-        return self.settings.verify and source.blob.spec.checker.checkable
-
     # -- requests ---------------------------------------------------------------------------
-    def request_nowait(self, source: Source, blocks: Iterable[int], prio: Priority) -> None:
-        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks."""
+    def request_nowait(
+        self,
+        source: Source,
+        blocks: Iterable[int],
+        prio: Priority,
+        *,
+        reader_at: int | None = None,
+    ) -> None:
+        """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks.
+
+        ``reader_at`` (READAHEAD): the block the stream's reader is at; see :meth:`_order_key`.
+        """
         blob = source.blob
         bid = blob.blob_id
         changed = False
@@ -198,14 +237,41 @@ class Fetcher:
             state = self._blocks.get(key)
             if state is None:
                 self._blocks[key] = _BlockState(prio)
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
             elif prio < state.prio and not state.inflight:
                 state.prio = prio
-                heapq.heappush(self._heap, (prio, next(self._seq), bid, i))
+                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
                 changed = True
         if changed:
             self._wakeup.set()
+
+    # -- policy ------------------------------------------------------------------------------
+    def _order_key(self, prio: Priority, index: int, reader_at: int | None) -> int:
+        """The second element of a heap entry: the order within one priority.
+
+        DEMAND and PREFETCH are first-come first-served. READAHEAD is ordered by how far the
+        block lies ahead of its reader (``index - reader_at``): several loaders streaming
+        different shards (vLLM's loader threads) then take turns at the connection budget in
+        the order their readers will need the bytes, instead of the first stream's whole window
+        going before the second stream's first block.
+        """
+        if prio == Priority.READAHEAD and reader_at is not None:
+            return max(0, index - reader_at)
+        return next(self._seq)
+
+    def _preempt(self, source: Source, index: int) -> None:
+        """The first demand of a burst cancels in-flight PREFETCH runs elsewhere (their blocks
+        go back to the queue), never a run of the same blob that starts at or ahead of the
+        demanded block within one connection budget: that run is the reader's own stream, and
+        cancelling it would make the reader wait for the same bytes again."""
+        reach = self.settings.max_connections * self._unit_blocks
+        bid = source.blob.blob_id
+        for scope, (run_bid, first) in list(self._preemptible.items()):
+            if run_bid == bid and index <= first <= index + reach:
+                continue
+            scope.cancel()
+            del self._preemptible[scope]
 
     async def ensure(self, source: Source, blocks: range, prio: Priority = Priority.DEMAND) -> None:
         """Return once every block in ``blocks`` is present.
@@ -233,8 +299,13 @@ class Fetcher:
 
     async def read(
         self, source: Source, offset: int, length: int, prio: Priority = Priority.DEMAND
-    ) -> bytes:
-        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first."""
+    ) -> bytes | bytearray:
+        """Bytes ``[offset, offset+length)`` of the blob, fetching missing blocks first.
+
+        Bytes in the page cache are read on the event loop; anything that could wait on the
+        device (pages evicted since they landed) is read in a worker thread, so one slow disk
+        read never stalls every other FUSE request.
+        """
         blob = source.blob
         length = max(0, min(length, blob.size - offset))
         if length == 0:
@@ -243,7 +314,9 @@ class Fetcher:
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        data = blob.pread(offset, length)
+        data: bytes | bytearray | None = blob.pread_cached(offset, length)
+        if data is None:
+            data = await trio.to_thread.run_sync(blob.pread, offset, length)
         if prio == Priority.DEMAND:
             self.counters.demand_latency.observe(time.perf_counter() - started)
         return data
@@ -286,80 +359,32 @@ class Fetcher:
         if source.done.is_set():
             source.done = trio.Event()
             assert self._nursery is not None
-            self._nursery.start_soon(self._follow, source)
+            self._nursery.start_soon(self._verifier.follow, source)
         self._notify(source)
         return bad
 
-    # -- verification ------------------------------------------------------------------------
+    # -- landing and verification ------------------------------------------------------------
     def _notify(self, source: Source) -> None:
         event, source.changed = source.changed, trio.Event()
         event.set()
 
-    async def _follow(self, source: Source) -> None:
-        """Hash the blob in order while it downloads, then mark it verified (or discard it).
+    def _landed(self, source: Source, blocks: list[int]) -> None:
+        """Blocks of ``source`` landed: wake their waiters and the blob's follower."""
+        bid = source.blob.blob_id
+        for index in blocks:
+            state = self._blocks.pop((bid, index), None)
+            if state is not None:
+                state.event.set()
+        self._notify(source)
 
-        Hashing follows the contiguous prefix of present blocks in a worker thread, so by the
-        time the last block lands only the tail is left to hash instead of the whole blob.
-        """
-        blob = source.blob
-        checker = blob.spec.checker
-        verify = self._must_verify(source)
-        try:
-            while True:
-                hasher = checker.new(blob.size) if verify else None
-                shared_before = source.shared_bytes
-                k = 0
-                while k < blob.n_blocks:
-                    if not blob.present[k]:
-                        await source.changed.wait()
-                        continue
-                    j = k + 1
-                    while j < blob.n_blocks and blob.present[j] and j - k < 32:
-                        j += 1
-                    if hasher is not None:
-                        await trio.to_thread.run_sync(blob.hash_blocks, hasher, k, j)
-                    k = j
-                if hasher is None or hasher.hexdigest() == checker.expected:
-                    if hasher is not None:
-                        blob.verified = True
-                        self.counters.blobs_verified += 1
-                    await trio.to_thread.run_sync(self.store.mark_verified, blob)
-                    source.done.set()
-                    if hasher is not None:
-                        log.info("verified %s (%s)", source.pointer.file_name, checker.algorithm)
-                    if self.tier is not None:
-                        self.tier.on_done(source)
-                    return
-                # A corrupt shared-cache entry is not the origin's fault: it costs no attempt
-                # (the tier ignores the entry from now on, so this happens once per blob).
-                self.counters.errors["IntegrityError"] += 1
-                if self.tier is None or not await self.tier.on_mismatch(source, shared_before):
-                    source.verify_attempts += 1
-                if source.verify_attempts >= 2:
-                    self.counters.blobs_failed += 1
-                    source.failure = IntegrityError(
-                        f"{source.pointer.file_name}: content does not match "
-                        f"{checker.algorithm} {checker.expected} (fetched twice)"
-                    )
-                    log.error("%s", source.failure)
-                    if self.tier is not None:
-                        self.tier.on_failed(source)
-                    return
-                log.warning(
-                    "%s: %s mismatch; discarding and fetching again",
-                    source.pointer.file_name,
-                    checker.algorithm,
-                )
-                await trio.to_thread.run_sync(blob.discard)
-                source.discards += 1
-                self.request_nowait(source, range(blob.n_blocks), Priority.PREFETCH)
-        except TtfsError as e:
-            source.failure = e
-            log.error("cannot verify %s: %s", source.pointer.file_name, e)
-            if self.tier is not None:
-                self.tier.on_failed(source)
-        finally:
-            self._notify(source)
+    def _refetch(self, source: Source) -> None:
+        """A discarded blob (hash mismatch): queue all of it again in the background, and tell
+        the listeners (the mount drops the kernel's pages of its files)."""
+        self.request_nowait(source, range(source.blob.n_blocks), Priority.PREFETCH)
+        # Not awaited: dropping kernel pages can wait on reads that need the refetch.
+        assert self._nursery is not None
+        for listener in self.discard_listeners:
+            self._nursery.start_soon(listener, source)
 
     # -- dispatch ---------------------------------------------------------------------------
     async def _dispatcher(self) -> None:
@@ -414,9 +439,7 @@ class Fetcher:
                         # hold new ones back, so a long load keeps its prefetch connections.
                         now = trio.current_time()
                         if not self._demand_inflight and now - self._last_demand >= PREFETCH_QUIET:
-                            for scope in self._preemptible:
-                                scope.cancel()
-                            self._preemptible.clear()
+                            self._preempt(source, index)
                         self._demand_inflight += 1
                     source.runs_inflight += 1
                     self._nursery.start_soon(
@@ -459,91 +482,32 @@ class Fetcher:
     async def _run(
         self, source: Source, first: int, last: int, background: bool, preemptible: bool = False
     ) -> None:
-        """Fetch blocks ``first..last`` with retries; wake or fail their waiters.
+        """Fetch blocks ``first..last`` (:mod:`.runs`); wake or fail their waiters.
 
         A ``preemptible`` (PREFETCH) run is cancelled when a demand fetch starts; the blocks it
         did not land go back to the queue, and the journal keeps its partial block, so the
         preemption wastes only what sat in socket buffers.
         """
-        blob = source.blob
-        bid = blob.blob_id
-        policy = self.settings.retry
-        writer = blob.writer(first)
-        attempt = 0
-        started = time.monotonic()
-        from_shared = False  # chosen per attempt: the shared tier's entry or the origin
-
-        def sink(chunk: memoryview) -> None:
-            if from_shared:
-                source.shared_bytes += len(chunk)
-                self.shared_bytes += len(chunk)
-            else:
-                source.origin_bytes += len(chunk)
-                self.origin_bytes += len(chunk)
-            landed = writer.write(chunk)
-            for index in landed:
-                state = self._blocks.pop((bid, index), None)
-                if state is not None:
-                    state.event.set()
-            if landed:
-                self._notify(source)
-
+        progress = Progress(source.blob, first)
         scope = trio.CancelScope()
         if preemptible:
-            self._preemptible.add(scope)
+            self._preemptible[scope] = (source.blob.blob_id, first)
         try:
             with scope:
-                while writer.next_block <= last:
-                    start = writer.pos
-                    end = blob.block_range(last)[1]
-                    shared = self.tier.shared_entry(source) if self.tier is not None else None
-                    from_shared = shared is not None
-                    try:
-                        if shared is not None and self.tier is not None:
-                            self.shared_requests += 1
-                            await self.tier.read_range(source, shared, start, end, sink)
-                        else:
-                            self.origin_requests += 1
-                            await source.provider.read_range(source.pointer, start, end, sink)
-                        if writer.next_block <= last:
-                            raise TransientError(f"{source.pointer.file_name}: range ended early")
-                    except TransientError as e:
-                        self.counters.errors[e.kind] += 1
-                        attempt += 1
-                        elapsed = time.monotonic() - started
-                        if attempt >= policy.attempts or elapsed >= policy.deadline:
-                            raise
-                        delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
-                        delay *= random.uniform(0.5, 1.5)
-                        if e.retry_after is not None:
-                            delay = max(delay, min(e.retry_after, policy.max_delay * 4))
-                        level = logging.INFO if attempt <= 2 else logging.WARNING
-                        log.log(
-                            level,
-                            "retrying %s bytes %d-%d in %.2fs (attempt %d): %s",
-                            source.pointer.file_name,
-                            writer.pos,
-                            end - 1,
-                            delay,
-                            attempt,
-                            e,
-                        )
-                        self.retries += 1
-                        await trio.sleep(delay)
-                        writer = blob.writer(writer.next_block)
+                await self._runs.fetch(source, progress, last)
             if scope.cancelled_caught:
-                self._requeue(source, writer.next_block, last)
+                self._requeue(source, progress.next_block, last)
         except (TtfsError, OSError) as e:
             error: BaseException = e if isinstance(e, TtfsError) else CacheError(str(e))
             if not isinstance(e, TransientError):  # those were counted at each attempt
                 self.counters.errors[type(error).__name__] += 1
-            self._fail(source, writer.next_block, last, error)
+            self._fail(source, progress.next_block, last, error)
         except BaseException as e:
             # Cancellation (shutdown) or a bug: release the waiters, then propagate.
-            self._fail(source, writer.next_block, last, CacheError(f"fetch aborted: {e!r}"))
+            self._fail(source, progress.next_block, last, CacheError(f"fetch aborted: {e!r}"))
             raise
         finally:
-            self._preemptible.discard(scope)
+            self._preemptible.pop(scope, None)
             self._inflight_total -= 1
             if background:
                 self._inflight_background -= 1
@@ -610,15 +574,18 @@ class Fetcher:
         for state in self._blocks.values():
             if not state.inflight:
                 queued[state.prio.name] += 1
+        c = self.counters
         return FetcherStatistics(
             queued,
             self._inflight_total,
-            self.origin_bytes,
-            self.origin_requests,
-            self.retries,
-            self.shared_bytes,
-            self.shared_requests,
+            c.origin_bytes,
+            c.origin_requests,
+            c.retries,
+            c.shared_bytes,
+            c.shared_requests,
             self.tier.corrupt_entries if self.tier is not None else 0,
+            c.worker_requests,
+            self.pool.restarts if self.pool is not None else 0,
         )
 
     def metrics_snapshot(self) -> MetricsSnapshot:
@@ -633,12 +600,12 @@ class Fetcher:
                 queued[state.prio.name] += 1
         c = self.counters
         return MetricsSnapshot(
-            origin_bytes=self.origin_bytes,
-            shared_bytes=self.shared_bytes,
+            origin_bytes=c.origin_bytes,
+            shared_bytes=c.shared_bytes,
             local_bytes=c.local_bytes,
-            origin_requests=self.origin_requests,
-            shared_requests=self.shared_requests,
-            retries=self.retries,
+            origin_requests=c.origin_requests,
+            shared_requests=c.shared_requests,
+            retries=c.retries,
             errors=dict(c.errors),
             blobs_verified=c.blobs_verified,
             blobs_failed=c.blobs_failed,
@@ -666,6 +633,8 @@ async def open_fetcher(
             fetcher._nursery = nursery
             if fetcher.tier is not None:
                 fetcher.tier.start(nursery)
+            if fetcher.pool is not None:
+                fetcher.pool.start(nursery)
             nursery.start_soon(fetcher._dispatcher)
             nursery.start_soon(fetcher._flusher)
             try:
@@ -680,6 +649,8 @@ async def open_fetcher(
         raise
     finally:
         with trio.CancelScope(shield=True):
+            if fetcher.pool is not None:
+                await fetcher.pool.aclose()
             if fetcher.tier is not None:
                 await trio.to_thread.run_sync(fetcher.tier.close)
             await fetcher.aclose()

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
 from ..blocks import Blob
 from ..blocks.shared import HeldLock, SharedFile
 from ..manifest import Pointer
-from ..providers import Provider
+
+if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it serves
+    from ..providers import Provider
 
 # A queue entry: (priority, sequence, blob id, block index).
 Entry = tuple[int, int, str, int]

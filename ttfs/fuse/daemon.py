@@ -1,11 +1,18 @@
 """Running the mount daemon in the background, and getting rid of it again.
 
-``ttfs mount`` (without ``--foreground``) starts ``python -m ttfs mount --foreground
---ready-fd N ...`` as a detached child (a new session, stdin from /dev/null, stdout and stderr
-appended to a log file) and waits on a pipe: the child writes ``READY`` once the mount answers
-(:func:`ttfs.fuse.serve.serve`'s readiness) or ``ERROR <exit code> <message>`` when it fails,
-and the parent exits with that outcome. A child that dies without a word is reported with the
-last line of its log.
+``ttfs mount`` (without ``--foreground``) checks its arguments, parses the manifest and builds
+the tree, then *forks* (:func:`fork_daemon`): the child (a new session, stdin from /dev/null,
+stdout and stderr appended to a log file) goes on to serve with what the parent already
+parsed and imported, so one interpreter start and one manifest parse serve both. The fork
+happens before any thread exists (the CLI starts none; a thread would be lost in the child, so
+:func:`fork_daemon` refuses and :func:`spawn` is used instead). The parent waits on a pipe:
+the child writes ``READY`` once the mount answers (:func:`ttfs.fuse.serve.serve`'s readiness)
+or ``ERROR <exit code> <message>`` when it fails, and the parent exits with that outcome. A
+child that dies without a word is reported with the last line of its log.
+
+:func:`spawn` starts ``python -m ttfs mount --foreground --ready-fd N ...`` instead, with the
+same pipe protocol: for callers that are not the CLI (tests, ``make run``), where forking a
+process with threads would be unsafe.
 
 :func:`mount_in_subprocess` and :func:`unmount` are the programmatic form, for ``make run``,
 tests and anything else that wants a mount of its own. :func:`unmount` is also ``ttfs umount``:
@@ -32,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +58,7 @@ _children: dict[int, subprocess.Popen[bytes]] = {}
 """Daemons this process spawned and has not reaped yet (see :func:`wait_exit`)."""
 
 
-def _reap(proc: subprocess.Popen[bytes]) -> None:
+def _reap_popen(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
     _children.pop(proc.pid, None)
 
@@ -186,7 +193,7 @@ def spawn(
     finally:
         os.close(write_fd)
     try:
-        message = _wait_line(read_fd, proc, timeout)
+        message = _wait_line(read_fd, proc.poll, timeout)
     except BaseException:  # interrupted while waiting: do not leave a half-started mount behind
         _stop(proc.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -200,17 +207,14 @@ def spawn(
         # Reaped by init once we exit; a long-lived caller reaps it in a thread, or
         # :func:`unmount` does (it waits for exactly this process).
         _children[proc.pid] = proc
-        threading.Thread(target=_reap, args=(proc,), daemon=True, name=f"reap-{proc.pid}").start()
+        threading.Thread(
+            target=_reap_popen, args=(proc,), daemon=True, name=f"reap-{proc.pid}"
+        ).start()
         return Daemon(proc.pid, mountpoint, log_file)
     if message.startswith(ERROR):
-        _, _, rest = message.decode(errors="replace").partition(" ")
-        code, _, text = rest.partition(" ")
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=10)
-        error = MountError(text or "the mount daemon failed")
-        if code.isdigit() and int(code) != error.exit_code:
-            error.exit_code = int(code)  # type: ignore[misc]
-        raise error
+        raise _reported_error(message)
     # No word from the child: it died, or it hangs.
     if proc.poll() is None:
         _stop(proc.pid)
@@ -228,7 +232,98 @@ def spawn(
     )
 
 
-def _wait_line(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
+def fork_daemon(mountpoint: Path, log_file: Path, *, timeout: float = 60.0) -> Daemon | int | None:
+    """Fork the mount daemon: in the parent, wait until it serves and return its
+    :class:`Daemon`; in the child, return the fd to report readiness on (the caller serves).
+
+    Returns None without forking when this process has threads (forking would lose them).
+
+    Raises:
+        MountError: the daemon failed (with its reason), died, or was not ready in time.
+        TtfsError: the daemon reported another error class (its exit code is kept).
+    """
+    if threading.active_count() > 1:
+        return None
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise MountError(f"cannot open the log file {log_file}: {e.strerror}") from e
+    read_fd, write_fd = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()  # or the child flushes the parent's pending output a second time
+    try:
+        pid = os.fork()
+    except OSError as e:
+        for fd in (read_fd, write_fd, log_fd):
+            os.close(fd)
+        raise MountError(f"cannot start the mount daemon: {e}") from e
+    if pid == 0:  # the daemon
+        os.close(read_fd)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        for fd in (null, log_fd):
+            os.close(fd)
+        return write_fd
+    os.close(write_fd)
+    os.close(log_fd)
+    try:
+        message = _wait_line(read_fd, lambda: _reap(pid), timeout)
+    except BaseException:  # interrupted while waiting: do not leave a half-started mount behind
+        _stop(pid)
+        _reap_within(pid, 10)
+        if is_mounted(mountpoint):
+            _fusermount(mountpoint, lazy=True)
+        raise
+    finally:
+        os.close(read_fd)
+    if message.startswith(READY):
+        return Daemon(pid, mountpoint, log_file)  # reaped by init once we exit
+    if message.startswith(ERROR):
+        _reap_within(pid, 10)
+        raise _reported_error(message)
+    if _reap(pid) is None:  # no word and still running: it hangs
+        _stop(pid)
+        _reap_within(pid, 5)
+        if is_mounted(mountpoint):
+            _fusermount(mountpoint, lazy=True)
+        raise MountError(f"the mount daemon was not ready within {timeout:.0f}s (log: {log_file})")
+    last = _last_line(log_file)
+    raise MountError(
+        "the mount daemon exited" + (f": {last}" if last else "") + f" (log: {log_file})"
+    )
+
+
+def _reap(pid: int) -> int | None:
+    """The exit status of child ``pid`` if it has exited (reaping it), else None."""
+    try:
+        got, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return -1
+    return os.waitstatus_to_exitcode(status) if got else None
+
+
+def _reap_within(pid: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while _reap(pid) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _reported_error(message: bytes) -> MountError:
+    """The error an ``ERROR <code> <text>`` line reports, with its exit code."""
+    _, _, rest = message.decode(errors="replace").partition(" ")
+    code, _, text = rest.partition(" ")
+    error = MountError(text or "the mount daemon failed")
+    if code.isdigit() and int(code) != error.exit_code:
+        error.exit_code = int(code)  # type: ignore[misc]
+    return error
+
+
+def _wait_line(fd: int, exited: Callable[[], object], timeout: float) -> bytes:
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
@@ -237,7 +332,7 @@ def _wait_line(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> bytes:
             return b""
         readable, _, _ = select.select([fd], [], [], min(left, 0.5))
         if not readable:
-            if proc.poll() is not None:
+            if exited() is not None:
                 # The child closed nothing yet exited: its fd copy is gone, so EOF follows.
                 readable = [fd]
             else:

@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import pyfuse3
+import trio
 
 from ..errors import TtfsError
 from ..vfs.core import Attr, ModelFs, erofs, errno_for
@@ -114,6 +115,19 @@ class FuseOps(pyfuse3.Operations):
         self.fs = fs
         fs.set_invalidator(invalidate_entry)
 
+    async def invalidate_blob(self, blob_id: str) -> None:
+        """Drop the kernel's cached pages of every file whose content is ``blob_id`` (after a
+        failed verification discarded it: ``keep_cache`` would otherwise serve the bad bytes).
+
+        In a worker thread: the kernel waits for page locks held by reads in flight, which only
+        this event loop can answer.
+        """
+        for ino in self.fs.inodes_of(blob_id):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+            except OSError as e:  # ENOENT: the kernel never looked the inode up
+                log.debug("invalidate inode %d: %s", ino, e)
+
     # -- metadata ------------------------------------------------------------------------
     @boundary("lookup")
     async def lookup(
@@ -171,7 +185,9 @@ class FuseOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True, nonseekable=False)
 
     @boundary("read")
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3's stub says bytes; its handler takes any contiguous buffer (PyObject_GetBuffer
+    # in handlers.pxi), so a bytearray filled by preadv goes to the kernel without a copy.
+    async def read(self, fh: int, off: int, size: int) -> bytes | bytearray:  # type: ignore[override]
         return await self.fs.read(fh, off, size)
 
     async def flush(self, fh: int) -> None:

@@ -1,9 +1,18 @@
 """serve(): one mount from manifest pointers to a serving FUSE session, and back down.
 
-Construction is one ``AsyncExitStack`` so teardown is its exact reverse (style anchors G6)::
+Start-up is ordered for the time to a visible tree (issue 11, "a mount starts in a blink")::
 
-    BlockStore → ProviderSet → Fetcher (its nursery) → ModelFs (opener, prefetch) → FuseOps
-      → pyfuse3.init (the mount) → pyfuse3.main + signal watcher + readiness probe
+    Tree (built once, by the CLI) → owner lock of the cache directory (ttfs.owner) → ModelFs
+      without a fetcher → FuseOps → pyfuse3.init → pyfuse3.main + signal watcher + readiness probe
+      → once ready: BlockStore → ProviderSet (imports httpx) → Fetcher → owner socket
+        → ModelFs.attach → opener + prefetch
+
+The owner lock is taken before mounting, so a second mount of one cache fails (or waits for a
+resolve that owns it) before anything is visible. Lookups, ``stat`` and ``readdir`` need only
+the tree, so the mount reports ready before the block store (diskcache, sqlite) is opened or
+any provider module (httpx, the cloud SDKs) is imported; an ``open`` that arrives earlier waits
+for the fetcher. Teardown is the reverse: the request loop ends, the fetcher drains, the store
+is flushed and closed, the owner lock released, the session unmounted.
 
 pyfuse3 runs its request loop inside this trio run, so FUSE handlers, fetch workers and
 background passes share one event loop; blocking work (the block index, hashing) is already
@@ -23,17 +32,18 @@ running get ``drain_seconds`` before they are cancelled; the filesystem is then 
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable
-from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyfuse3
 import trio
@@ -43,19 +53,38 @@ if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on t
 
 from ..blocks import BlockStore
 from ..config import Settings
-from ..errors import MountError, TtfsError
+from ..errors import CacheError, MountError, TtfsError
 from ..fetch import open_fetcher
 from ..manifest import Pointer
+from ..owner import OwnerLock, claim_or_wait
+from ..owner.server import serving
 from ..procs import raise_nofile_limit
-from ..providers import ProviderSet
-from ..telemetry.metrics import exporting
-from ..vfs.core import FsOptions, ModelFs, open_model_fs
+from ..telemetry.metrics import MetricsSnapshot, exporting
+from ..vfs.core import FsOptions, ModelFs
 from ..vfs.readahead import ReadaheadConfig
+from ..vfs.trace import TraceStore
 from ..vfs.tree import Tree
 from . import kernel
 from .ops import FuseOps
 
+if TYPE_CHECKING:
+    from ..providers import ProviderSet
+
 log = logging.getLogger(__name__)
+
+HEAVY_MODULES = (
+    "httpx",
+    "huggingface_hub",
+    "boto3",
+    "botocore",
+    "google.cloud.storage",
+    "azure.storage.blob",
+    "ttfs.providers",
+    "ttfs.create.cloud",
+    "ttfs.create.huggingface",
+)
+"""Modules a mount must not import before it is ready (each costs 0.05-0.5 s of start-up);
+the status document lists those that were loaded at ready time (``startup.heavy_modules``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +96,7 @@ class MountConfig:
     settings: Settings
     prefix: str | None = None
     prefetch: bool = True
+    trace: bool = True  # record and replay access traces
     read_ahead_kb: int | None = kernel.READ_AHEAD_KB
     max_background: int | None = kernel.MAX_BACKGROUND
     allow_other: bool | None = None  # None: when root (other uids and containers can read)
@@ -74,9 +104,11 @@ class MountConfig:
     max_tasks: int = 256
     drain_seconds: float = 5.0
     ready_timeout: float = 60.0
-    readahead: ReadaheadConfig = field(default_factory=ReadaheadConfig)
+    readahead: ReadaheadConfig | None = None  # None: sized to the connection budget
     info: dict[str, Any] = field(default_factory=dict)
     providers: ProviderSet | None = None  # tests inject fakes
+    tree: Tree | None = None  # built by the CLI already (parsed once); else built from pointers
+    started: float | None = None  # time.monotonic() when the command started, for the status
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +182,12 @@ async def _probe(
     )
     log.info("kernel tuning: %s", tuning.describe())
     fs.serving()
+    started = config.started if config.started is not None else _START
+    config.info["startup"] = {
+        "ready_seconds": round(time.monotonic() - started, 3),
+        "cpu_seconds": round(time.process_time(), 3),  # this process's (a fork starts at 0)
+        "heavy_modules": [m for m in HEAVY_MODULES if m in sys.modules],
+    }
     ready = Ready(mountpoint, os.getpid(), files, tuning)
     log.info("serving %d file(s) at %s (pid %d)", files, mountpoint, ready.pid)
     notify_systemd(f"READY=1\nSTATUS=serving {files} files at {mountpoint}\nMAINPID={ready.pid}")
@@ -174,56 +212,141 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
         MountError: the mount could not be made or did not answer in time.
         CacheError: the cache directory is unusable.
     """
-    settings = config.settings
     mountpoint = config.mountpoint
     before, after = raise_nofile_limit()
     if after != before:
         log.info("open-file limit (RLIMIT_NOFILE) raised from %d to %d", before, after)
     else:
         log.info("open-file limit (RLIMIT_NOFILE) is %d", after)
-    tree = Tree.build(config.pointers, prefix=config.prefix, mountpoint=str(mountpoint))
-    check_fuse_device()
-    store = await trio.to_thread.run_sync(
-        lambda: BlockStore(
-            settings.cache_dir, block_size=settings.block_size, max_bytes=settings.cache_max_bytes
-        )
+    tree = config.tree or Tree.build(
+        config.pointers, prefix=config.prefix, mountpoint=str(mountpoint)
     )
-    async with AsyncExitStack() as stack:
-        stack.push_async_callback(trio.to_thread.run_sync, store.close)
-        providers = config.providers or ProviderSet(settings)
-        fetcher = await stack.enter_async_context(open_fetcher(store, providers, settings))
-        stack.enter_context(exporting(settings.metrics, fetcher.metrics_snapshot, role="mount"))
-        info = {
-            "mountpoint": str(mountpoint),
-            "cache_dir": str(settings.cache_dir),
-            **config.info,
-        }
-        options = FsOptions(
-            prefetch=config.prefetch,
-            readahead=config.readahead,
-            info=info,
-            fast_path=config.fast_path,
-            shared_readers=allows_other(config),
-        )
-        fs = await stack.enter_async_context(open_model_fs(tree, fetcher, options, serving=False))
-        ops = FuseOps(fs)
-        try:
-            pyfuse3.init(ops, str(mountpoint), mount_options(config))
-        except RuntimeError as e:
-            raise MountError(
-                f"cannot mount at {mountpoint}: {e} (libfuse's reason is in the log above)"
-            ) from e
-        stack.callback(_close_session)
-        files = sum(1 for _ in tree.files())
+    check_fuse_device()
+    check_cache_dir(config.settings.cache_dir)
+    # The cache directory is ours alone while we serve (ttfs.owner): a resolve that owns it now
+    # is waited for (bounded); resolves started later fetch through us.
+    lock = await claim_or_wait(config.settings.cache_dir, config.settings.owner_wait)
+    try:
+        # The --metrics endpoint is bound before mounting, so a bad port fails the mount; it
+        # reports zeros until the fetcher is attached (after ready).
+        served: list[ModelFs] = []
+        with exporting(config.settings.metrics, lambda: _metrics_of(served), role="mount"):
+            await _serve_owned(config, mountpoint, tree, lock, on_ready, served)
+    finally:
+        lock.release()  # last: after the store is flushed and closed
+
+
+def _metrics_of(served: list[ModelFs]) -> MetricsSnapshot:
+    fetcher = served[0].fetcher if served else None
+    return fetcher.metrics_snapshot() if fetcher is not None else MetricsSnapshot.empty()
+
+
+async def _serve_owned(
+    config: MountConfig,
+    mountpoint: Path,
+    tree: Tree,
+    lock: OwnerLock,
+    on_ready: Callable[[Ready], None] | None,
+    served: list[ModelFs],
+) -> None:
+    info = {"mountpoint": str(mountpoint), "cache_dir": str(config.settings.cache_dir)}
+    config.info.update({**info, **config.info})
+    settings = config.settings
+    readahead = config.readahead or ReadaheadConfig.for_budget(
+        settings.max_connections - settings.demand_reserved, settings.background_unit
+    )
+    traces = None
+    if config.trace:
+        shared = settings.shared_cache.directory if settings.shared_cache is not None else None
+        traces = TraceStore(settings.cache_dir, shared)
+    options = FsOptions(
+        prefetch=config.prefetch,
+        readahead=readahead,
+        info=config.info,
+        traces=traces,
+        fast_path=config.fast_path,
+        shared_readers=allows_other(config),
+    )
+    fs = ModelFs(tree, None, options)
+    served.append(fs)
+    ops = FuseOps(fs)
+    try:
+        pyfuse3.init(ops, str(mountpoint), mount_options(config))
+    except RuntimeError as e:
+        raise MountError(
+            f"cannot mount at {mountpoint}: {e} (libfuse's reason is in the log above)"
+        ) from e
+    try:
+        files = fs.file_count
         async with trio.open_nursery() as nursery:
             with trio.CancelScope() as main_scope:
                 nursery.start_soon(_signals, config.drain_seconds, main_scope)
                 nursery.start_soon(_probe, config, fs, files, on_ready)
+                nursery.start_soon(_backend, config, fs, ops, lock)
                 await pyfuse3.main(min_tasks=1, max_tasks=config.max_tasks)
             if main_scope.cancelled_caught:
                 log.warning("requests still running after %.0fs; stopped", config.drain_seconds)
             nursery.cancel_scope.cancel()
-        log.info("unmounting %s", mountpoint)
+    finally:
+        _close_session()
+    log.info("unmounting %s", mountpoint)
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Fail before mounting when the cache directory cannot be made or written (the store
+    itself is opened only once the mount is ready)."""
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CacheError(f"cannot create the cache directory {cache_dir}: {e.strerror}") from e
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise CacheError(f"the cache directory {cache_dir} is not writable")
+
+
+def _providers(settings: Settings) -> ProviderSet:
+    # Imported here, in a worker thread, once the mount serves: httpx and the provider modules
+    # take ~0.2 s to import, which would otherwise delay readiness (and block the event loop).
+    module = importlib.import_module("ttfs.providers")
+    providers: ProviderSet = module.ProviderSet(settings)
+    return providers
+
+
+async def _backend(config: MountConfig, fs: ModelFs, ops: FuseOps, lock: OwnerLock) -> None:
+    """Once the mount is ready: open the block store, the providers and the fetcher, serve
+    other ttfs processes on the owner socket, attach them to the filesystem and run its opener
+    and prefetch until cancelled."""
+    await fs.wait_serving()
+    settings = config.settings
+    started = time.monotonic()
+    try:
+        store = await trio.to_thread.run_sync(
+            lambda: BlockStore(
+                settings.cache_dir,
+                block_size=settings.block_size,
+                max_bytes=settings.cache_max_bytes,
+            )
+        )
+    except (TtfsError, OSError) as e:
+        error = e if isinstance(e, TtfsError) else CacheError(f"cannot open the cache: {e}")
+        log.error("cannot open the block cache: %s", error)
+        fs.fail(error)
+        return
+    try:
+        providers = config.providers
+        if providers is None:
+            providers = await trio.to_thread.run_sync(_providers, settings)
+        async with open_fetcher(store, providers, settings) as fetcher, serving(fetcher, lock):
+            # A discarded blob's pages must leave the kernel's cache of every file serving it.
+            fetcher.discard_listeners.append(
+                lambda source: ops.invalidate_blob(source.blob.blob_id)
+            )
+            fs.attach(fetcher)
+            log.info("block store and fetcher ready in %.3fs", time.monotonic() - started)
+            async with fs.background():
+                await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store.close)
 
 
 def _close_session() -> None:
@@ -243,6 +366,9 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
         elif isinstance(exc, TtfsError | KeyboardInterrupt):
             return exc
     return None
+
+
+_START = time.monotonic()  # fallback start time: when this module was imported
 
 
 def run(config: MountConfig, *, on_ready: Callable[[Ready], None] | None = None) -> None:

@@ -29,11 +29,11 @@ import httpx
 import trio
 
 from ..config import Settings
-from ..errors import AccessDenied, ProviderError
+from ..errors import AccessDenied, ObjectNotFound, ProviderError, StaleManifest
 from ..manifest import HttpResolution, Pointer
 from ..secrets import get_hf_token
 from ._stream import make_client, mapped, status_error, stream_body
-from .base import Sink, redact_url
+from .base import Sink, WireTarget, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class HttpProvider:
         self._client = client or make_client(settings)
         self._targets: dict[str, _Target] = {}
         self._resolving: dict[str, trio.Event] = {}
+        # Final errors of resolutions, by their event (kept small: see _resolved).
+        self._final_errors: dict[trio.Event, ProviderError] = {}
         self._tokens: dict[str, str | None] = {}
         self._hub = _origin(settings.hf_endpoint) if settings.hf_endpoint else None
         self.requests = 0
@@ -108,6 +110,33 @@ class HttpProvider:
             if token:
                 headers["authorization"] = f"Bearer {token}"
         return headers
+
+    # -- targets for worker processes ---------------------------------------------------------
+    async def wire_target(self, pointer: Pointer) -> WireTarget | None:
+        """The resolved URL (and token, for a hub origin) of ``pointer``, once known.
+
+        None while nobody resolved the manifest URL yet: the caller's range then goes in
+        process and resolves it (one range per URL). A range asked while another resolves
+        waits for it.
+        """
+        resolution = pointer.resolution
+        if not isinstance(resolution, HttpResolution):
+            raise ProviderError(f"{pointer.file_name}: not an http pointer")
+        url = resolution.url
+        pending = self._resolving.get(url)
+        if pending is not None:
+            await pending.wait()
+        target = self._targets.get(url)
+        if target is None or time.monotonic() >= target.expires_at:
+            return None
+        headers = self._headers(pointer, target.auth, 0, 1)
+        del headers["range"]
+        return WireTarget(target.url, headers)
+
+    def forget_wire_target(self, pointer: Pointer) -> None:
+        resolution = pointer.resolution
+        if isinstance(resolution, HttpResolution):
+            self._targets.pop(resolution.url, None)
 
     # -- reads ------------------------------------------------------------------------------
     async def read_range(self, pointer: Pointer, start: int, end: int, sink: Sink) -> None:
@@ -142,11 +171,18 @@ class HttpProvider:
             if pending is None:
                 break
             # Single-flight the resolution: wait for whoever is following the redirect, then
-            # look again (it may have failed, and another waiter may have taken over).
+            # look again (it may have failed, and another waiter may have taken over). A final
+            # answer (404, 403, stale size) is shared: the waiters fail with it, no new request.
             await pending.wait()
+            final = self._final_errors.get(pending)
+            if final is not None:
+                raise final
         done = self._resolving[url] = trio.Event()
         try:
             await self._get(pointer, url, self.is_hub(url), start, end, sink, resolve_for=url)
+        except (ObjectNotFound, AccessDenied, StaleManifest) as e:
+            self._final_errors[done] = e
+            raise
         finally:
             self._resolved(url, done)
 
@@ -155,6 +191,8 @@ class HttpProvider:
         if self._resolving.get(url) is event:
             del self._resolving[url]
         event.set()
+        if len(self._final_errors) > 1024:  # waiters read theirs right after waking
+            self._final_errors.clear()
 
     async def _get(
         self,

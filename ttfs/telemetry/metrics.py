@@ -100,6 +100,26 @@ class MetricsSnapshot:
     demand_count: int
     demand_sum: float
 
+    @classmethod
+    def empty(cls) -> MetricsSnapshot:
+        """All zeros: a mount before its fetcher is attached."""
+        return cls(
+            origin_bytes=0,
+            shared_bytes=0,
+            local_bytes=0,
+            origin_requests=0,
+            shared_requests=0,
+            retries=0,
+            errors={},
+            blobs_verified=0,
+            blobs_failed=0,
+            inflight_requests=0,
+            queued={},
+            demand_buckets=LatencyHistogram().cumulative(),
+            demand_count=0,
+            demand_sum=0.0,
+        )
+
 
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (then 127.0.0.1) as (host, port).

@@ -52,11 +52,12 @@ from ..control import (
     XATTR_MAX,
 )
 from ..errors import CacheError, DownloadError, TransientError, TtfsError, UserError
-from ..fetch import Fetcher, Priority, Source
+from ..fetch import Fetcher, FetcherStatistics, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
 from .fastpath import INODE_SHIFT, BlobKey, key_of_path, readable_by_others, visible_to
 from .readahead import ReadaheadConfig, StreamTable
+from .trace import SAVE_QUIET, Recorder, Trace, TraceStore, block_counts, manifest_digest
 from .tree import ROOT_INODE, Inode, Node, Tree
 
 log = logging.getLogger(__name__)
@@ -155,6 +156,7 @@ class FsOptions:
     gid: int = field(default_factory=os.getgid)
     mtime_ns: int = field(default_factory=time.time_ns)
     info: dict[str, Any] = field(default_factory=dict)  # shown in the root status
+    traces: TraceStore | None = None  # record and replay access traces (None: off)
     # Serve complete, verified files as symlinks into the blob store (ttfs/vfs/fastpath.py).
     fast_path: bool = True
     # Other users may read the mount (allow_other): links only to blob files all can read.
@@ -167,7 +169,7 @@ class _File:
 
     node: Node
     pointer: Pointer
-    streams: StreamTable
+    streams: StreamTable | None = None  # made at the first read of a partial blob
     source: Source | None = None
     reads: int = 0
     read_bytes: int = 0
@@ -202,21 +204,28 @@ def _short(e: BaseException) -> str:
 class ModelFs:
     """The filesystem of one mount. Build with :func:`open_model_fs`."""
 
-    def __init__(self, tree: Tree, fetcher: Fetcher, options: FsOptions) -> None:
+    def __init__(self, tree: Tree, fetcher: Fetcher | None, options: FsOptions) -> None:
         self.tree = tree
-        self.fetcher = fetcher
+        self._fetcher = fetcher
         self.options = options
         self._files: dict[Inode, _File] = {
-            n.ino: _File(n, n.pointer, StreamTable(options.readahead))
-            for n in tree.files()
-            if n.pointer is not None
+            n.ino: _File(n, n.pointer) for n in tree.files() if n.pointer is not None
         }
+        # A mount answers lookups from the tree before its block store and fetcher exist
+        # (serve attaches them once the mount is ready); open and read wait for this.
+        self._attached = trio.Event()
+        self._backend_error: TtfsError | None = None
+        self._recorder: Recorder | None = None
+        self._replayed = trio.Event()  # the trace (if any) is queued; prefetch plans after it
+        self._trace_doc: dict[str, Any] = {"state": "off" if options.traces is None else "waiting"}
+        if fetcher is not None:
+            self._attached.set()
         self._handles: dict[HandleId, _File] = {}
         self._next_handle = 1
         self._cache_bytes: dict[str, int] = {}  # blob id → bytes local when first opened
         self._opened = trio.Event()
         self._serving = trio.Event()
-        self._prefetch: _Pass | None = None
+        self._prefetch: _Pass | None = _Pass("prefetch") if options.prefetch else None
         self._materialize: _Pass | None = None
         self._generation = 0
         self._nursery: trio.Nursery | None = None
@@ -230,6 +239,28 @@ class ModelFs:
         self._fast_disabled: str | None = None if options.fast_path else "off (--no-fast-path)"
         self._invalidate: Callable[[Inode, str], None] | None = None
         self._rechecking: dict[str, trio.Event] = {}  # set once changed blocks are dropped
+
+    @property
+    def file_count(self) -> int:
+        return len(self._files)
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The fetcher; only valid once attached (every caller waits for that first)."""
+        assert self._fetcher is not None, "the fetcher is not attached yet"
+        return self._fetcher
+
+    def attach(self, fetcher: Fetcher) -> None:
+        """Give the mount its fetcher (serve does so right after the mount is ready)."""
+        self._fetcher = fetcher
+        self._attached.set()
+
+    def fail(self, error: TtfsError) -> None:
+        """The fetcher cannot be made (unusable cache): every open fails with ``error``."""
+        self._backend_error = error
+        self._failures["(all)"] = _short(error)
+        self._attached.set()
+        self._opened.set()
 
     # -- metadata (memory only; never blocks) ---------------------------------------------
     def _node(self, ino: int) -> Node:
@@ -328,9 +359,16 @@ class ModelFs:
         total = sum(f.pointer.size for f in self._files.values())
         return FsStats(block_size=4096, blocks=-(-total // 4096), files=len(self.tree))
 
+    def inodes_of(self, blob_id: str) -> list[int]:
+        """The inodes whose content is ``blob_id`` (two names with one hash share a blob)."""
+        return [int(ino) for ino, f in self._files.items() if f.pointer.hash == blob_id]
+
     # -- data -------------------------------------------------------------------------------
     async def _source(self, f: _File) -> Source:
         if f.source is None:
+            await self._attached.wait()
+            if self._backend_error is not None:
+                raise DownloadError(f.pointer.file_name, self._backend_error)
             try:
                 source = await self.fetcher.add(f.pointer)
             except TtfsError as e:
@@ -373,7 +411,7 @@ class ModelFs:
         self._handles[fh] = f
         return fh
 
-    async def read(self, fh: int, offset: int, size: int) -> bytes:
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray:
         """``size`` bytes at ``offset`` (fewer at the end of the file).
 
         Raises:
@@ -395,10 +433,21 @@ class ModelFs:
         if offset >= blob.size or size <= 0:
             return b""
         # A whole blob needs no readahead: skip the bookkeeping on the warm path.
-        ahead = None if blob.complete else f.streams.on_read(offset, size, blob.size)
+        if self._recorder is not None:
+            self._recorder.on_read(
+                blob.blob_id, blob.blocks_for(offset, min(size, blob.size - offset))
+            )
+        ahead = None
+        if not blob.complete:
+            if f.streams is None:
+                f.streams = StreamTable(self.options.readahead)
+            ahead = f.streams.on_read(offset, size, blob.size)
         if ahead is not None:
             self.fetcher.request_nowait(
-                source, blob.blocks_for(ahead[0], ahead[1] - ahead[0]), Priority.READAHEAD
+                source,
+                blob.blocks_for(ahead[0], ahead[1] - ahead[0]),
+                Priority.READAHEAD,
+                reader_at=offset // blob.block_size,
             )
         try:
             data = await self.fetcher.read(source, offset, size, Priority.DEMAND)
@@ -787,7 +836,11 @@ class ModelFs:
                 verified += blob.verified and blob.complete
                 done += f.source.done.is_set()
         failures = {f.node.path: e for f in files if (e := self._error_of(f)) is not None}
-        stats = self.fetcher.statistics()
+        stats = (
+            self._fetcher.statistics()
+            if self._fetcher is not None
+            else FetcherStatistics({p.name: 0 for p in Priority}, 0, 0, 0, 0)
+        )
         kernel = sum(self._check_link(f) for f in files)
         prefetch = (
             self._pass_doc(self._prefetch)
@@ -814,6 +867,10 @@ class ModelFs:
             "failure_count": len(failures),
             "prefetch": prefetch,
             "materialize": self._pass_doc(self._materialize),
+            "trace": {
+                **self._trace_doc,
+                "recorded_blocks": self._recorder.blocks if self._recorder is not None else 0,
+            },
             "fetcher": {
                 "queued": stats.queued,
                 "inflight_requests": stats.inflight_requests,
@@ -822,6 +879,8 @@ class ModelFs:
                 "retries": stats.retries,
                 "shared_bytes": stats.shared_bytes,
                 "shared_requests": stats.shared_requests,
+                "worker_requests": stats.worker_requests,
+                "worker_restarts": stats.worker_restarts,
             },
         }
 
@@ -834,10 +893,14 @@ class ModelFs:
             "running",
         ):
             return
-        assert self._nursery is not None, "use open_model_fs()"
         self._generation += 1
         self._materialize = _Pass("materialize")
-        self._nursery.start_soon(self._run_pass, self._materialize)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._run_pass, self._materialize)
+        # else: background() starts it once the fetcher is attached
+
+    async def wait_serving(self) -> None:
+        await self._serving.wait()
 
     async def wait_opened(self) -> None:
         await self._opened.wait()
@@ -918,6 +981,7 @@ class ModelFs:
     async def _pass(self, p: _Pass) -> None:
         if p.kind == "prefetch":
             await self._serving.wait()
+            await self._replayed.wait()  # the recorded order goes first
         await self._opened.wait()
         by_name: dict[str, _File] = {}
         for f in self._files.values():
@@ -936,7 +1000,7 @@ class ModelFs:
         async def read(pointer: Pointer, offset: int, length: int) -> bytes:
             source = by_name[pointer.file_name].source
             assert source is not None
-            return await self.fetcher.read(source, offset, length, Priority.PREFETCH)
+            return bytes(await self.fetcher.read(source, offset, length, Priority.PREFETCH))
 
         p.state = "planning"
         for segment in initial_segments(pointers, small_limit=self.options.small_file_limit):
@@ -971,6 +1035,96 @@ class ModelFs:
             ):
                 p.failures[f.node.path] = "not complete"
 
+    # -- access traces (ttfs/vfs/trace.py) --------------------------------------------------
+    async def _trace(self, store: TraceStore) -> None:
+        """Load and replay this model's trace, then record this mount's and save it when it
+        covers more than the one it started with (after a quiet period, and at the end)."""
+        block_size = self.fetcher.store.block_size
+        pointers = [f.pointer for f in self._files.values()]
+        baseline = 0
+        try:
+            digest = await trio.to_thread.run_sync(manifest_digest, pointers)
+            self._recorder = Recorder(digest, block_size)
+            counts = block_counts(pointers, block_size)
+            trace, where = await trio.to_thread.run_sync(store.load, digest, block_size, counts)
+            self._trace_doc = {"state": "recording", "manifest": digest, "source": where}
+            if trace is not None:
+                baseline = trace.blocks
+                self._trace_doc["blocks"] = baseline
+                if self.options.prefetch:
+                    self._trace_doc["replayed_blocks"] = await self._replay(trace)
+        finally:
+            self._replayed.set()
+        recorder = self._recorder
+        assert recorder is not None
+        try:
+            seen, changed = recorder.blocks, trio.current_time()
+            while True:
+                await trio.sleep(min(1.0, SAVE_QUIET / 2))
+                now = trio.current_time()
+                if recorder.blocks != seen:
+                    seen, changed = recorder.blocks, now
+                elif seen > baseline and now - changed >= SAVE_QUIET:
+                    baseline = await self._save_trace(store, recorder)
+        finally:
+            with trio.CancelScope(shield=True):
+                if recorder.blocks > baseline:
+                    await self._save_trace(store, recorder)
+
+    async def _save_trace(self, store: TraceStore, recorder: Recorder) -> int:
+        snapshot = Trace(
+            recorder.trace.digest, recorder.trace.block_size, list(recorder.trace.runs)
+        )
+        written = await trio.to_thread.run_sync(store.save, snapshot)
+        self._trace_doc["saved_blocks"] = snapshot.blocks
+        self._trace_doc["saved_to"] = written
+        log.info("access trace of %d block(s) saved (%s)", snapshot.blocks, ", ".join(written))
+        return snapshot.blocks
+
+    async def _replay(self, trace: Trace) -> int:
+        """Queue the trace's blocks in its order at READAHEAD: ahead of the prefetch plan and
+        of nothing a reader asks for (a reader's own readahead is ordered by distance, before
+        these; demand has its reserved connections)."""
+        by_blob: dict[str, _File] = {}
+        for file in self._files.values():
+            by_blob.setdefault(file.pointer.hash, file)
+        queued = 0
+        for blob_id, first, last in trace.runs:
+            f = by_blob.get(blob_id)
+            if f is None:
+                continue
+            try:
+                source = await self._source(f)
+            except DownloadError:
+                continue  # the read path reports it
+            self.fetcher.request_nowait(source, range(first, last + 1), Priority.READAHEAD)
+            queued += last - first + 1
+        log.info("replaying an access trace: %d block(s) queued", queued)
+        return queued
+
+    @asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Run the opener and the passes (prefetch, a pending materialize) for the block."""
+        assert self._fetcher is not None, "attach() the fetcher first"
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._open_all)
+            if self.fetcher.store.max_bytes is not None:
+                nursery.start_soon(self._evictor)
+            if self.options.traces is not None:
+                nursery.start_soon(self._trace, self.options.traces)
+            else:
+                self._replayed.set()
+            if self._prefetch is not None and self._prefetch.state == "waiting":
+                nursery.start_soon(self._run_pass, self._prefetch)
+            if self._materialize is not None and self._materialize.state == "waiting":
+                nursery.start_soon(self._run_pass, self._materialize)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+        self._nursery = None  # after the tasks ended: one not yet started may still look
+
 
 @asynccontextmanager
 async def open_model_fs(
@@ -984,15 +1138,5 @@ async def open_model_fs(
     fs = ModelFs(tree, fetcher, options or FsOptions())
     if serving:
         fs.serving()
-    async with trio.open_nursery() as nursery:
-        fs._nursery = nursery
-        nursery.start_soon(fs._open_all)
-        if fetcher.store.max_bytes is not None:
-            nursery.start_soon(fs._evictor)
-        if fs.options.prefetch:
-            fs._prefetch = _Pass("prefetch")
-            nursery.start_soon(fs._run_pass, fs._prefetch)
-        try:
-            yield fs
-        finally:
-            nursery.cancel_scope.cancel()
+    async with fs.background():
+        yield fs

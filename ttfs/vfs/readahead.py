@@ -56,6 +56,15 @@ class ReadaheadConfig:
     # so readahead never fetches more than the reader already consumed (module docstring).
     trigger: int = 8 * MiB
 
+    @classmethod
+    def for_budget(cls, connections: int, unit: int) -> ReadaheadConfig:
+        """The reader is the prefetch: a stream's window may grow until it keeps every
+        background connection busy with one ``unit``-sized run each (28 x 16 MiB = 448 MiB
+        at the default 32 connections), and never below two units (one in flight, one
+        queued)."""
+        default = cls()
+        return cls(maximum=max(2 * unit, connections * unit, default.initial))
+
     def __post_init__(self) -> None:
         if not 0 < self.initial <= self.maximum or self.multiplier < 1 or self.max_streams < 1:
             raise ValueError(f"inconsistent readahead configuration: {self}")
@@ -83,10 +92,16 @@ class StreamTable:
         self._tick = 0
 
     def _find(self, offset: int) -> Stream | None:
+        """The stream a read at ``offset`` continues: one whose next offset is near, or whose
+        span already covers it. The second case is the page-fault pattern of mmap loaders
+        (safetensors ``load_file``, ``torch.load(mmap=True)``): the kernel reads around each
+        fault, so a tensor arrives as a read near its end followed by reads that fill the
+        megabytes behind it. Those are the same sequential stream, not new ones."""
         cfg = self.config
         best: Stream | None = None
         for s in self.streams:
-            if s.next - cfg.backward_tolerance <= offset <= s.next + cfg.forward_tolerance and (
+            low = min(s.start, s.next - cfg.backward_tolerance)
+            if low <= offset <= s.next + cfg.forward_tolerance and (
                 best is None or abs(offset - s.next) < abs(offset - best.next)
             ):
                 best = s

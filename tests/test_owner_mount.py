@@ -1,0 +1,156 @@
+"""The cache owner with a real mount: other processes fetch through the mount daemon, and a
+blob discarded after a hash mismatch leaves no stale pages in the kernel.
+
+Both tests mount with the CLI against the counting origin and read from child processes (see
+tests/mount_helpers.py for why readers never run in the test process).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from demo.origin import Origin
+from tests.mount_helpers import (
+    REPO,
+    mounted,
+    require_fuse,
+    run_py,
+    status,
+    wait_for,
+    write_manifest,
+)
+from ttfs.control import file_status
+from ttfs.units import MiB
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.fixture(autouse=True)
+def _fuse() -> None:
+    require_fuse()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+_READ_ALL = """
+import hashlib, sys
+for path in sys.argv[1:]:
+    with open(path, "rb") as f:
+        print(path, hashlib.sha256(f.read()).hexdigest())
+"""
+
+_LAZY = """
+import sys, truss_transfer
+print(truss_transfer.lazy_data_resolve(sys.argv[1]))
+"""
+
+
+def test_mount_resolve_and_lazy_data_resolve_on_one_cache_fetch_each_byte_once(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    rng = __import__("random").Random(4)
+    names = ["a/model-00001.safetensors", "a/model-00002.safetensors", "config.json"]
+    sizes = [7 * MiB + 11, 6 * MiB, 900]
+    for name, size in zip(names, sizes, strict=True):
+        (origin_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (origin_root / name).write_bytes(rng.randbytes(size))
+    manifest = tmp_path / "manifest.json"
+    write_manifest(origin, origin_root, manifest, names=names)
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    origin.rate_limit = 2 * MiB  # per response: the three overlap
+    env = dict(os.environ, TTFS_CACHE_DIR=str(cache), TTFS_MANIFEST_PATHS=str(manifest))
+    with mounted(manifest, mnt, cache) as m:
+        resolve = subprocess.Popen(
+            [sys.executable, "-m", "ttfs", "resolve", str(manifest), str(tmp_path / "out-r")],
+            env=env,
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        lazy = subprocess.Popen(
+            [sys.executable, "-c", _LAZY, str(tmp_path / "out-l")],
+            env=env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        reader = run_py(_READ_ALL, *(str(mnt / n) for n in names), timeout=180)
+        _, err_r = resolve.communicate(timeout=180)
+        _, err_l = lazy.communicate(timeout=180)
+        assert resolve.returncode == 0, err_r
+        assert lazy.returncode == 0, err_l
+        assert f"is owned by pid {m.pid}" in err_r, err_r
+        assert f"is owned by pid {m.pid}" in err_l, err_l
+        wait_for(lambda: status(mnt)["verified"] == len(names), what="all verified")
+    want = {n: _digest(origin_root / n) for n in names}
+    mounted_digests = dict(line.split() for line in reader.stdout.splitlines())
+    assert {Path(k).relative_to(mnt).as_posix(): v for k, v in mounted_digests.items()} == want
+    for out in ("out-r", "out-l"):
+        assert {n: _digest(tmp_path / out / n) for n in names} == want, out
+    served = origin.stats.snapshot().bytes_sent
+    assert served == sum(sizes), f"origin served {served} bytes for {sum(sizes)}"
+
+
+def test_a_hash_mismatch_drops_the_pages_a_reader_has_cached(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    rng = __import__("random").Random(7)
+    good, bad = rng.randbytes(6 * MiB), rng.randbytes(6 * MiB)
+    target = origin_root / "w.bin"
+    target.write_bytes(good)
+    manifest = tmp_path / "manifest.json"
+    write_manifest(origin, origin_root, manifest, names=["w.bin"])  # promises sha256(good)
+    target.write_bytes(bad)  # ... but the origin first serves other bytes of the same size
+    cache, mnt = tmp_path / "cache", tmp_path / "mnt"
+    with mounted(manifest, mnt, cache, "--no-prefetch") as m:
+        path = mnt / "w.bin"
+        first = run_py(_READ_ALL, str(path)).stdout.split()[1]
+        assert first == hashlib.sha256(bad).hexdigest()  # the kernel now caches these pages
+        tmp = origin_root / "w.bin.tmp"
+        tmp.write_bytes(good)
+        tmp.replace(target)  # the origin is fixed; the refetch after the mismatch gets it
+        wait_for(lambda: file_status(path)["verified"], what="verified after refetch")
+        again = run_py(_READ_ALL, str(path)).stdout.split()[1]
+        assert again == hashlib.sha256(good).hexdigest(), m.log_text()[-3000:]
+        assert "mismatch; discarding" in m.log_text()
+
+
+def test_a_second_mount_of_one_cache_fails_naming_the_first(
+    origin: Origin, origin_root: Path, tmp_path: Path
+) -> None:
+    (origin_root / "x.bin").write_bytes(b"x" * 4096)
+    manifest = tmp_path / "manifest.json"
+    write_manifest(origin, origin_root, manifest, names=["x.bin"])
+    cache = tmp_path / "cache"
+    env = dict(os.environ, TTFS_OWNER_WAIT="1")
+    with mounted(manifest, tmp_path / "mnt1", cache) as first:
+        (tmp_path / "mnt2").mkdir()
+        log = str(tmp_path / "mnt2.log")
+        args = ["mount", "--cache-dir", str(cache), "--log-file", log]
+        done = subprocess.run(
+            [sys.executable, "-m", "ttfs", *args, str(manifest), str(tmp_path / "mnt2")],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+        )
+        assert done.returncode != 0
+        errors = [line for line in done.stderr.splitlines() if line.startswith("ttfs: error:")]
+        assert len(errors) == 1, done.stderr
+        assert f"in use by pid {first.pid}" in errors[0], errors
+        assert "Traceback" not in done.stderr
+        # The first mount still serves.
+        assert run_py(_READ_ALL, str(tmp_path / "mnt1" / "x.bin")).stdout.split()[1] == (
+            hashlib.sha256(b"x" * 4096).hexdigest()
+        )
