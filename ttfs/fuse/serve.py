@@ -237,7 +237,7 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
 
 
 def _metrics_of(served: list[ModelFs]) -> MetricsSnapshot:
-    fetcher = served[0].fetcher if served else None
+    fetcher = served[0].attached if served else None
     return fetcher.metrics_snapshot() if fetcher is not None else MetricsSnapshot.empty()
 
 

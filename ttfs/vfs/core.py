@@ -245,6 +245,12 @@ class ModelFs:
         return len(self._files)
 
     @property
+    def attached(self) -> Fetcher | None:
+        """The fetcher once attached, else None (for readers that must not wait, e.g. the
+        metrics endpoint, which is up before the mount)."""
+        return self._fetcher
+
+    @property
     def fetcher(self) -> Fetcher:
         """The fetcher; only valid once attached (every caller waits for that first)."""
         assert self._fetcher is not None, "the fetcher is not attached yet"
