@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test test310 bench lint typecheck clean
+.PHONY: run test test310 soak bench lint typecheck clean
 
 run:
 	@scripts/bootstrap.sh fuse,loaders
@@ -23,6 +23,14 @@ test310:
 	@if [ -z "$(PY310)" ]; then echo "test310: no python3.10 found (set PY310=...)" >&2; exit 1; fi
 	@VENV=.venv310 PYTHON=$(PY310) scripts/bootstrap.sh droptest
 	.venv310/bin/python -m pytest -q -p no:cacheprovider $(DROPIN_TESTS)
+
+# The long soak (tests/test_soak.py: faults, kill -9 and remount, a full disk; every byte
+# read compared) and 100 rounds of `ttfs umount` after kill -9. `make test` runs both short.
+SOAK_SECONDS ?= 600
+soak:
+	@scripts/bootstrap.sh test
+	TTFS_SOAK_SECONDS=$(SOAK_SECONDS) TTFS_UMOUNT_LOOPS=100 $(PY) -m pytest -q -s \
+		tests/test_soak.py tests/test_umount.py::test_umount_after_kill_9_in_a_loop $(PYTEST_ARGS)
 
 bench:
 	@TTFS_BOOTSTRAP_BENCH=1 scripts/bootstrap.sh test,bench

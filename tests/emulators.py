@@ -420,8 +420,8 @@ def mount_and_read(
         files = read_tree(mountpoint, follow_links=True)
         done = ttfs_cli("materialize", "--no-progress", str(mountpoint), env=env, timeout=120)
         assert done.returncode == 0, done.stderr
-        text = ttfs_cli("status", str(mountpoint), env=env)
-        as_json = ttfs_cli("status", "--json", str(mountpoint), env=env)
+        text = ttfs_cli("status", "--files", str(mountpoint), env=env)
+        as_json = ttfs_cli("status", "--json", "--files", str(mountpoint), env=env)
         assert text.returncode == 0 and as_json.returncode == 0, text.stderr + as_json.stderr
         status = text.stdout + text.stderr + as_json.stdout + as_json.stderr
         return files, status, m.log_text()

@@ -182,6 +182,22 @@ def stop_daemon(mountpoint: Path, pid: int | None, grace: float = 10.0) -> None:
             time.sleep(0.05)
 
 
+def _daemons_of(mountpoint: Path) -> list[int]:
+    """Pids of ``ttfs mount --foreground`` daemons for ``mountpoint`` (this test's own: the
+    mountpoint is a unique temporary path)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"--foreground" in argv and os.fsencode(str(mountpoint)) in argv:
+            found.append(int(entry.name))
+    return found
+
+
 @dataclass
 class Mounted:
     """A mount made by ``ttfs mount`` in the background; ``seconds`` is how long it took."""
@@ -207,23 +223,34 @@ def mounted(
     cache: Path,
     *args: str,
     env: Mapping[str, str] | None = None,
+    timeout: float = 90,
 ) -> Iterator[Mounted]:
-    """``ttfs mount [args] manifest mountpoint`` for the block's duration; always cleaned up."""
+    """``ttfs mount [args] manifest mountpoint`` for the block's duration; always cleaned up.
+
+    ``timeout`` bounds the ``ttfs mount`` command; when it runs out, the daemon it may have
+    started is found through the mount and stopped (it would otherwise outlive the test).
+    """
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = cache.parent / f"{mountpoint.name}-daemon.log"
     started = time.monotonic()
-    done = ttfs(
-        "mount",
-        "--cache-dir",
-        str(cache),
-        "--log-file",
-        str(log),
-        *args,
-        str(manifest),
-        str(mountpoint),
-        env=env,
-        timeout=90,
-    )
+    try:
+        done = ttfs(
+            "mount",
+            "--cache-dir",
+            str(cache),
+            "--log-file",
+            str(log),
+            *args,
+            str(manifest),
+            str(mountpoint),
+            env=env,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        for pid in _daemons_of(mountpoint):  # mounted or still starting
+            stop_daemon(mountpoint, pid, grace=0)
+        stop_daemon(mountpoint, None)
+        raise
     seconds = time.monotonic() - started
     m = re.search(r"\(pid (\d+),", done.stderr)
     pid = int(m.group(1)) if m else None

@@ -104,6 +104,8 @@ ONLY_IN = {
     "botocore": "ttfs.providers",
     "google": "ttfs.providers",
     "azure": "ttfs.providers",
+    # Imported only when --metrics is given (the mount's start-up must not pay for it).
+    "prometheus_client": "ttfs.telemetry.metrics",
 }
 ALLOWED_ELSEWHERE = {
     "httpx": {"ttfs.create"},

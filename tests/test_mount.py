@@ -98,7 +98,7 @@ def test_tree_and_sizes_are_visible_at_once_and_listing_fetches_nothing(
             assert st.st_mode & 0o777 == 0o444 and st.st_blocks * 512 >= st.st_size
         assert os.stat(mnt / "llama-7b").st_mode & 0o777 == 0o555
         assert origin.stats.requests == 0, "listing and stat must not touch the origin"
-        assert m.seconds < 15
+        assert m.seconds < 30  # ~1-2 s idle; generous for a loaded 2-core machine
         doc = status(mnt)
         assert (doc["files"], doc["bytes_local"], doc["prefix"]) == (7, 0, "/app/model_cache")
         # Mounting over a live mount is refused with one clear line.
@@ -149,6 +149,7 @@ _READER = r"""
 import hashlib, mmap, os, sys, time
 path, start, length, go, direct = sys.argv[1:6]
 start, length = int(start), int(length)
+print("ready", flush=True)
 while not os.path.exists(go):
     time.sleep(0.002)
 if direct == "1":  # bypasses the page cache: every request reaches the daemon
@@ -185,7 +186,10 @@ def test_sixteen_processes_reading_the_same_ranges_make_one_request_per_block(
             )
             for i in range(16)
         ]
-        time.sleep(0.3)  # let all 16 interpreters start and wait on the go file
+        # Wait until all 16 interpreters wait on the go file (a fixed sleep is too short on a
+        # loaded machine, and the readers would then not overlap).
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
         go.write_text("go")
         outs = [p.communicate(timeout=60)[0].strip() for p in procs]
         assert all(p.returncode == 0 for p in procs)
@@ -225,9 +229,9 @@ def test_materialize_from_another_process_then_everything_is_local_and_verified(
             *[str(mnt / n) for n in files_of(model)],
         )
         assert origin.stats.data_requests == 0
-        table = ttfs("status", str(mnt), check=True).stdout
+        table = ttfs("status", "--files", str(mnt), check=True).stdout
         assert "shared.bin" in table and "100.0%" in table and "7 verified" in table
-        as_json = json.loads(ttfs("status", "--json", str(mnt), check=True).stdout)
+        as_json = json.loads(ttfs("status", "--json", "--files", str(mnt), check=True).stdout)
         by_path = {f["path"]: f for f in as_json["files"]}
         assert by_path["shared.bin"]["bytes_by_source"]["origin"] == 12 * BS
         assert all(f["verified"] for f in as_json["files"])

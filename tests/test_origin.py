@@ -347,17 +347,18 @@ def test_truncate_rate(origin: Origin, client: httpx.Client) -> None:
 
 
 def test_stall_times_out_a_client(origin: Origin) -> None:
-    origin.faults = Faults(stall_rate=1.0, stall_seconds=2.0)
+    # Timing bounds leave seconds of slack: the suite runs on loaded 2-core machines.
+    origin.faults = Faults(stall_rate=1.0, stall_seconds=4.0)
     t0 = time.monotonic()
     with httpx.Client(timeout=httpx.Timeout(5.0, read=0.5)) as c, pytest.raises(httpx.ReadTimeout):
         c.get(origin.url("org/model/big.safetensors"))
-    assert time.monotonic() - t0 < 1.9
+    assert time.monotonic() - t0 < 3.9
     # A patient client gets the whole body after the stall.
     with httpx.Client(timeout=10.0) as c:
         t0 = time.monotonic()
         r = c.get(origin.url("small.bin"))
         assert r.content == SMALL
-        assert time.monotonic() - t0 >= 1.9
+        assert time.monotonic() - t0 >= 3.9
 
 
 def test_wrong_total(origin: Origin, client: httpx.Client) -> None:
@@ -411,19 +412,19 @@ def test_rate_limit(origin: Origin, client: httpx.Client, root: Path) -> None:
     r = client.get(origin.url("five.bin"))
     elapsed = time.monotonic() - t0
     assert r.content == (root / "five.bin").read_bytes()
-    assert 0.8 <= elapsed < 3.0, elapsed
+    assert 0.8 <= elapsed < 6.0, elapsed  # ~1 s; slack for a loaded machine
 
 
 def test_latency(origin: Origin, client: httpx.Client) -> None:
     client.get(origin.url("small.bin"))  # connect first
-    origin.latency = 0.2
+    origin.latency = 1.0
     t0 = time.monotonic()
     assert client.head(origin.url("small.bin")).status_code == 200
-    assert time.monotonic() - t0 >= 0.2
+    assert time.monotonic() - t0 >= 1.0
     origin.latency = 0.0
     t0 = time.monotonic()
     client.head(origin.url("small.bin"))
-    assert time.monotonic() - t0 < 0.2
+    assert time.monotonic() - t0 < 1.0  # a local round trip, even on a loaded machine
 
 
 def test_throughput(tmp_path: Path) -> None:
@@ -468,8 +469,8 @@ def test_stop_is_fast_with_open_connections(root: Path) -> None:
     time.sleep(0.3)
     t0 = time.monotonic()
     o.stop()
-    assert time.monotonic() - t0 < 2.0
-    assert stalled_done.wait(2.0)
+    assert time.monotonic() - t0 < 5.0  # not the 30 s stall
+    assert stalled_done.wait(5.0)
     idle.close()
 
 

@@ -206,7 +206,7 @@ def test_two_mounts_sharing_a_cache_fetch_each_blob_about_once(
         origin_total = 0
         cache_total = 0
         for m in (mnt1, mnt2):
-            doc = json.loads(ttfs("status", "--json", str(m), check=True).stdout)
+            doc = json.loads(ttfs("status", "--json", "--files", str(m), check=True).stdout)
             origin = sum(f["bytes_by_source"]["origin"] for f in doc["files"])
             cache = sum(f["bytes_by_source"]["cache"] for f in doc["files"])
             assert origin + cache >= TOTAL

@@ -17,7 +17,7 @@ import trio
 from tests.fakes import FakeProvider, pointer_for, ramp
 from ttfs.blocks import BlockStore
 from ttfs.config import RetryPolicy, Settings
-from ttfs.control import MATERIALIZE_XATTR, STATUS_XATTR
+from ttfs.control import CONTROL_FILE, MATERIALIZE_XATTR, STATUS_XATTR
 from ttfs.errors import DownloadError, ManifestError, ObjectNotFound, TransientError
 from ttfs.fetch import open_fetcher
 from ttfs.manifest import Pointer
@@ -408,6 +408,52 @@ async def test_failures_map_to_errnos_and_materialize_names_the_file(settings: S
         assert status(fs, "flaky")["verified"] and not status(fs, "gone")["local_bytes"]
         assert status(fs, "gone")["error"] and status(fs, "flaky")["error"] is None
         assert status(fs)["failure_count"] == 1
+
+
+async def test_status_file_matches_the_attribute_documents_and_is_not_listed(
+    settings: Settings,
+) -> None:
+    """The status file's per-file documents are the attribute's, byte for byte in meaning,
+    in every state: untouched, partial, failed, complete and verified."""
+    settings = settings.replace(retry=RetryPolicy(attempts=2, base_delay=0.01, max_delay=0.02))
+    big, gone, small = ramp(3 * BS, 3), ramp(BS, 4), b'{"a": 1}'
+    odd = 's\u00e4 "q"\\x'  # a name JSON must escape
+    fake = Provider({"d/big": big, "gone": gone, odd: small}, missing={"gone"})
+    pointers = [named("d/big", big), named("gone", gone), named(odd, small)]
+    async with model_fs(settings, fake, pointers) as fs:
+        await fs.wait_opened()
+        fh = await fs.open(ino_of(fs, "d/big"), os.O_RDONLY)
+        await fs.read(fh, 0, 10)
+        fh = await fs.open(ino_of(fs, "gone"), os.O_RDONLY)
+        with pytest.raises(DownloadError):
+            await fs.read(fh, 0, 10)
+        fh = await fs.open(ino_of(fs, odd), os.O_RDONLY)
+        assert await fs.read(fh, 0, 100) == small
+        await fs.fetcher.complete(fs.fetcher.source(pointers[2].hash))
+        ctl = await fs.lookup(ROOT_INODE, CONTROL_FILE)
+        assert ctl.ino == fs.control_ino and ctl.size == 0 and fs.getattr(ctl.ino) == ctl
+        assert CONTROL_FILE not in [name for name, _, _ in fs.readdir(ROOT_INODE, 0)]
+        with pytest.raises(OSError) as e:
+            await fs.lookup(ino_of(fs, "d"), CONTROL_FILE)
+        assert e.value.errno == errno.ENOENT
+        with pytest.raises(OSError) as e:
+            await fs.open(ctl.ino, os.O_WRONLY)
+        assert e.value.errno == errno.EROFS
+        handle = await fs.open(ctl.ino, os.O_RDONLY)
+        raw = b""
+        while chunk := await fs.read(handle, len(raw), 1000):
+            raw += chunk
+        fs.release(handle)
+        doc = json.loads(raw)
+        assert doc["mount"]["files"] == 3 and doc["mount"]["failure_count"] == 1
+        for f in doc["files"]:
+            assert f == status(fs, f["path"]), f["path"]
+        by_path = {f["path"]: f for f in doc["files"]}
+        assert by_path["d/big"]["local_bytes"] == BS and by_path["gone"]["error"]
+        assert by_path[odd]["verified"] and by_path[odd]["verify"] == "sha256"
+        with pytest.raises(OSError) as e:
+            await fs.read(handle, 0, 10)
+        assert e.value.errno == errno.EBADF
 
 
 def test_errno_for_maps_every_exception() -> None:

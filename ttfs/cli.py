@@ -108,6 +108,13 @@ def common_options(f: F) -> F:
             default=False,
             help="Skip hashing blobs against the manifest.",
         ),
+        click.option(
+            "--metrics",
+            metavar="HOST:PORT",
+            envvar="TTFS_METRICS",
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics while running (PORT "
+            "alone: 127.0.0.1) [default: off].",
+        ),
         *_log_options(),
     ]
     for option in reversed(options):
@@ -123,6 +130,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         workers=opts.get("workers"),
         verify=False if opts.get("no_verify") else None,
         shared_cache_dir=opts.get("shared_cache"),
+        metrics=opts.get("metrics"),
     )
 
 
@@ -252,7 +260,8 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
     nargs=-1,
     required=True,
     metavar="[MANIFEST]... MOUNTPOINT",
-    type=click.Path(path_type=Path),
+    # Not readable=True: access() on a dead mount fails, and check_mountpoint says why better.
+    type=click.Path(path_type=Path, readable=False),
 )
 @click.option(
     "--foreground", "-f", is_flag=True, help="Serve in this process until unmounted or signalled."
@@ -381,6 +390,8 @@ def mount_cmd(
                 extra += ["--workers", str(opts["workers"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
+            if opts.get("metrics"):
+                extra += ["--metrics", str(opts["metrics"])]
             if no_trace:
                 extra.append("--no-trace")
             if opts.get("shared_cache"):
@@ -444,7 +455,7 @@ def mount_cmd(
 
 
 @cli.command("materialize")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=str)
 @click.option(
     "--progress/--no-progress",
     default=True,
@@ -453,7 +464,7 @@ def mount_cmd(
 @click.option("--timeout", type=float, help="Give up after this many seconds [default: never].")
 @control_options
 @handles_errors
-def materialize_cmd(mountpoint: Path, progress: bool, timeout: float | None, **opts: Any) -> None:
+def materialize_cmd(mountpoint: str, progress: bool, timeout: float | None, **opts: Any) -> None:
     """Make every file of the mount at MOUNTPOINT local and verified; exit 0 only then.
 
     Works from any process that sees the mountpoint: it asks the daemon through the
@@ -500,22 +511,62 @@ def materialize_cmd(mountpoint: Path, progress: bool, timeout: float | None, **o
 
 
 @cli.command("status")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.argument("mountpoint", type=str)
+@click.argument("paths", nargs=-1, type=str)
+@click.option("--files", "all_files", is_flag=True, help="Also show every file of the mount.")
 @click.option("--json", "as_json", is_flag=True, help="Print the status documents as JSON.")
 @control_options
 @handles_errors
-def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
-    """Show, per file of the mount at MOUNTPOINT: size, local %, verified, bytes by source."""
+def status_cmd(
+    mountpoint: str, paths: tuple[str, ...], all_files: bool, as_json: bool, **opts: Any
+) -> None:
+    """Show the mount at MOUNTPOINT: files and bytes local, verified, failures, passes.
+
+    One request to the daemon answers for the whole mount. With PATH... (relative to the
+    mount, or absolute under it), each of those files; with --files, every file (from one
+    read of the mount's status file). --json prints {"mount": ..., "files": [...]} (with
+    --files: the daemon's document as one line).
+    """
     import json
 
-    from .control import mount_status, walk_status
+    from .control import file_status, full_status, mount_status
+
+    files: list[dict[str, Any]] | None = None
+    if all_files and as_json:
+        # The daemon's document as it is: one line of JSON, no parse and re-encode (seconds
+        # for 100,000 files).
+        from .control import read_status_file
+
+        raw = read_status_file(mountpoint)
+        if not raw.startswith(b'{"mount":'):
+            full_status(mountpoint)  # the clear error for what is not a status document
+        click.echo(raw)
+        return
+    if all_files:
+        doc = full_status(mountpoint)
+        summary, files = doc["mount"], doc["files"]
+    else:
+        summary = mount_status(mountpoint)
+        if paths:
+            root = os.path.abspath(mountpoint)
+            files = []
+            for p in paths:
+                full = p if os.path.isabs(p) else os.path.join(root, p)
+                files.append(file_status(full))
+    if as_json:
+        out: dict[str, Any] = {"mount": summary}
+        if files is not None:
+            out["files"] = files
+        click.echo(json.dumps(out, indent=2))
+        return
+    if files is not None:
+        _print_files(files)
+    _print_summary(summary)
+
+
+def _print_files(files: list[dict[str, Any]]) -> None:
     from .units import format_size
 
-    summary = mount_status(mountpoint)
-    files = list(walk_status(mountpoint))
-    if as_json:
-        click.echo(json.dumps({"mount": summary, "files": files}, indent=2))
-        return
     rows = [("PATH", "SIZE", "LOCAL", "VERIFIED", "SERVED", "CACHE", "ORIGIN")]
     for f in files:
         verified = "yes" if f["verified"] else ("n/a" if "unavailable" in f["verify"] else "no")
@@ -532,19 +583,29 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo(
+    click.echo(
+        "\n".join(
             "  ".join(
                 c.ljust(w) if i == 0 else c.rjust(w)
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
+            for r in rows
         )
+    )
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    from .units import format_size
+
     total, local = summary["bytes_total"], summary["bytes_local"]
     pct = 100.0 * local / total if total else 100.0
+    fetcher = summary.get("fetcher", {})
     click.echo(
         f"{summary['files']} file(s): {format_size(local)} of {format_size(total)} local "
-        f"({pct:.1f}%), {summary['verified']} verified; prefetch {summary['prefetch']['state']}, "
-        f"materialize {summary['materialize']['state']}; daemon pid {summary['pid']}"
+        f"({pct:.1f}%), {summary['verified']} verified, {summary['done']} done; prefetch "
+        f"{summary['prefetch']['state']}, materialize {summary['materialize']['state']}; "
+        f"{fetcher.get('origin_requests', 0)} origin request(s), "
+        f"{fetcher.get('retries', 0)} retries; daemon pid {summary['pid']}"
     )
     if "served_by_kernel" in summary:
         click.echo(
@@ -553,10 +614,15 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
         )
     for failure in summary.get("failures", []):
         click.echo(f"failed: {failure['file']}: {failure['reason']}")
+    more = int(summary.get("failure_count", 0)) - len(summary.get("failures", []))
+    if more > 0:
+        click.echo(f"failed: ... and {more} more (ttfs status --files)")
 
 
 @cli.command("umount")
-@click.argument("mountpoint", type=click.Path(path_type=Path))
+# A plain string: click.Path would stat() and access() the path, which fails ("not readable")
+# or hangs on a dead or wedged mount, the very mounts umount must clear.
+@click.argument("mountpoint", type=str)
 @click.option(
     "--timeout",
     type=float,
@@ -566,8 +632,12 @@ def status_cmd(mountpoint: Path, as_json: bool, **opts: Any) -> None:
 )
 @control_options
 @handles_errors
-def umount_cmd(mountpoint: Path, timeout: float, **opts: Any) -> None:
-    """Unmount a ttfs mount; a dead or busy one is detached lazily (fusermount3 -uz)."""
+def umount_cmd(mountpoint: str, timeout: float, **opts: Any) -> None:
+    """Unmount a ttfs mount in any state: live, busy, or dead (its daemon killed).
+
+    A busy mount (a process has a file open there) is detached lazily: the path is free at
+    once, open files keep working, and the daemon exits when the last one is closed.
+    """
     from .fuse.daemon import unmount
 
     lazy = unmount(mountpoint, timeout=timeout)

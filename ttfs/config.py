@@ -104,6 +104,8 @@ class Settings:
     proxy: str | None = field(default=None, repr=False)  # may carry user:password
     # The b10fs shared cache tier (docs/b10fs.md); None = off.
     shared_cache: SharedCacheConfig | None = None
+    # HOST:PORT of the opt-in Prometheus endpoint (--metrics, TTFS_METRICS); None = off.
+    metrics: str | None = None
     # Seconds a process that needs the cache directory to itself (a mount, or a resolve whose
     # owner cannot serve it) waits for the current owner before failing (ttfs.owner).
     owner_wait: float = 30.0
@@ -167,6 +169,7 @@ class Settings:
         if env.get("TTFS_VERIFY") is not None:
             values["verify"] = truthy(env["TTFS_VERIFY"], True)
         values["hf_endpoint"] = env.get("HF_ENDPOINT") or None
+        values["metrics"] = env.get("TTFS_METRICS") or None
         if env.get("TTFS_PROXY"):
             proxy = env["TTFS_PROXY"].strip()
             if "://" not in proxy:
@@ -207,6 +210,10 @@ class Settings:
             raise ConfigError("per-file connections must be >= 1")
         if self.stall_timeout <= 0:
             raise ConfigError("stall timeout must be > 0")
+        if self.metrics is not None:
+            from .telemetry.metrics import parse_address
+
+            parse_address(self.metrics)
         if not self.owner_wait >= 0:
             raise ConfigError("TTFS_OWNER_WAIT must be >= 0")
 

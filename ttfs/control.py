@@ -1,11 +1,12 @@
-"""Control of a live mount through extended attributes: the protocol and its client side.
+"""Control of a live mount through the mount itself: the protocol and its client side.
 
 ``ttfs status``, ``ttfs materialize`` and ``ttfs umount`` talk to the daemon serving a
 mountpoint with nothing but the mountpoint: they read and write extended attributes, which the
-kernel forwards to the daemon. That works from any process, container or user that can see the
-mount (a unix socket would need a path shared out of band and breaks across mount namespaces),
-needs no extra file descriptors or ports, and fails cleanly (``ENODATA``/``ENOTSUP``) on a path
-that is not a ttfs mount. Decision and value shapes: docs/semantics.md, "Control protocol".
+kernel forwards to the daemon, and read one hidden file. That works from any process, container
+or user that can see the mount (a unix socket would need a path shared out of band and breaks
+across mount namespaces), needs no extra file descriptors or ports, and fails cleanly
+(``ENODATA``/``ENOTSUP``/``ENOENT``) on a path that is not a ttfs mount. Decision and value
+shapes: docs/semantics.md, "Control protocol".
 
 =====================================  ====================  ======================================
 attribute                              where                 value
@@ -15,10 +16,14 @@ attribute                              where                 value
 ``user.ttfs.status.<name>`` (get)      each directory        JSON status of its file ``name``
 ``user.ttfs.materialize`` (set ``1``)  mount root            pin every blob, fetch and verify all
 ``user.ttfs.materialize`` (get)        mount root            JSON state of the last materialize
+``.ttfs-status`` (open, read)          mount root            JSON: the root document and every
+                                                             file's, made at open (any size)
 =====================================  ====================  ======================================
 
-Values stay below :data:`XATTR_MAX` (the kernel's 64 KiB limit), which is why per-file status
-lives on each file and the root lists at most 20 failures. This module is the client; the
+Attribute values stay below :data:`XATTR_MAX` (the kernel's 64 KiB limit), which is why the
+whole mount's per-file status is a file: :data:`CONTROL_FILE` is not listed by ``readdir`` but
+can be opened and read like any file, one request for the whole mount however many files it
+has (the per-file attribute walk took 27 s on 100,000 files). This module is the client; the
 server side is :class:`ttfs.vfs.core.ModelFs`. It never imports pyfuse3.
 """
 
@@ -43,6 +48,8 @@ refuses ``user.*`` attributes on symlinks, so a file served as a link (the fast 
 through its parent; names longer than 238 bytes then exceed the 255-byte attribute name."""
 XATTR_MAX = 65536 - 1024
 """Largest value the daemon sends (the kernel's XATTR_SIZE_MAX is 64 KiB)."""
+CONTROL_FILE = ".ttfs-status"
+"""The status file at the mount root: not listed, read-only, content made at each open."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +102,53 @@ def file_status(path: str | os.PathLike[str]) -> dict[str, Any]:
     return _get(p, STATUS_XATTR)
 
 
+def full_status(mountpoint: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"mount": root document, "files": [file documents in manifest order]}`` in one
+    request: the daemon makes the status file's content when it is opened.
+
+    Raises:
+        MountError: not a ttfs mount, or its daemon is gone.
+    """
+    raw = read_status_file(mountpoint)
+    try:
+        doc = json.loads(raw)
+    except ValueError as e:
+        raise MountError(f"{mountpoint}/{CONTROL_FILE} is not JSON") from e
+    if not isinstance(doc, dict) or not isinstance(doc.get("files"), list):
+        raise MountError(f"{mountpoint}/{CONTROL_FILE} is not a ttfs status document")
+    return doc
+
+
+def read_status_file(mountpoint: str | os.PathLike[str]) -> bytes:
+    """The raw bytes of the mount's status file (JSON; see :func:`full_status`).
+
+    Raises:
+        MountError: not a ttfs mount, or its daemon is gone.
+    """
+    path = Path(mountpoint) / CONTROL_FILE
+    chunks: list[bytes] = []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise MountError(f"{mountpoint} is not served by ttfs (no {CONTROL_FILE})") from e
+        if e.errno == errno.ENOTCONN:
+            raise MountError(
+                f"{mountpoint}: the ttfs daemon is gone (transport endpoint is not connected); "
+                f"run `ttfs umount {mountpoint}`"
+            ) from e
+        raise MountError(f"cannot read {path}: {e.strerror}") from e
+    return b"".join(chunks)
+
+
 def walk_status(mountpoint: str | os.PathLike[str]) -> Iterator[dict[str, Any]]:
-    """Every file's status, walking the tree (served from the daemon's memory)."""
-    root = Path(mountpoint)
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            yield file_status(Path(dirpath) / name)
+    """Every file's status document (from one read of the status file)."""
+    yield from full_status(mountpoint)["files"]
 
 
 def request_materialize(mountpoint: str | os.PathLike[str]) -> int:

@@ -76,15 +76,20 @@ class AccessDenied(ProviderError):
 class TransientError(ProviderError):
     """Worth retrying: a timeout, a reset connection, 408/429/5xx.
 
-    ``retry_after`` carries the server's ``Retry-After`` in seconds when it sent one.
+    ``retry_after`` carries the server's ``Retry-After`` in seconds when it sent one; ``kind``
+    names the failure for the metrics' ``ttfs_errors_total{kind=...}`` (``http_503``,
+    ``timeout``, ``network``, ``short_body``, ``bad_range``, ...).
     """
 
     errno = _errno.EAGAIN
     log_level = logging.WARNING
 
-    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, kind: str = "transient"
+    ) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.kind = kind
 
 
 class StaleManifest(ProviderError):

@@ -63,6 +63,7 @@ from .owner.client import (
 )
 from .owner.server import serving
 from .providers import ProviderSet
+from .telemetry.metrics import exporting
 from .telemetry.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -569,11 +570,15 @@ async def _resolve_with_store(
     store = await trio.to_thread.run_sync(
         lambda: BlockStore(plan.directory, block_size=settings.block_size, max_bytes=max_bytes)
     )
+    stack = contextlib.ExitStack()  # the metrics endpoint, when --metrics asks for one
     try:
         async with (
             open_fetcher(store, providers or ProviderSet(settings), settings) as fetcher,
             serving(fetcher, lock),
         ):
+            stack.enter_context(
+                exporting(settings.metrics, fetcher.metrics_snapshot, role="resolve")
+            )
             resolver = Resolver(
                 fetcher,
                 download_dir,
@@ -590,6 +595,7 @@ async def _resolve_with_store(
         else:
             await trio.to_thread.run_sync(store.evict, {p.hash for p in manifest})
     finally:
+        stack.close()
         await trio.to_thread.run_sync(store.close)
 
 

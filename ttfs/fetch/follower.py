@@ -17,6 +17,7 @@ import trio
 
 from ..blocks import BlockStore
 from ..errors import IntegrityError, TtfsError
+from .runs import Counters
 
 if TYPE_CHECKING:
     from .source import Source
@@ -38,7 +39,9 @@ class Verifier:
         verify: bool,
         refetch: Callable[[Source], None],
         notify: Callable[[Source], None],
+        counters: Counters | None = None,
     ) -> None:
+        self.counters = counters if counters is not None else Counters()
         self.store = store
         self.tier = tier
         self.verify = verify
@@ -72,6 +75,7 @@ class Verifier:
                 if hasher is None or hasher.hexdigest() == checker.expected:
                     if hasher is not None:
                         blob.verified = True
+                        self.counters.blobs_verified += 1
                     await trio.to_thread.run_sync(self.store.mark_verified, blob)
                     source.done.set()
                     if hasher is not None:
@@ -79,9 +83,11 @@ class Verifier:
                     if tier is not None:
                         tier.on_done(source)
                     return
+                self.counters.errors["IntegrityError"] += 1
                 if tier is None or not await tier.on_mismatch(source, shared_before):
                     source.verify_attempts += 1
                 if source.verify_attempts >= 2:
+                    self.counters.blobs_failed += 1
                     source.failure = IntegrityError(
                         f"{source.pointer.file_name}: content does not match "
                         f"{checker.algorithm} {checker.expected} (fetched twice)"

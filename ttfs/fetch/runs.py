@@ -25,8 +25,9 @@ import logging
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,6 +35,7 @@ import trio
 from ..blocks import Blob
 from ..config import Settings
 from ..errors import AccessDenied, TransientError
+from ..telemetry.metrics import LatencyHistogram
 from ..transfer.pool import OnBlock, OnPartial, WorkerPool
 from ..transfer.target import WireProvider, WireTarget
 
@@ -56,6 +58,12 @@ class Counters:
     shared_requests: int = 0
     worker_requests: int = 0
     retries: int = 0
+    # The rest of what --metrics exports (ttfs/telemetry/metrics.py).
+    local_bytes: int = 0  # present in the local store when a blob was first opened
+    blobs_verified: int = 0
+    blobs_failed: int = 0
+    errors: Counter[str] = field(default_factory=Counter)  # failed attempts and checks, by kind
+    demand_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 
 
 class Progress:
@@ -119,6 +127,7 @@ class RunExecutor:
                 provider.forget_wire_target(source.pointer)
                 log.info("signed URL for %s refused; resolving again", source.pointer.file_name)
             except TransientError as e:
+                self.counters.errors[e.kind] += 1
                 attempt += 1
                 elapsed = time.monotonic() - started
                 if attempt >= policy.attempts or elapsed >= policy.deadline:

@@ -33,6 +33,7 @@ import itertools
 import logging
 import math
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,8 +47,9 @@ if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on t
 
 from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
-from ..errors import CacheError, TtfsError
+from ..errors import CacheError, TransientError, TtfsError
 from ..manifest import Pointer
+from ..telemetry.metrics import MetricsSnapshot
 from ..transfer.pool import WorkerPool
 from .follower import Verifier
 from .runs import Counters, Progress, RunExecutor
@@ -131,7 +133,9 @@ class Fetcher:
                 settings.workers, threads, settings.connect_timeout, settings.stall_timeout
             )
         self._runs = RunExecutor(settings, self.counters, self._landed, self.tier, self.pool)
-        self._verifier = Verifier(store, self.tier, settings.verify, self._refetch, self._notify)
+        self._verifier = Verifier(
+            store, self.tier, settings.verify, self._refetch, self._notify, self.counters
+        )
         if settings.use_range:
             self._unit_blocks = max(1, settings.background_unit // store.block_size)
             self._per_blob = settings.per_blob_connections
@@ -161,6 +165,7 @@ class Fetcher:
             blob = await trio.to_thread.run_sync(self.store.open_blob, spec)
             source = Source(blob, pointer, provider)
             self._sources[blob_id] = source
+            self.counters.local_bytes += blob.bytes_present
             if self.tier is not None:
                 source.tier = self.tier.track(source)
             if blob.complete and (blob.verified or not self._verifier.must_verify(source)):
@@ -305,13 +310,16 @@ class Fetcher:
         length = max(0, min(length, blob.size - offset))
         if length == 0:
             return b""
+        started = time.perf_counter() if prio == Priority.DEMAND else 0.0
         blocks = blob.blocks_for(offset, length)
         if blob.missing(blocks):
             await self.ensure(source, blocks, prio)
-        data = blob.pread_cached(offset, length)
-        if data is not None:
-            return data
-        return await trio.to_thread.run_sync(blob.pread, offset, length)
+        data: bytes | bytearray | None = blob.pread_cached(offset, length)
+        if data is None:
+            data = await trio.to_thread.run_sync(blob.pread, offset, length)
+        if prio == Priority.DEMAND:
+            self.counters.demand_latency.observe(time.perf_counter() - started)
+        return data
 
     async def complete(self, source: Source, prio: Priority = Priority.PREFETCH) -> None:
         """Fetch every missing block; return when the blob is whole and verified.
@@ -491,6 +499,8 @@ class Fetcher:
                 self._requeue(source, progress.next_block, last)
         except (TtfsError, OSError) as e:
             error: BaseException = e if isinstance(e, TtfsError) else CacheError(str(e))
+            if not isinstance(e, TransientError):  # those were counted at each attempt
+                self.counters.errors[type(error).__name__] += 1
             self._fail(source, progress.next_block, last, error)
         except BaseException as e:
             # Cancellation (shutdown) or a bug: release the waiters, then propagate.
@@ -576,6 +586,34 @@ class Fetcher:
             self.tier.corrupt_entries if self.tier is not None else 0,
             c.worker_requests,
             self.pool.restarts if self.pool is not None else 0,
+        )
+
+    def metrics_snapshot(self) -> MetricsSnapshot:
+        """The values one Prometheus scrape exports (ttfs/telemetry/metrics.py).
+
+        Runs in the exporter's thread: containers are copied in one C call each (atomic under
+        the GIL) before they are iterated, so the trio thread may change them meanwhile.
+        """
+        queued = {p.name: 0 for p in Priority}
+        for state in list(self._blocks.values()):
+            if not state.inflight:
+                queued[state.prio.name] += 1
+        c = self.counters
+        return MetricsSnapshot(
+            origin_bytes=c.origin_bytes,
+            shared_bytes=c.shared_bytes,
+            local_bytes=c.local_bytes,
+            origin_requests=c.origin_requests,
+            shared_requests=c.shared_requests,
+            retries=c.retries,
+            errors=dict(c.errors),
+            blobs_verified=c.blobs_verified,
+            blobs_failed=c.blobs_failed,
+            inflight_requests=self._inflight_total,
+            queued=queued,
+            demand_buckets=c.demand_latency.cumulative(),
+            demand_count=c.demand_latency.count,
+            demand_sum=c.demand_latency.total,
         )
 
     async def aclose(self) -> None:

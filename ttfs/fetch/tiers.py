@@ -186,7 +186,7 @@ class SharedTier:
             )
         except OSError as e:
             self._drop(source, f"cannot open it: {e}")
-            raise TransientError(f"b10cache entry {entry.path}: {e}") from e
+            raise TransientError(f"b10cache entry {entry.path}: {e}", kind="shared_cache") from e
         try:
             while writer.pos < end:
                 n = min(_COPY_PIECE, end - writer.pos)
@@ -197,13 +197,16 @@ class SharedTier:
                 except EOFError as e:
                     self._drop(source, "it is shorter than expected")
                     raise TransientError(
-                        f"b10cache entry {entry.path} is shorter than expected"
+                        f"b10cache entry {entry.path} is shorter than expected",
+                        kind="shared_cache",
                     ) from e
                 except CacheError:
                     raise
                 except OSError as e:
                     self._drop(source, f"read failed: {e}")
-                    raise TransientError(f"b10cache read of {entry.path} failed: {e}") from e
+                    raise TransientError(
+                        f"b10cache read of {entry.path} failed: {e}", kind="shared_cache"
+                    ) from e
                 landed(n, done)
         finally:
             os.close(fd)

@@ -18,7 +18,9 @@ process with threads would be unsafe.
 tests and anything else that wants a mount of its own. :func:`unmount` is also ``ttfs umount``:
 ``fusermount3 -u``, then the lazy ``-uz`` when that fails (a busy mount, or one whose daemon
 died: "Transport endpoint is not connected"), then it waits for the daemon to exit so that
-its block index is flushed before anything remounts the cache.
+its block index is flushed before anything remounts the cache. It never sends the mount a
+request that could fail or hang on a dead or wedged daemon (the mount table is read from
+``/proc/self/mountinfo``), so it clears a mount in every state.
 
 This module does not import pyfuse3: the parent of a mount never needs it.
 """
@@ -28,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import importlib.util
+import logging
 import os
 import select
 import shutil
@@ -46,8 +49,18 @@ from ..errors import ConfigError, MountError, TtfsError
 from ..procs import process_alive
 from .kernel import is_mounted
 
+log = logging.getLogger(__name__)
+
 READY = b"READY"
 ERROR = b"ERROR"
+
+_children: dict[int, subprocess.Popen[bytes]] = {}
+"""Daemons this process spawned and has not reaped yet (see :func:`wait_exit`)."""
+
+
+def _reap_popen(proc: subprocess.Popen[bytes]) -> None:
+    proc.wait()
+    _children.pop(proc.pid, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +204,12 @@ def spawn(
     finally:
         os.close(read_fd)
     if message.startswith(READY):
-        # Reaped by init once we exit; a long-lived caller reaps it in a thread.
-        threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
+        # Reaped by init once we exit; a long-lived caller reaps it in a thread, or
+        # :func:`unmount` does (it waits for exactly this process).
+        _children[proc.pid] = proc
+        threading.Thread(
+            target=_reap_popen, args=(proc,), daemon=True, name=f"reap-{proc.pid}"
+        ).start()
         return Daemon(proc.pid, mountpoint, log_file)
     if message.startswith(ERROR):
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -414,7 +431,8 @@ def _stop(pid: int) -> None:
 def daemon_pid(mountpoint: Path, timeout: float = 2.0) -> int | None:
     """The pid of the daemon serving ``mountpoint``, asked through the control attribute.
 
-    Runs the ``getxattr`` in a thread so a wedged daemon cannot hang the caller.
+    Runs the ``getxattr`` in a thread so a wedged daemon cannot hang the caller; a dead mount
+    answers ENOTCONN at once, and either way the answer is None.
     """
     result: list[int | None] = [None]
 
@@ -428,33 +446,93 @@ def daemon_pid(mountpoint: Path, timeout: float = 2.0) -> int | None:
     return result[0]
 
 
+def wait_exit(pid: int, timeout: float) -> bool:
+    """Wait up to ``timeout`` for ``pid`` to be gone; True when it is.
+
+    A daemon this process spawned is reaped here (its zombie would otherwise linger until the
+    reaper thread runs, and ``/proc/<pid>`` with it); any other pid is gone once it is a zombie.
+    """
+    proc = _children.get(pid)
+    if proc is not None:
+        try:
+            proc.wait(timeout=max(0.0, timeout))
+        except subprocess.TimeoutExpired:
+            return False
+        _children.pop(pid, None)
+        return True
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _resolve_mountpoint(path: Path) -> Path | None:
+    """The mounted path ``path`` names, found without sending the mount a request.
+
+    The absolute path is looked up in ``/proc/self/mountinfo`` first (no syscall reaches the
+    mount, so a dead or wedged daemon cannot fail or hang this). Only when it is not there is
+    the path resolved through symlinks, in a thread with a deadline.
+    """
+    if is_mounted(path):
+        return path
+    result: list[Path | None] = [None]
+
+    def real() -> None:
+        with contextlib.suppress(OSError, RuntimeError):
+            result[0] = Path(os.path.realpath(path))
+
+    thread = threading.Thread(target=real, daemon=True)
+    thread.start()
+    thread.join(2.0)
+    found = result[0]
+    return found if found is not None and found != path and is_mounted(found) else None
+
+
 def unmount(
     mountpoint: str | os.PathLike[str], *, pid: int | None = None, timeout: float = 30.0
 ) -> bool:
-    """Unmount a ttfs mount (lazily when needed) and wait for its daemon to exit.
+    """Unmount a ttfs mount in whatever state it is, and wait for its daemon to exit.
 
-    Returns True when a lazy unmount was needed. The daemon is found through the mount's
-    status unless ``pid`` is given; it gets SIGTERM if it outlives the unmount by ``timeout``.
+    Nothing here asks the mount anything that could fail or hang on a dead one: the mount
+    table comes from ``/proc/self/mountinfo``, the daemon's pid from a bounded ``getxattr``.
+
+    * live and idle: ``fusermount3 -u``; the daemon sees the unmount and exits;
+    * dead (the daemon was killed; ``ENOTCONN``): ``-u`` fails or succeeds, then ``-uz``;
+    * busy (a process has a file open or its cwd inside): detached lazily with ``-uz``: the
+      name is free at once, processes that hold files keep reading them, and the daemon exits
+      by itself when the last one lets go. It is not waited for beyond a short grace.
+
+    Returns True when a lazy unmount was needed. A daemon that outlives a plain unmount by
+    ``timeout`` gets SIGTERM. ``pid`` overrides the lookup through the mount's status.
 
     Raises:
         MountError: nothing is mounted there, or it cannot be unmounted.
     """
-    path = Path(os.path.abspath(mountpoint))
-    if not is_mounted(path):
-        raise MountError(f"{path} is not mounted")
+    given = Path(os.path.abspath(mountpoint))
+    path = _resolve_mountpoint(given)
+    if path is None:
+        raise MountError(f"{given} is not mounted")
     if pid is None:
         pid = daemon_pid(path)
+    alive = pid is not None and process_alive(pid)
     ok, why = _fusermount(path, lazy=False)
     lazy = False
-    if not ok:
+    if not ok and is_mounted(path):
         lazy = True
         ok, why2 = _fusermount(path, lazy=True)
-        if not ok:
+        if not ok and is_mounted(path):
             raise MountError(f"cannot unmount {path}: {why2 or why}")
-    if pid is not None:
-        deadline = time.monotonic() + timeout
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if process_alive(pid):
-            _stop(pid)
+    if pid is None:
+        return lazy
+    if lazy and alive:
+        # Busy: the daemon keeps serving the open files until they are closed.
+        if not wait_exit(pid, min(timeout, 2.0)):
+            log.info("%s detached lazily; daemon %d exits when its last file is closed", path, pid)
+        return lazy
+    if not wait_exit(pid, timeout):
+        _stop(pid)
+        if not wait_exit(pid, 10.0):
+            log.warning("the daemon %d of %s did not exit after SIGTERM", pid, path)
     return lazy

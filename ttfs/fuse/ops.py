@@ -180,6 +180,8 @@ class FuseOps(pyfuse3.Operations):
     @boundary("open")
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         fh = await self.fs.open(inode, flags)
+        if self.fs.is_control(inode):  # made at open, of no size known before: never cached
+            return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False, nonseekable=False)
         return pyfuse3.FileInfo(fh=fh, direct_io=False, keep_cache=True, nonseekable=False)
 
     @boundary("read")

@@ -59,6 +59,7 @@ from ..manifest import Pointer
 from ..owner import OwnerLock, claim_or_wait
 from ..owner.server import serving
 from ..procs import raise_nofile_limit
+from ..telemetry.metrics import MetricsSnapshot, exporting
 from ..vfs.core import FsOptions, ModelFs
 from ..vfs.readahead import ReadaheadConfig
 from ..vfs.trace import TraceStore
@@ -227,9 +228,18 @@ async def serve(config: MountConfig, *, on_ready: Callable[[Ready], None] | None
     # is waited for (bounded); resolves started later fetch through us.
     lock = await claim_or_wait(config.settings.cache_dir, config.settings.owner_wait)
     try:
-        await _serve_owned(config, mountpoint, tree, lock, on_ready)
+        # The --metrics endpoint is bound before mounting, so a bad port fails the mount; it
+        # reports zeros until the fetcher is attached (after ready).
+        served: list[ModelFs] = []
+        with exporting(config.settings.metrics, lambda: _metrics_of(served), role="mount"):
+            await _serve_owned(config, mountpoint, tree, lock, on_ready, served)
     finally:
         lock.release()  # last: after the store is flushed and closed
+
+
+def _metrics_of(served: list[ModelFs]) -> MetricsSnapshot:
+    fetcher = served[0].attached if served else None
+    return fetcher.metrics_snapshot() if fetcher is not None else MetricsSnapshot.empty()
 
 
 async def _serve_owned(
@@ -238,6 +248,7 @@ async def _serve_owned(
     tree: Tree,
     lock: OwnerLock,
     on_ready: Callable[[Ready], None] | None,
+    served: list[ModelFs],
 ) -> None:
     info = {"mountpoint": str(mountpoint), "cache_dir": str(config.settings.cache_dir)}
     config.info.update({**info, **config.info})
@@ -258,6 +269,7 @@ async def _serve_owned(
         shared_readers=allows_other(config),
     )
     fs = ModelFs(tree, None, options)
+    served.append(fs)
     ops = FuseOps(fs)
     try:
         pyfuse3.init(ops, str(mountpoint), mount_options(config))

@@ -117,9 +117,13 @@ def mapped(url: str) -> Iterator[None]:
     try:
         yield
     except httpx.TimeoutException as e:
-        raise TransientError(f"timed out on {redact_url(url)} ({type(e).__name__})") from e
+        raise TransientError(
+            f"timed out on {redact_url(url)} ({type(e).__name__})", kind="timeout"
+        ) from e
     except httpx.TransportError as e:
-        raise TransientError(f"network error on {redact_url(url)}: {type(e).__name__}: {e}") from e
+        raise TransientError(
+            f"network error on {redact_url(url)}: {type(e).__name__}: {e}", kind="network"
+        ) from e
 
 
 def status_error(response: httpx.Response, url: str, pointer: Pointer) -> NoReturn:
@@ -150,7 +154,7 @@ async def stream_body(
     if response.status_code == 206:
         m = CONTENT_RANGE.match(response.headers.get("content-range", ""))
         if not m:
-            raise TransientError(f"bad Content-Range from {redact_url(url)}")
+            raise TransientError(f"bad Content-Range from {redact_url(url)}", kind="bad_range")
         first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
         if total != "*" and int(total) != pointer.size:
             raise StaleManifest(
@@ -158,7 +162,9 @@ async def stream_body(
                 f"says {pointer.size} (stale manifest?) at {redact_url(url)}"
             )
         if first != start or last < start:
-            raise TransientError(f"origin answered range {first}-{last}, asked {start}-{end - 1}")
+            raise TransientError(
+                f"origin answered range {first}-{last}, asked {start}-{end - 1}", kind="bad_range"
+            )
     else:
         # 200: the server ignored Range. Correct but wasteful: skip to our start.
         length = response.headers.get("content-length")
@@ -192,7 +198,8 @@ async def stream_body(
             # pool (returning early would close it).
     if got < want:
         raise TransientError(
-            f"short body from {redact_url(url)}: {got} of {want} bytes ({pointer.file_name})"
+            f"short body from {redact_url(url)}: {got} of {want} bytes ({pointer.file_name})",
+            kind="short_body",
         )
 
 

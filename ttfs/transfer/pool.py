@@ -258,7 +258,11 @@ def _error(result: dict[str, Any]) -> TtfsError:
     if not (isinstance(cls, type) and issubclass(cls, TtfsError)):
         return CacheError(message)
     if issubclass(cls, TransientError):
-        return cls(message, retry_after=result.get("retry_after"))
+        return cls(
+            message,
+            retry_after=result.get("retry_after"),
+            kind=str(result.get("kind") or "transient"),
+        )
     if cls is errors.DownloadError:
         return CacheError(message)
     return cls(message)

@@ -71,7 +71,7 @@ def status_error(
     """
     where = f"HTTP {status} from {safe_url} for {name}"
     if status in TRANSIENT_STATUS or 500 <= status < 600:
-        return TransientError(where, retry_after=retry_after)
+        return TransientError(where, retry_after=retry_after, kind=f"http_{status}")
     if status == 404:
         return ObjectNotFound(where)
     if status in (401, 403, 410):
@@ -197,9 +197,11 @@ def ranged_get(
             "set SSL_CERT_FILE to a CA bundle that holds its issuer"
         ) from None
     except TimeoutError as e:
-        raise TransientError(f"timed out on {safe} ({type(e).__name__})") from None
+        raise TransientError(f"timed out on {safe} ({type(e).__name__})", kind="timeout") from None
     except (OSError, http.client.HTTPException) as e:
-        raise TransientError(f"network error on {safe}: {type(e).__name__}: {e}") from None
+        raise TransientError(
+            f"network error on {safe}: {type(e).__name__}: {e}", kind="network"
+        ) from None
     finally:
         if not reuse:
             conns.drop(scheme, host, port)
@@ -226,7 +228,7 @@ def _stream(
     if status == 206:
         m = CONTENT_RANGE.match(response.getheader("content-range", ""))
         if not m:
-            raise TransientError(f"bad Content-Range from {safe}")
+            raise TransientError(f"bad Content-Range from {safe}", kind="bad_range")
         first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
         if total != "*" and int(total) != size:
             raise StaleManifest(
@@ -234,7 +236,9 @@ def _stream(
                 f"(stale manifest?) at {safe}"
             )
         if first != start or last < start:
-            raise TransientError(f"origin answered range {first}-{last}, asked {start}-{end - 1}")
+            raise TransientError(
+                f"origin answered range {first}-{last}, asked {start}-{end - 1}", kind="bad_range"
+            )
     else:
         length = response.getheader("content-length")
         if length is not None and int(length) != size:
@@ -261,7 +265,9 @@ def _stream(
         on_chunk(view[:k])
         got += k
     if got < want:
-        raise TransientError(f"short body from {safe}: {got} of {want} bytes ({name})")
+        raise TransientError(
+            f"short body from {safe}: {got} of {want} bytes ({name})", kind="short_body"
+        )
     if status != 206:
         return False  # a 200 body goes on past our range: drop the connection
     # Drain what is left of a 206 body (nothing, normally) so the connection is reusable.

@@ -126,6 +126,9 @@ def _end(job: Job, e: TtfsError | None, landing: _Landing | None) -> dict[str, A
         retry_after = getattr(e, "retry_after", None)
         if retry_after is not None:
             msg["retry_after"] = retry_after
+        kind = getattr(e, "kind", None)
+        if kind is not None:
+            msg["kind"] = kind  # the metrics' errors{kind} (TransientError only)
     if landing is not None and landing.in_block:
         msg["partial"] = [landing.block, landing.in_block, landing.hasher.intdigest()]
         msg["n"] = landing.new
