@@ -27,6 +27,7 @@ from pathlib import Path
 
 import trio
 
+from ..blocks import perms
 from ..errors import CacheBusy, CacheError
 
 log = logging.getLogger(__name__)
@@ -144,8 +145,8 @@ def claim(cache_dir: Path, command: str | None = None) -> OwnerLock | OwnerInfo:
     """
     command = command or this_command()
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        perms.make_private_dir(cache_dir)  # the cache is private (ttfs/blocks/perms.py)
+        fd = perms.open_private(cache_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     except OSError as e:
         raise CacheError(f"cannot use cache directory {cache_dir}: {e}") from e
     try:
