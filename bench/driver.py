@@ -14,6 +14,9 @@ What it proves, per origin profile (``cdn``: 25 MB/s per connection + 20 ms per 
   through a cold mount vs ``ttfs materialize`` alone vs ``snapshot_download`` then load; a warm
   sequential read through the mount vs reading the cached blob files directly (page-cache hot,
   and after dropping the page cache, which is global and only done there).
+* **Lazy loads** (``--only lazy``, :mod:`bench.lazy`): cold mount + ``load_file`` of every
+  shard (sequential, with a recorded access trace, four threads) vs cold mount + materialize at
+  512 MiB and 1 GiB shards, and the first tensor of a cold 1 GiB shard vs rclone mount.
 * **Fast path** (``--only fastpath``, :mod:`bench.fastpath`): a materialized mount read with
   1 MiB reads and with ``load_file``, fast path on and off, against the blob files, at 512 MiB
   and 1 GiB shards; page-cache footprint.
@@ -64,7 +67,8 @@ Sample = dict[str, float]
 
 EAGER = ("resolve", "materialize", "snapshot", "hf_transfer", "aria2c", "curl", "rclone")
 LAZY = ("tensor", "tensor_noprefetch", "tensor_rclone", "load_mount", "warm_read", "snapshot_load")
-SEPARATE = ("fastpath",)  # own origin and model, run once, not per profile (bench/fastpath.py)
+# Own origin and model, run once, not per profile (bench/fastpath.py, bench/lazy.py).
+SEPARATE = ("fastpath", "lazy")
 ITEMS = EAGER + LAZY + SEPARATE
 
 
@@ -103,6 +107,8 @@ class Setup:
             HF_HUB_DISABLE_PROGRESS_BARS="1",
             TTFS_LOG="warn",
         )
+        # The https-* profiles' CA, trusted the usual way (httpx, ssl, requests, curl).
+        env.update(self.nginx.ca.trust_env())
         return env
 
     def path(self, name: str) -> Path:
@@ -320,6 +326,7 @@ def aria2c(s: Setup, profile: str, verify: bool) -> Sample:
             "--summary-interval=0",
             "--console-log-level=warn",
             "--download-result=hide",
+            f"--ca-certificate={s.nginx.ca.ca}",
         ],
         env=s.env(),
     ).check("aria2c")
@@ -484,9 +491,11 @@ FUNCS: dict[str, Callable[[Setup, str, bool], Sample]] = {
 # -- the driver -----------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", type=int, default=2048, help="model size in MiB [2048]")
+    ap.add_argument(
+        "--size", default="1024,2048", help="model sizes in MiB, each a full run [1024,2048]"
+    )
     ap.add_argument("--runs", type=int, default=3, help="interleaved runs of each item [3]")
-    ap.add_argument("--profiles", default=",".join(PROFILES), help="cdn,raw")
+    ap.add_argument("--profiles", default=",".join(PROFILES), help=",".join(PROFILES))
     ap.add_argument("--only", default="", help=f"comma list of items: {','.join(ITEMS)}")
     ap.add_argument("--skip", default="", help="comma list of items to leave out")
     ap.add_argument("--connections", type=int, default=32, help="ttfs --max-connections [32]")
@@ -510,6 +519,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         ap.error(f"profiles are {PROFILES}")
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    try:
+        args.sizes = [int(x) for x in str(args.size).split(",") if x]
+    except ValueError:
+        ap.error("--size is a comma list of MiB, e.g. 1024,2048")
+    if not args.sizes or min(args.sizes) < 1:
+        ap.error("--size must name at least one size >= 1 MiB")
     if os.geteuid() != 0:
         args.drop_caches = False
     return args
@@ -575,11 +590,11 @@ def run_profile(s: Setup, profile: str, results: dict[str, list[Sample]]) -> Non
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    texts = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    t_start = time.monotonic()
-    info = machine_info()
     work = args.work.resolve()
     (work / "run").mkdir(parents=True, exist_ok=True)
+    # Items with a harness of their own run once, whatever the sizes.
     separate = [x for x in args.items if x in SEPARATE]
     args.items = [x for x in args.items if x not in SEPARATE]
     extra = ""
@@ -588,14 +603,41 @@ def main(argv: list[str] | None = None) -> int:
 
         with CHILDREN:
             extra = fastpath.run(work / "fastpath", shard_sizes=[512, 1024], runs=args.runs)
-        if not args.items:
-            print()
-            print(extra)
-            args.results.mkdir(parents=True, exist_ok=True)
-            out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}-fastpath.md"
-            out.write_text(f"# ttfs bench (fastpath), {started}\n\n{extra}")
-            print(f"bench: results written to {out}")
-            return 0
+    if "lazy" in separate:
+        from . import lazy
+
+        (work / "lazy" / "data").mkdir(parents=True, exist_ok=True)
+        with CHILDREN, Nginx(work / "lazy" / "data", work / "lazy" / "nginx") as lazy_nginx:
+            extra += lazy.run(work / "lazy", lazy_nginx, shard_sizes=[512, 1024], runs=args.runs)
+    if separate and not args.items:
+        print()
+        print(extra)
+        args.results.mkdir(parents=True, exist_ok=True)
+        which = "+".join(separate)
+        out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}-{which}.md"
+        out.write_text(f"# ttfs bench ({which}), {started}\n\n{extra}")
+        print(f"bench: results written to {out}")
+        return 0
+    for size in args.sizes:
+        args.size = size
+        texts.append(run_size(args))
+    if extra:
+        texts.append(extra)
+    text = "\n\n".join(texts)
+    args.results.mkdir(parents=True, exist_ok=True)
+    out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
+    out.write_text(text)
+    print(f"bench: results written to {out}")
+    return 0
+
+
+def run_size(args: argparse.Namespace) -> str:
+    """Every profile and item for a model of ``args.size`` MiB; returns the report."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    t_start = time.monotonic()
+    info = machine_info()
+    work = args.work.resolve()
+    (work / "run").mkdir(parents=True, exist_ok=True)
     data, _model = prepare_model(work, args.size)
     all_results: dict[str, dict[str, list[Sample]]] = {}
     with CHILDREN, contextlib.ExitStack() as stack:
@@ -621,12 +663,6 @@ def main(argv: list[str] | None = None) -> int:
                     rmtree(s.path(name))
     elapsed = time.monotonic() - t_start
     text = report.render(s, all_results, info=info, started=started, elapsed=elapsed)
-    if extra:
-        text += "\n" + extra
     print()
     print(text)
-    args.results.mkdir(parents=True, exist_ok=True)
-    out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}.md"
-    out.write_text(text)
-    print(f"bench: results written to {out}")
-    return 0
+    return text

@@ -28,6 +28,7 @@ from .procs import (
     proc_usage,
     run_measured,
     stop_pid,
+    tree_usage,
     unmount,
 )
 
@@ -100,7 +101,8 @@ class TtfsMount:
         return doc
 
     def usage(self) -> ProcUsage | None:
-        return proc_usage(self.pid) if self.pid else None
+        """The daemon's CPU (its worker processes included) and peak RSS."""
+        return tree_usage(self.pid) if self.pid else None
 
     def stop(self) -> None:
         unmount(self.mnt)

@@ -29,12 +29,17 @@ from urllib.parse import quote
 
 import httpx
 
+from demo.tls import make_test_ca
+
 from .procs import CHILDREN, BenchError, free_port, stop_pid
 
 RATE = 25_000_000
 """Bytes/s per connection in the cdn profile (``limit_rate 25m`` is 25 x 2^20; see CONF)."""
 LATENCY = 0.02
-PROFILES = ("cdn", "raw")
+PROFILES = ("cdn", "raw", "https-cdn", "https-raw")
+"""``https-*``: the same locations on a second, TLS listener (a CA made per run, see
+:mod:`demo.tls`; clients trust it through ``SSL_CERT_FILE`` & co., aria2c through
+``--ca-certificate``)."""
 
 CONF = """
 load_module /usr/lib/nginx/modules/ndk_http_module.so;
@@ -53,6 +58,14 @@ http {{
   default_type application/octet-stream;
   server {{
     listen 127.0.0.1:{port} backlog=4096;
+    location /raw/ {{ alias {root}/; autoindex on; }}
+    location /cdn/ {{ alias {root}/; autoindex on; limit_rate {rate};
+                     access_by_lua_block {{ ngx.sleep({latency}) }} }}
+  }}
+  server {{
+    listen 127.0.0.1:{tls_port} ssl backlog=4096;
+    ssl_certificate {cert}; ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:bench:10m;
     location /raw/ {{ alias {root}/; autoindex on; }}
     location /cdn/ {{ alias {root}/; autoindex on; limit_rate {rate};
                      access_by_lua_block {{ ngx.sleep({latency}) }} }}
@@ -93,11 +106,15 @@ class Nginx:
     ) -> None:
         self.root, self.dir = root.resolve(), workdir.resolve()
         self.port = port or free_port()
+        self.tls_port = free_port()
+        self.ca = make_test_ca(self.dir / "tls")
         self.rate, self.latency = rate, latency
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = self.dir / "access.log"
 
     def base(self, profile: str) -> str:
+        if profile.startswith("https-"):
+            return f"https://127.0.0.1:{self.tls_port}/{profile.removeprefix('https-')}"
         return f"http://127.0.0.1:{self.port}/{profile}"
 
     def url(self, profile: str, rel: str) -> str:
@@ -115,6 +132,9 @@ class Nginx:
                 dir=self.dir,
                 root=self.root,
                 port=self.port,
+                tls_port=self.tls_port,
+                cert=self.ca.cert,
+                key=self.ca.key,
                 rate=self.rate,
                 latency=self.latency,
             )

@@ -233,6 +233,34 @@ def proc_usage(pid: int) -> ProcUsage | None:
     return ProcUsage(cpu, hwm)
 
 
+def tree_usage(pid: int) -> ProcUsage | None:
+    """:func:`proc_usage` of ``pid`` plus the CPU of its live descendants (a mount daemon's
+    worker processes: they run as long as the daemon, so ``wait4`` never accounts them)."""
+    top = proc_usage(pid)
+    if top is None:
+        return None
+    cpu = top.cpu
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            for kid in kids:
+                usage = proc_usage(kid)
+                if usage is not None:
+                    cpu += usage.cpu
+                    stack.append(kid)
+    return ProcUsage(cpu, top.hwm)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket() as s:

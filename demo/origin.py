@@ -37,6 +37,7 @@ import secrets
 import signal
 import socket
 import socketserver
+import ssl
 import stat
 import struct
 import sys
@@ -242,6 +243,14 @@ class _Listener(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         self.server_name = str(host)
         self.server_port = int(port)
+
+    def get_request(self) -> tuple[Any, Any]:
+        sock, addr = super().get_request()
+        tls = self.origin.tls
+        if tls is not None:
+            # The handshake runs in the handler's thread, at its first read, not here.
+            sock = tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, addr
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self.origin._track(request)
@@ -648,7 +657,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _write(self, fd: int, offset: int, n: int, pacer: _Pacer | None) -> None:
         """Write ``n`` file bytes from ``offset``; ``_body_sent`` tracks what really went out."""
         end = offset + n
-        if pacer is None:
+        if pacer is None and self.server.origin.tls is None:
             out = self.connection.fileno()
             while offset < end:
                 k = os.sendfile(out, fd, offset, min(end - offset, _SENDFILE_MAX))
@@ -658,15 +667,17 @@ class _Handler(BaseHTTPRequestHandler):
                 self._body_sent += k
             return
         while offset < end:
-            if not pacer.wait():
+            if pacer is not None and not pacer.wait():
                 raise ConnectionAbortedError("origin stopping")
-            data = os.pread(fd, min(pacer.chunk, end - offset), offset)
+            chunk = pacer.chunk if pacer is not None else _PACED_CHUNK_MAX
+            data = os.pread(fd, min(chunk, end - offset), offset)
             if not data:
                 raise _ShortFile(f"{self._path_key} shrank while being served")
             self.connection.sendall(data)
             offset += len(data)
             self._body_sent += len(data)
-            pacer.sent += len(data)
+            if pacer is not None:
+                pacer.sent += len(data)
 
 
 def _parse_range(header: str | None, size: int) -> tuple[int, int] | str | None:
@@ -725,8 +736,11 @@ class Origin:
         url_ttl: float = 3600.0,
         lfs_threshold: int = LFS_THRESHOLD,
         keep_log: bool = True,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.root = Path(root).resolve()
+        self.tls = tls
+        """Server TLS context: both listeners speak HTTPS (``demo.tls`` makes one)."""
         self.host = host
         self.port = port
         self.cdn_port = cdn_port
@@ -827,13 +841,17 @@ class Origin:
 
     @property
     def base_url(self) -> str:
-        """``http://host:port`` of the hub / plain-file listener."""
-        return f"http://{self.host}:{self._listener(0).server_port}"
+        """``http(s)://host:port`` of the hub / plain-file listener."""
+        return f"{self.scheme}://{self.host}:{self._listener(0).server_port}"
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     @property
     def cdn_url(self) -> str:
-        """``http://host:port`` of the CDN listener."""
-        return f"http://{self.host}:{self._listener(1).server_port}"
+        """``http(s)://host:port`` of the CDN listener."""
+        return f"{self.scheme}://{self.host}:{self._listener(1).server_port}"
 
     def url(self, rel_path: str) -> str:
         """Plain Range-capable URL of ``root/rel_path``."""

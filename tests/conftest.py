@@ -56,5 +56,5 @@ def settings(cache_dir: Path) -> Settings:
     )
 
 
-# The counting origin as fixtures (tests/origin_helpers.py): `origin_root`, `origin`.
-from tests.origin_helpers import origin, origin_root  # noqa: E402, F401
+# The counting origin as fixtures (tests/origin_helpers.py): `origin_root`, `origin`, `test_ca`.
+from tests.origin_helpers import origin, origin_root, test_ca  # noqa: E402, F401

@@ -30,11 +30,28 @@ import trio
 
 from demo.model import build_manifest, sha256_file
 from demo.origin import Origin, RequestRecord
+from demo.tls import LocalCA, make_test_ca
 from ttfs.manifest import Pointer, parse_manifest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 HF_REPO = "test-org/test-model"
 HF_REVISION = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> LocalCA:
+    """A CA and a 127.0.0.1 certificate made for this test session (``openssl``)."""
+    return make_test_ca(tmp_path_factory.mktemp("tls"))
+
+
+def tls_origin_kwargs(scheme: str, ca: LocalCA) -> dict[str, Any]:
+    """``Origin(...)`` keyword arguments for ``scheme`` ("http" or "https")."""
+    return {"tls": ca.server_context()} if scheme == "https" else {}
+
+
+def tls_env(scheme: str, ca: LocalCA) -> dict[str, str]:
+    """Variables a client needs to trust the origin of ``scheme``."""
+    return ca.trust_env() if scheme == "https" else {}
 
 
 @pytest.fixture

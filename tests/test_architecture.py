@@ -66,6 +66,23 @@ RULES: dict[str, set[str]] = {
         "ttfs.compat",
         "ttfs.create",
     },
+    # The data plane's processes: below fetch and providers; the worker side starts without trio,
+    # httpx or diskcache (ttfs.transfer.pool, the coordinator's side, may use trio).
+    "ttfs.transfer": {
+        "httpx",
+        "pyfuse3",
+        "diskcache",
+        "ttfs.blocks",
+        "ttfs.providers",
+        "ttfs.fetch",
+        "ttfs.vfs",
+        "ttfs.fuse",
+        "ttfs.cli",
+        "ttfs.resolve",
+    },
+    "ttfs.transfer.worker": {"trio"},
+    "ttfs.transfer.wire": {"trio"},
+    "ttfs.transfer.protocol": {"trio"},
     "ttfs.create": {
         "pyfuse3",
         "diskcache",

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from demo.origin import Faults, Origin
+from demo.tls import LocalCA
 from tests.origin_helpers import (
     HF_REPO,
     REPO_ROOT,
@@ -43,6 +44,8 @@ from tests.origin_helpers import (
     run_cli,
     sha256_of,
     stderr_lines,
+    tls_env,
+    tls_origin_kwargs,
     write_manifest,
     write_random_files,
 )
@@ -88,15 +91,21 @@ def final_error(result: subprocess.CompletedProcess[str]) -> str:
 # -- a faulty origin, then an idempotent re-run ----------------------------------------------------
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 def test_resolve_through_faults_is_byte_identical_then_idempotent(
-    model_root: Path, tmp_path: Path
+    model_root: Path, tmp_path: Path, scheme: str, test_ca: LocalCA
 ) -> None:
     files = model_files(model_root)
     total = sum(MODEL.values())
     faults = Faults(error_rate=0.1, truncate_rate=0.05, reset_rate=0.05, seed=2)
-    with Origin(model_root, faults=faults) as origin:
+    with Origin(model_root, faults=faults, **tls_origin_kwargs(scheme, test_ca)) as origin:
         manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files, hf_repo=HF_REPO))
-        env = cli_env(tmp_path / "cache", HF_ENDPOINT=origin.base_url, TTFS_RETRY_ATTEMPTS="8")
+        env = cli_env(
+            tmp_path / "cache",
+            HF_ENDPOINT=origin.base_url,
+            TTFS_RETRY_ATTEMPTS="8",
+            **tls_env(scheme, test_ca),
+        )
         out = tmp_path / "out"
         result = run_cli(resolve_cmd(manifest, out), env)
         assert result.returncode == 0, result.stderr
@@ -202,6 +211,9 @@ def test_kill_9_mid_resolve_then_resume(origin: Origin, tmp_path: Path) -> None:
         proc.wait()
     time.sleep(0.2)  # let the origin notice the dead connections and correct its counters
     first = origin.stats.snapshot().bytes_sent
+    # What reached the cache's files: bytes still in socket buffers at the kill are lost, and
+    # on a loaded machine that can be megabytes per connection, so the bound counts these.
+    landed = allocated_bytes(cache / "blobs")
 
     # After the kill a destination is absent or complete and correct; nothing temporary.
     assert not leftovers(out)
@@ -220,10 +232,10 @@ def test_kill_9_mid_resolve_then_resume(origin: Origin, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert_same_files(out, files)
     assert not leftovers(out)
-    served = origin.stats.snapshot().bytes_sent
-    assert served <= total + len(files) * BLOCK, (
-        f"origin served {served - total} bytes more than the model "
-        f"({(served - total) / MiB:.1f} MiB, first run {first / MiB:.1f} MiB)"
+    second = origin.stats.snapshot().bytes_sent - first
+    assert second <= total - landed + len(files) * BLOCK, (
+        f"the resume fetched {second - (total - landed)} bytes more than had not landed "
+        f"({(second - total + landed) / MiB:.1f} MiB, first run {first / MiB:.1f} MiB)"
     )
 
 

@@ -24,6 +24,9 @@ from typing import Any, TypeVar
 
 import click
 
+if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
+    from exceptiongroup import BaseExceptionGroup
+
 from . import __version__
 from .config import Settings
 from .errors import TtfsError
@@ -69,8 +72,8 @@ def common_options(f: F) -> F:
             "--cache-dir",
             type=click.Path(path_type=Path),
             envvar="TTFS_CACHE_DIR",
-            help="Block cache directory [default: /var/cache/ttfs as root, else "
-            "$XDG_CACHE_HOME/ttfs].",
+            help="Block cache directory [default: resolve: .ttfs beside the files, on their "
+            "filesystem; mount: /var/cache/ttfs as root, else $XDG_CACHE_HOME/ttfs].",
         ),
         click.option(
             "--cache-size",
@@ -83,6 +86,13 @@ def common_options(f: F) -> F:
             type=click.IntRange(1, 1024),
             envvar="TTFS_MAX_CONNECTIONS",
             help="Ranged GETs in flight [default: 32].",
+        ),
+        click.option(
+            "--workers",
+            type=click.IntRange(0, 256),
+            envvar="TTFS_WORKERS",
+            help="Worker processes that download range bodies; 0 = in this process "
+            "[default: one per core, at most 16].",
         ),
         click.option(
             "--shared-cache",
@@ -110,6 +120,7 @@ def settings_from(opts: dict[str, Any]) -> Settings:
         cache_dir=opts.get("cache_dir"),
         cache_max_bytes=opts.get("cache_size"),
         max_connections=opts.get("max_connections"),
+        workers=opts.get("workers"),
         verify=False if opts.get("no_verify") else None,
         shared_cache_dir=opts.get("shared_cache"),
     )
@@ -125,6 +136,13 @@ def run_or_exit(fn: Callable[..., Any], *args: Any, debug: bool = False) -> Any:
         click.echo(f"ttfs: error: {e}", err=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
+        click.echo("ttfs: interrupted", err=True)
+        sys.exit(130)
+    except BaseExceptionGroup as group:
+        # Ctrl-C inside a trio nursery arrives wrapped in a group: still one line.
+        interrupted, _ = group.split(KeyboardInterrupt)
+        if interrupted is None:
+            raise
         click.echo("ttfs: interrupted", err=True)
         sys.exit(130)
 
@@ -359,6 +377,8 @@ def mount_cmd(
                 extra += ["--cache-size", str(opts["cache_size"])]
             if opts.get("max_connections"):
                 extra += ["--max-connections", str(opts["max_connections"])]
+            if opts.get("workers") is not None:
+                extra += ["--workers", str(opts["workers"])]
             if opts.get("no_verify"):
                 extra.append("--no-verify")
             if no_trace:

@@ -39,6 +39,19 @@ def default_cache_dir(env: Mapping[str, str]) -> Path:
     return Path(xdg) / "ttfs"
 
 
+def default_workers() -> int:
+    """Worker processes by default: one per core this process may run on, at most 16.
+
+    One Python process moves at most ~0.4 GB/s whatever its connection count (docs/performance.md);
+    separate processes scale with the cores. More workers than cores only add context switches.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 16))
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RetryPolicy:
     """Retries of one range: jittered exponential backoff bounded by attempts *and* time.
@@ -76,6 +89,8 @@ class Settings:
     per_blob_connections: int = 32
     # False = one sequential stream per file (TRUSS_TRANSFER_USE_RANGE_DOWNLOAD=false).
     use_range: bool = True
+    # Worker processes that move range bodies (ttfs.transfer); 0 = in process (httpx on trio).
+    workers: int = field(default_factory=default_workers)
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     connect_timeout: float = 10.0
     # A range that delivers no byte for this long is abandoned and re-issued.
@@ -135,6 +150,12 @@ class Settings:
         workers = _int(env, "TRUSS_TRANSFER_NUM_WORKERS")
         if workers is not None and workers <= 0:
             raise ConfigError("TRUSS_TRANSFER_NUM_WORKERS must be >= 1")
+        if env.get("TTFS_WORKERS", "").strip():
+            raw = env["TTFS_WORKERS"]
+            try:
+                values["workers"] = int(raw)
+            except ValueError as e:
+                raise ConfigError(f"TTFS_WORKERS={raw!r} is not an integer") from e
         if env.get("TTFS_STALL_TIMEOUT"):
             values["stall_timeout"] = _float(env, "TTFS_STALL_TIMEOUT")
         if env.get("TTFS_RETRY_ATTEMPTS"):
@@ -180,6 +201,8 @@ class Settings:
         if not 0 <= self.demand_reserved < self.max_connections:
             # Keep at least one background slot, else prefetch could never run.
             object.__setattr__(self, "demand_reserved", max(0, self.max_connections - 1))
+        if not 0 <= self.workers <= 256:
+            raise ConfigError(f"workers must be between 0 and 256, got {self.workers}")
         if self.per_blob_connections < 1:
             raise ConfigError("per-file connections must be >= 1")
         if self.stall_timeout <= 0:

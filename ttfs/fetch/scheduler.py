@@ -14,12 +14,9 @@ they need and at what :class:`Priority`; the fetcher turns queued blocks into ra
   blocks are coalesced at dispatch time with their queued neighbours into runs of up to
   ``background_unit`` (16 MiB), which keeps request overhead low and bounds how long a demand
   read can wait behind one unit.
-* **Retries.** A run that breaks resumes at its first block that did not land (the
-  :class:`~ttfs.blocks.RunWriter` lands blocks as they complete), with jittered exponential
-  backoff that honours ``Retry-After``, bounded by attempts and by time.
-* **Verification.** A follower task per blob hashes the contiguous prefix of present blocks in
-  a worker thread while the rest downloads, so completion costs only the tail; a mismatch
-  discards the blob and fetches it once more, then fails for good.
+* **Runs** are executed by :mod:`.runs` (retries, resume mid-block; bytes from a worker process,
+  the shared cache or the provider in process) and verified by the follower of :mod:`.follower`.
+  This module only decides what runs and when.
 * **Shared cache (b10fs).** With ``settings.shared_cache`` a :class:`~ttfs.fetch.tiers.SharedTier`
   decides per blob whether runs read the shared entry or the origin, parks background runs of
   blobs another replica is fetching, and publishes verified blobs (see ``tiers.py``). Bytes are
@@ -35,9 +32,7 @@ import heapq
 import itertools
 import logging
 import math
-import random
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -51,8 +46,11 @@ if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on t
 
 from ..blocks import BlobSpec, BlockStore, checker_for
 from ..config import Settings
-from ..errors import CacheError, IntegrityError, TransientError, TtfsError
+from ..errors import CacheError, TtfsError
 from ..manifest import Pointer
+from ..transfer.pool import WorkerPool
+from .follower import Verifier
+from .runs import Counters, Progress, RunExecutor
 from .source import Source
 from .tiers import SharedTier
 
@@ -94,6 +92,8 @@ class FetcherStatistics:
     shared_bytes: int = 0
     shared_requests: int = 0
     shared_corrupt: int = 0
+    worker_requests: int = 0
+    worker_restarts: int = 0
 
 
 class Fetcher:
@@ -116,11 +116,7 @@ class Fetcher:
         self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
-        self.origin_bytes = 0
-        self.origin_requests = 0
-        self.retries = 0
-        self.shared_bytes = 0
-        self.shared_requests = 0
+        self.counters = Counters()
         # Called (as tasks) after a blob was discarded: the mount drops the kernel's pages of
         # its files, which may still hold the bytes that failed verification.
         self.discard_listeners: list[Callable[[Source], Awaitable[None]]] = []
@@ -130,6 +126,18 @@ class Fetcher:
         self.done_listeners: list[Callable[[Source], None]] = []
         shared = settings.shared_cache
         self.tier: SharedTier | None = SharedTier(self, shared) if shared is not None else None
+        self.pool: WorkerPool | None = None
+        # Workers connect directly; a configured TTFS_PROXY (settings.proxy, what
+        # providers.data_proxy returns) keeps bodies on the httpx path, which speaks through it.
+        if settings.workers > 0 and settings.proxy is None:
+            threads = max(1, -(-settings.max_connections // settings.workers))
+            self.pool = WorkerPool(
+                settings.workers, threads, settings.connect_timeout, settings.stall_timeout
+            )
+        self._runs = RunExecutor(settings, self.counters, self._landed, self.tier, self.pool)
+        self._verifier = Verifier(
+            store, self.tier, settings.verify, self._refetch, self._notify, self.done_listeners
+        )
         if settings.use_range:
             self._unit_blocks = max(1, settings.background_unit // store.block_size)
             self._per_blob = settings.per_blob_connections
@@ -161,7 +169,7 @@ class Fetcher:
             self._sources[blob_id] = source
             if self.tier is not None:
                 source.tier = self.tier.track(source)
-            if blob.complete and (blob.verified or not self._must_verify(source)):
+            if blob.complete and (blob.verified or not self._verifier.must_verify(source)):
                 source.done.set()
                 if self.tier is not None:
                     self.tier.on_done(source)  # publish a blob that was already local
@@ -180,6 +188,23 @@ class Fetcher:
     def sources(self) -> list[Source]:
         return list(self._sources.values())
 
+    # Byte and request counters (statistics, resolve's summary line).
+    @property
+    def origin_bytes(self) -> int:
+        return self.counters.origin_bytes
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.counters.shared_bytes
+
+    @property
+    def origin_requests(self) -> int:
+        return self.counters.origin_requests
+
+    @property
+    def retries(self) -> int:
+        return self.counters.retries
+
     # -- what the shared tier may ask (ttfs.fetch.source.TierHost) ---------------------------
     def unpark(self, source: Source) -> None:
         """Put the blob's parked queue entries back and wake the dispatcher."""
@@ -190,9 +215,6 @@ class Fetcher:
 
     def wake(self) -> None:
         self._wakeup.set()
-
-    def _must_verify(self, source: Source) -> bool:
-        return self.settings.verify and source.blob.spec.checker.checkable
 
     # -- requests ---------------------------------------------------------------------------
     def request_nowait(
@@ -341,84 +363,33 @@ class Fetcher:
         self._notify(source)
         return bad
 
-    # -- verification ------------------------------------------------------------------------
+    def _start_follower(self, source: Source) -> None:
+        assert self._nursery is not None
+        source.following = True
+        self._nursery.start_soon(self._verifier.follow, source)
+
+    # -- landing and verification ------------------------------------------------------------
     def _notify(self, source: Source) -> None:
         event, source.changed = source.changed, trio.Event()
         event.set()
 
-    def _start_follower(self, source: Source) -> None:
+    def _landed(self, source: Source, blocks: list[int]) -> None:
+        """Blocks of ``source`` landed: wake their waiters and the blob's follower."""
+        bid = source.blob.blob_id
+        for index in blocks:
+            state = self._blocks.pop((bid, index), None)
+            if state is not None:
+                state.event.set()
+        self._notify(source)
+
+    def _refetch(self, source: Source) -> None:
+        """A discarded blob (hash mismatch): queue all of it again in the background, and tell
+        the listeners (the mount drops the kernel's pages of its files)."""
+        self.request_nowait(source, range(source.blob.n_blocks), Priority.PREFETCH)
+        # Not awaited: dropping kernel pages can wait on reads that need the refetch.
         assert self._nursery is not None
-        source.following = True
-        self._nursery.start_soon(self._follow, source)
-
-    async def _follow(self, source: Source) -> None:
-        """Hash the blob in order while it downloads, then mark it verified (or discard it).
-
-        Hashing follows the contiguous prefix of present blocks in a worker thread, so by the
-        time the last block lands only the tail is left to hash instead of the whole blob.
-        """
-        blob = source.blob
-        checker = blob.spec.checker
-        verify = self._must_verify(source)
-        try:
-            while True:
-                hasher = checker.new(blob.size) if verify else None
-                shared_before = source.shared_bytes
-                k = 0
-                while k < blob.n_blocks:
-                    if not blob.present[k]:
-                        await source.changed.wait()
-                        continue
-                    j = k + 1
-                    while j < blob.n_blocks and blob.present[j] and j - k < 32:
-                        j += 1
-                    if hasher is not None:
-                        await trio.to_thread.run_sync(blob.hash_blocks, hasher, k, j)
-                    k = j
-                if hasher is None or hasher.hexdigest() == checker.expected:
-                    if hasher is not None:
-                        blob.verified = True
-                    await trio.to_thread.run_sync(self.store.mark_verified, blob)
-                    source.done.set()
-                    if hasher is not None:
-                        log.info("verified %s (%s)", source.pointer.file_name, checker.algorithm)
-                    if self.tier is not None:
-                        self.tier.on_done(source)
-                    for on_done in self.done_listeners:
-                        on_done(source)
-                    return
-                # A corrupt shared-cache entry is not the origin's fault: it costs no attempt
-                # (the tier ignores the entry from now on, so this happens once per blob).
-                if self.tier is None or not await self.tier.on_mismatch(source, shared_before):
-                    source.verify_attempts += 1
-                if source.verify_attempts >= 2:
-                    source.failure = IntegrityError(
-                        f"{source.pointer.file_name}: content does not match "
-                        f"{checker.algorithm} {checker.expected} (fetched twice)"
-                    )
-                    log.error("%s", source.failure)
-                    if self.tier is not None:
-                        self.tier.on_failed(source)
-                    return
-                log.warning(
-                    "%s: %s mismatch; discarding and fetching again",
-                    source.pointer.file_name,
-                    checker.algorithm,
-                )
-                await trio.to_thread.run_sync(blob.discard)
-                source.discards += 1
-                self.request_nowait(source, range(blob.n_blocks), Priority.PREFETCH)
-                # Not awaited: dropping kernel pages can wait on reads that need the refetch.
-                assert self._nursery is not None
-                for listener in self.discard_listeners:
-                    self._nursery.start_soon(listener, source)
-        except TtfsError as e:
-            source.failure = e
-            log.error("cannot verify %s: %s", source.pointer.file_name, e)
-            if self.tier is not None:
-                self.tier.on_failed(source)
-        finally:
-            self._notify(source)
+        for listener in self.discard_listeners:
+            self._nursery.start_soon(listener, source)
 
     # -- dispatch ---------------------------------------------------------------------------
     async def _dispatcher(self) -> None:
@@ -516,85 +487,27 @@ class Fetcher:
     async def _run(
         self, source: Source, first: int, last: int, background: bool, preemptible: bool = False
     ) -> None:
-        """Fetch blocks ``first..last`` with retries; wake or fail their waiters.
+        """Fetch blocks ``first..last`` (:mod:`.runs`); wake or fail their waiters.
 
         A ``preemptible`` (PREFETCH) run is cancelled when a demand fetch starts; the blocks it
         did not land go back to the queue, and the journal keeps its partial block, so the
         preemption wastes only what sat in socket buffers.
         """
-        blob = source.blob
-        bid = blob.blob_id
-        policy = self.settings.retry
-        writer = blob.writer(first)
-        attempt = 0
-        started = time.monotonic()
-        from_shared = False  # chosen per attempt: the shared tier's entry or the origin
-
-        def sink(chunk: memoryview) -> None:
-            if from_shared:
-                source.shared_bytes += len(chunk)
-                self.shared_bytes += len(chunk)
-            else:
-                source.origin_bytes += len(chunk)
-                self.origin_bytes += len(chunk)
-            landed = writer.write(chunk)
-            for index in landed:
-                state = self._blocks.pop((bid, index), None)
-                if state is not None:
-                    state.event.set()
-            if landed:
-                self._notify(source)
-
+        progress = Progress(source.blob, first)
         scope = trio.CancelScope()
         if preemptible:
-            self._preemptible[scope] = (bid, first)
+            self._preemptible[scope] = (source.blob.blob_id, first)
         try:
             with scope:
-                while writer.next_block <= last:
-                    start = writer.pos
-                    end = blob.block_range(last)[1]
-                    shared = self.tier.shared_entry(source) if self.tier is not None else None
-                    from_shared = shared is not None
-                    try:
-                        if shared is not None and self.tier is not None:
-                            self.shared_requests += 1
-                            await self.tier.read_range(source, shared, start, end, sink)
-                        else:
-                            self.origin_requests += 1
-                            await source.provider.read_range(source.pointer, start, end, sink)
-                        if writer.next_block <= last:
-                            raise TransientError(f"{source.pointer.file_name}: range ended early")
-                    except TransientError as e:
-                        attempt += 1
-                        elapsed = time.monotonic() - started
-                        if attempt >= policy.attempts or elapsed >= policy.deadline:
-                            raise
-                        delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
-                        delay *= random.uniform(0.5, 1.5)
-                        if e.retry_after is not None:
-                            delay = max(delay, min(e.retry_after, policy.max_delay * 4))
-                        level = logging.INFO if attempt <= 2 else logging.WARNING
-                        log.log(
-                            level,
-                            "retrying %s bytes %d-%d in %.2fs (attempt %d): %s",
-                            source.pointer.file_name,
-                            writer.pos,
-                            end - 1,
-                            delay,
-                            attempt,
-                            e,
-                        )
-                        self.retries += 1
-                        await trio.sleep(delay)
-                        writer = blob.writer(writer.next_block)
+                await self._runs.fetch(source, progress, last)
             if scope.cancelled_caught:
-                self._requeue(source, writer.next_block, last)
+                self._requeue(source, progress.next_block, last)
         except (TtfsError, OSError) as e:
             error: BaseException = e if isinstance(e, TtfsError) else CacheError(str(e))
-            self._fail(source, writer.next_block, last, error)
+            self._fail(source, progress.next_block, last, error)
         except BaseException as e:
             # Cancellation (shutdown) or a bug: release the waiters, then propagate.
-            self._fail(source, writer.next_block, last, CacheError(f"fetch aborted: {e!r}"))
+            self._fail(source, progress.next_block, last, CacheError(f"fetch aborted: {e!r}"))
             raise
         finally:
             self._preemptible.pop(scope, None)
@@ -664,15 +577,18 @@ class Fetcher:
         for state in self._blocks.values():
             if not state.inflight:
                 queued[state.prio.name] += 1
+        c = self.counters
         return FetcherStatistics(
             queued,
             self._inflight_total,
-            self.origin_bytes,
-            self.origin_requests,
-            self.retries,
-            self.shared_bytes,
-            self.shared_requests,
+            c.origin_bytes,
+            c.origin_requests,
+            c.retries,
+            c.shared_bytes,
+            c.shared_requests,
             self.tier.corrupt_entries if self.tier is not None else 0,
+            c.worker_requests,
+            self.pool.restarts if self.pool is not None else 0,
         )
 
     async def aclose(self) -> None:
@@ -692,6 +608,8 @@ async def open_fetcher(
             fetcher._nursery = nursery
             if fetcher.tier is not None:
                 fetcher.tier.start(nursery)
+            if fetcher.pool is not None:
+                fetcher.pool.start(nursery)
             nursery.start_soon(fetcher._dispatcher)
             nursery.start_soon(fetcher._flusher)
             try:
@@ -706,6 +624,8 @@ async def open_fetcher(
         raise
     finally:
         with trio.CancelScope(shield=True):
+            if fetcher.pool is not None:
+                await fetcher.pool.aclose()
             if fetcher.tier is not None:
                 await trio.to_thread.run_sync(fetcher.tier.close)
             await fetcher.aclose()

@@ -11,7 +11,7 @@ from ..errors import ConfigError
 from ..manifest import AzureResolution, GcsResolution, HttpResolution, Pointer, S3Resolution
 from ._stream import data_proxy, tune_httpcore
 from .azure import AzureProvider
-from .base import Provider, Sink, redact_url
+from .base import Provider, Sink, WireProvider, WireTarget, redact_url
 from .gcs import GcsProvider
 from .http import HttpProvider
 from .s3 import S3Provider
@@ -24,6 +24,8 @@ __all__ = [
     "ProviderSet",
     "S3Provider",
     "Sink",
+    "WireProvider",
+    "WireTarget",
     "data_proxy",
     "redact_url",
     "tune_httpcore",

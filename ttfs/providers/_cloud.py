@@ -33,7 +33,7 @@ from ..config import Settings
 from ..errors import AccessDenied, ProviderError
 from ..manifest import Pointer
 from ._stream import make_client, ranged_get
-from .base import Sink
+from .base import Sink, WireTarget
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +107,7 @@ class CloudProvider:
                 self._targets[key] = target
             return target
 
-    async def read_range(self, pointer: Pointer, start: int, end: int, sink: Sink) -> None:
-        if end <= start:
-            return
-        etag = self.if_match(pointer)
+    def _warn_once(self, pointer: Pointer, etag: str | None) -> None:
         key = self._object_key(pointer)
         if key not in self._told:
             self._told.add(key)
@@ -125,6 +122,27 @@ class CloudProvider:
                     if etag is not None
                     else "only the size is checked",
                 )
+
+    async def wire_target(self, pointer: Pointer) -> WireTarget:
+        """The signed target plus ``If-Match``, for a worker process."""
+        etag = self.if_match(pointer)
+        self._warn_once(pointer, etag)
+        target = await self._target(pointer)
+        headers = dict(target.headers)
+        if etag is not None:
+            headers["if-match"] = etag
+        return WireTarget(target.url, headers)
+
+    def forget_wire_target(self, pointer: Pointer) -> None:
+        self._targets.pop(self._object_key(pointer), None)
+        self._forget(pointer)
+
+    async def read_range(self, pointer: Pointer, start: int, end: int, sink: Sink) -> None:
+        if end <= start:
+            return
+        etag = self.if_match(pointer)
+        key = self._object_key(pointer)
+        self._warn_once(pointer, etag)
         for attempt in range(2):
             target = await self._target(pointer)
             headers = dict(target.headers)

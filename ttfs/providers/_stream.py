@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Iterator, Mapping
 from email.utils import parsedate_to_datetime
@@ -25,9 +24,11 @@ from typing import NoReturn
 import httpx
 
 from ..config import Settings
-from ..errors import AccessDenied, ObjectNotFound, ProviderError, StaleManifest, TransientError
+from ..errors import StaleManifest, TransientError
 from ..manifest import Pointer
 from ..procs import own_process
+from ..transfer.wire import CONTENT_RANGE
+from ..transfer.wire import status_error as wire_status_error
 from .base import Sink, redact_url
 
 log = logging.getLogger(__name__)
@@ -52,10 +53,6 @@ def tune_httpcore() -> None:
 
         current = AsyncHTTP11Connection.READ_NUM_BYTES
         AsyncHTTP11Connection.READ_NUM_BYTES = max(current, SOCKET_READ)
-
-
-CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
-TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def data_proxy(settings: Settings) -> str | None:
@@ -128,29 +125,16 @@ def mapped(url: str) -> Iterator[None]:
 def status_error(response: httpx.Response, url: str, pointer: Pointer) -> NoReturn:
     """Raise the error a non-2xx status means for ``pointer``.
 
-    408/425/429/5xx are transient; 404 is :class:`ObjectNotFound`; 401/403/410
-    :class:`AccessDenied`; 412 (an ``If-Match`` etag that no longer matches) and 416 (a range
-    beyond the object's end) mean the object is not the one the manifest describes.
+    The mapping is :func:`ttfs.transfer.wire.status_error`, shared with the workers' body path.
     """
-    status = response.status_code
-    where = f"HTTP {status} from {redact_url(url)} for {pointer.file_name}"
-    if status in TRANSIENT_STATUS or 500 <= status < 600:
-        raise TransientError(where, retry_after=retry_after(response))
-    if status == 404:
-        raise ObjectNotFound(where)
-    if status in (401, 403, 410):
-        raise AccessDenied(where)
-    if status == 412:
-        raise StaleManifest(
-            f"{pointer.file_name}: the object changed since the manifest was made (its etag "
-            f"is no longer {pointer.hash!r}); re-create the manifest ({redact_url(url)})"
-        )
-    if status == 416:
-        raise StaleManifest(
-            f"{pointer.file_name}: range not satisfiable at {redact_url(url)}: the object is "
-            f"smaller than the manifest's {pointer.size} bytes (stale manifest?)"
-        )
-    raise ProviderError(where)
+    raise wire_status_error(
+        response.status_code,
+        retry_after(response),
+        redact_url(url),
+        pointer.file_name,
+        pointer.size,
+        pointer.hash,
+    )
 
 
 async def stream_body(

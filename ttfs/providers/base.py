@@ -13,6 +13,9 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..manifest import Pointer
+from ..transfer.target import WireProvider, WireTarget
+
+__all__ = ["Provider", "Sink", "WireProvider", "WireTarget", "redact_url"]
 
 Sink = Callable[[memoryview], None]
 

@@ -33,7 +33,7 @@ from ..errors import AccessDenied, ObjectNotFound, ProviderError, StaleManifest
 from ..manifest import HttpResolution, Pointer
 from ..secrets import get_hf_token
 from ._stream import make_client, mapped, status_error, stream_body
-from .base import Sink, redact_url
+from .base import Sink, WireTarget, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,33 @@ class HttpProvider:
             if token:
                 headers["authorization"] = f"Bearer {token}"
         return headers
+
+    # -- targets for worker processes ---------------------------------------------------------
+    async def wire_target(self, pointer: Pointer) -> WireTarget | None:
+        """The resolved URL (and token, for a hub origin) of ``pointer``, once known.
+
+        None while nobody resolved the manifest URL yet: the caller's range then goes in
+        process and resolves it (one range per URL). A range asked while another resolves
+        waits for it.
+        """
+        resolution = pointer.resolution
+        if not isinstance(resolution, HttpResolution):
+            raise ProviderError(f"{pointer.file_name}: not an http pointer")
+        url = resolution.url
+        pending = self._resolving.get(url)
+        if pending is not None:
+            await pending.wait()
+        target = self._targets.get(url)
+        if target is None or time.monotonic() >= target.expires_at:
+            return None
+        headers = self._headers(pointer, target.auth, 0, 1)
+        del headers["range"]
+        return WireTarget(target.url, headers)
+
+    def forget_wire_target(self, pointer: Pointer) -> None:
+        resolution = pointer.resolution
+        if isinstance(resolution, HttpResolution):
+            self._targets.pop(resolution.url, None)
 
     # -- reads ------------------------------------------------------------------------------
     async def read_range(self, pointer: Pointer, start: int, end: int, sink: Sink) -> None:

@@ -783,6 +783,8 @@ class ModelFs:
                 "retries": stats.retries,
                 "shared_bytes": stats.shared_bytes,
                 "shared_requests": stats.shared_requests,
+                "worker_requests": stats.worker_requests,
+                "worker_restarts": stats.worker_restarts,
             },
         }
 

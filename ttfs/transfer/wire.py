@@ -1,0 +1,271 @@
+"""One ranged GET over ``http.client``, streamed into a reused buffer (the range-body path).
+
+Why not httpx here: on the 2-core VM, httpx + h11 over trio cost 3.9-4.5 CPU-s per GB on plain
+HTTP and several times more over HTTPS, where trio's SSL stream decrypts in Python-driven 16 KiB
+records. ``HTTPResponse.readinto`` of a 1 MiB ``memoryview`` runs the whole socket (or TLS)
+read loop in C (``BufferedReader.readinto`` fills the buffer), so a MiB costs a handful of
+Python calls; the bytes are then ``pwrite``n and hashed from that same buffer, never copied
+(docs/performance.md has the figures). httpx stays for everything else (redirect resolution,
+signing, the in-process path with ``--workers 0``).
+
+Checks are the same as the httpx path's (:mod:`ttfs.providers._stream`): status mapping onto the
+error tree, ``Content-Range`` start and total (a differing total is
+:class:`~ttfs.errors.StaleManifest`), short bodies, servers that ignore ``Range``. Nothing here
+logs or raises a URL with its query string (signed URLs carry credentials there).
+
+Proxies: this path connects directly and ignores ``HTTP(S)_PROXY``, as upstream truss-transfer
+does for range downloads. That choice lives here and only here.
+
+TLS trust: :func:`ssl.create_default_context`, i.e. the system store, or ``SSL_CERT_FILE`` /
+``SSL_CERT_DIR`` when set (OpenSSL reads them), the same variables httpx honours.
+"""
+
+from __future__ import annotations
+
+import http.client
+import re
+import ssl
+from collections.abc import Callable, Mapping
+from urllib.parse import urlsplit
+
+from ..errors import (
+    AccessDenied,
+    ObjectNotFound,
+    ProviderError,
+    StaleManifest,
+    TransientError,
+)
+
+CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+USER_AGENT = "ttfs/0.1"
+
+# Body bytes read per readinto/pwrite: one MiB keeps the per-MiB Python work to a few calls.
+BUFFER = 1024 * 1024
+
+Chunk = Callable[[memoryview], None]
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to log: no query string (signatures, tokens) and no userinfo."""
+    base = url.split("?", 1)[0].split("#", 1)[0]
+    scheme, sep, rest = base.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        rest = rest.split("@", 1)[1]
+    return f"{scheme}{sep}{rest}"
+
+
+def status_error(
+    status: int,
+    retry_after: float | None,
+    safe_url: str,
+    name: str,
+    size: int,
+    etag: str | None = None,
+) -> ProviderError:
+    """The error a non-2xx status means; the one mapping both body paths use.
+
+    408/425/429/5xx are transient; 404 is :class:`ObjectNotFound`; 401/403/410
+    :class:`AccessDenied`; 412 (an ``If-Match`` etag that no longer matches) and 416 (a range
+    beyond the object's end) mean the object is not the one the manifest describes.
+    """
+    where = f"HTTP {status} from {safe_url} for {name}"
+    if status in TRANSIENT_STATUS or 500 <= status < 600:
+        return TransientError(where, retry_after=retry_after)
+    if status == 404:
+        return ObjectNotFound(where)
+    if status in (401, 403, 410):
+        return AccessDenied(where)
+    if status == 412:
+        was = f" (its etag is no longer {etag!r})" if etag else ""
+        return StaleManifest(
+            f"{name}: the object changed since the manifest was made{was}; re-create the "
+            f"manifest ({safe_url})"
+        )
+    if status == 416:
+        return StaleManifest(
+            f"{name}: range not satisfiable at {safe_url}: the object is smaller than the "
+            f"manifest's {size} bytes (stale manifest?)"
+        )
+    return ProviderError(where)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """``Retry-After`` as seconds (delta form; an HTTP date is left to the backoff)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+class Connections:
+    """Keep-alive connections of one thread, per (scheme, host, port)."""
+
+    def __init__(self, connect_timeout: float, stall_timeout: float) -> None:
+        self.connect_timeout = connect_timeout
+        self.stall_timeout = stall_timeout
+        self._conns: dict[tuple[str, str, int], http.client.HTTPConnection] = {}
+        self._tls: ssl.SSLContext | None = None
+
+    def get(self, scheme: str, host: str, port: int) -> http.client.HTTPConnection:
+        key = (scheme, host, port)
+        conn = self._conns.get(key)
+        if conn is None:
+            if scheme == "https":
+                if self._tls is None:
+                    self._tls = ssl.create_default_context()
+                conn = http.client.HTTPSConnection(
+                    host, port, timeout=self.connect_timeout, context=self._tls
+                )
+            else:
+                conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+            self._conns[key] = conn
+        return conn
+
+    def drop(self, scheme: str, host: str, port: int) -> None:
+        conn = self._conns.pop((scheme, host, port), None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()
+
+
+def ranged_get(
+    conns: Connections,
+    url: str,
+    headers: Mapping[str, str],
+    start: int,
+    end: int,
+    *,
+    name: str,
+    size: int,
+    buf: memoryview,
+    on_chunk: Chunk,
+    limit: Callable[[int], int] | None = None,
+    cancelled: Callable[[], bool] | None = None,
+) -> None:
+    """GET ``[start, end)`` of ``url`` and feed the body to ``on_chunk`` in order.
+
+    ``limit(n)`` may shrink each read (the worker keeps reads inside one block); ``cancelled``
+    is polled between reads. ``buf`` is reused: ``on_chunk`` must be done with a view before
+    returning.
+
+    Raises:
+        TransientError: timeouts, resets, short bodies, bad ``Content-Range``, 408/429/5xx.
+        ObjectNotFound, AccessDenied, StaleManifest, ProviderError: see :func:`status_error`.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme
+    host = parts.hostname or ""
+    port = parts.port or (443 if scheme == "https" else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    safe = redact_url(url)
+    request_headers = {
+        "Host": parts.netloc.rsplit("@", 1)[-1],
+        "User-Agent": USER_AGENT,
+        "Accept-Encoding": "identity",
+        "Range": f"bytes={start}-{end - 1}",
+    }
+    request_headers.update(headers)
+    reuse = False
+    try:
+        for fresh in (False, True):
+            conn = conns.get(scheme, host, port)
+            try:
+                conn.request("GET", target, headers=request_headers)
+                response = conn.getresponse()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # A kept-alive connection the server closed while idle: once more, afresh.
+                conns.drop(scheme, host, port)
+                if fresh:
+                    raise
+        if conn.sock is not None:
+            conn.sock.settimeout(conns.stall_timeout)
+        reuse = _stream(response, safe, start, end, name, size, buf, on_chunk, limit, cancelled)
+    except ssl.SSLCertVerificationError as e:
+        # Not worth a retry budget: the CA will not become trusted by waiting.
+        raise ProviderError(
+            f"TLS certificate of {safe} is not trusted ({e.verify_message}); "
+            "set SSL_CERT_FILE to a CA bundle that holds its issuer"
+        ) from None
+    except TimeoutError as e:
+        raise TransientError(f"timed out on {safe} ({type(e).__name__})") from None
+    except (OSError, http.client.HTTPException) as e:
+        raise TransientError(f"network error on {safe}: {type(e).__name__}: {e}") from None
+    finally:
+        if not reuse:
+            conns.drop(scheme, host, port)
+
+
+def _stream(
+    response: http.client.HTTPResponse,
+    safe: str,
+    start: int,
+    end: int,
+    name: str,
+    size: int,
+    buf: memoryview,
+    on_chunk: Chunk,
+    limit: Callable[[int], int] | None,
+    cancelled: Callable[[], bool] | None,
+) -> bool:
+    """Check the answer and stream its body; True when the connection can be reused."""
+    status = response.status
+    if status not in (200, 206):
+        retry_after = parse_retry_after(response.getheader("retry-after"))
+        raise status_error(status, retry_after, safe, name, size)
+    skip = 0
+    if status == 206:
+        m = CONTENT_RANGE.match(response.getheader("content-range", ""))
+        if not m:
+            raise TransientError(f"bad Content-Range from {safe}")
+        first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
+        if total != "*" and int(total) != size:
+            raise StaleManifest(
+                f"{name}: origin object has {total} bytes but the manifest says {size} "
+                f"(stale manifest?) at {safe}"
+            )
+        if first != start or last < start:
+            raise TransientError(f"origin answered range {first}-{last}, asked {start}-{end - 1}")
+    else:
+        length = response.getheader("content-length")
+        if length is not None and int(length) != size:
+            raise StaleManifest(
+                f"{name}: origin object has {length} bytes but the manifest says {size} "
+                f"(stale manifest?) at {safe}"
+            )
+        skip = start  # the server ignored Range: read up to our start and drop it
+    want = end - start
+    got = 0
+    while got < want:
+        if cancelled is not None and cancelled():
+            return False
+        n = min(len(buf), want - got) if not skip else min(len(buf), skip)
+        if limit is not None and not skip:
+            n = limit(n)
+        view = buf[:n]
+        k = response.readinto(view)
+        if not k:
+            break
+        if skip:
+            skip -= k
+            continue
+        on_chunk(view[:k])
+        got += k
+    if got < want:
+        raise TransientError(f"short body from {safe}: {got} of {want} bytes ({name})")
+    if status != 206:
+        return False  # a 200 body goes on past our range: drop the connection
+    # Drain what is left of a 206 body (nothing, normally) so the connection is reusable.
+    if response.length:
+        return False
+    response.read()
+    return not response.will_close

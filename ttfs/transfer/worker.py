@@ -1,0 +1,206 @@
+"""A worker process: range GETs written straight into blob files, one report per landed block.
+
+Started by :class:`~ttfs.transfer.pool.WorkerPool` as ``python -m ttfs.transfer.worker FD PPID
+THREADS``; FD is its end of a socketpair with the coordinator. Each job runs in a thread of its
+own (``THREADS`` at most at once; the coordinator's connection budget bounds them anyway): GET
+with :func:`~ttfs.transfer.wire.ranged_get` into a 1 MiB buffer that thread reuses, ``pwrite``
+each piece at its offset, xxh3 per block from the same buffer, and a ``b`` report when a block is
+whole. The coordinator owns everything else (presence, journal, verification, retries).
+
+Lifetime: the worker exits when the coordinator dies, either way it is told: the kernel's
+``PR_SET_PDEATHSIG`` (SIGKILL when the parent dies) and EOF on the socket. It ignores SIGINT: a
+Ctrl-C in a terminal reaches the whole process group, and the coordinator, not the worker,
+decides how a run ends (it closes the socket, the worker exits). A killed worker loses only its
+in-flight ranges; the coordinator fetches them again from the last reported block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import signal
+import socket
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from os import _exit  # leave at once: no atexit, no thread joins (the coordinator is gone)
+from typing import Any
+
+import xxhash
+
+from ..errors import CacheError, CacheFull, TtfsError
+from .protocol import Decoder, Job, encode
+from .wire import BUFFER, Connections, ranged_get
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(ppid: int) -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != ppid:  # the parent died before prctl took effect
+        _exit(0)
+
+
+class Worker:
+    def __init__(self, sock: socket.socket, threads: int, connect: float, stall: float) -> None:
+        self.sock = sock
+        self.connect = connect
+        self.stall = stall
+        self._send_lock = threading.Lock()
+        self._cancelled: set[int] = set()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="get")
+        self._local = threading.local()
+
+    def send(self, msg: dict[str, Any]) -> None:
+        frame = encode(msg)
+        with self._send_lock:
+            try:
+                self.sock.sendall(frame)
+            except OSError:
+                _exit(0)  # the coordinator is gone
+
+    def serve(self) -> None:
+        decoder = Decoder()
+        while True:
+            try:
+                data = self.sock.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                _exit(0)  # EOF: the coordinator closed us or died
+            for msg in decoder.feed(data):
+                op = msg.get("op")
+                if op == "get":
+                    self._pool.submit(self._run, Job.from_message(msg))
+                elif op == "cancel":
+                    self._cancelled.add(int(msg["id"]))
+
+    # -- one job (a thread) --------------------------------------------------------------------
+    def _thread_state(self) -> tuple[Connections, memoryview]:
+        local = self._local
+        if not hasattr(local, "conns"):
+            local.conns = Connections(self.connect, self.stall)
+            local.buf = memoryview(bytearray(BUFFER))
+        return local.conns, local.buf
+
+    def _run(self, job: Job) -> None:
+        landing: _Landing | None = None
+        try:
+            landing = _Landing(self, job)
+            try:
+                conns, buf = self._thread_state()
+                ranged_get(
+                    conns,
+                    job.url,
+                    job.headers,
+                    landing.pos,
+                    job.end,
+                    name=job.name,
+                    size=job.size,
+                    buf=buf,
+                    on_chunk=landing.write,
+                    limit=landing.limit,
+                    cancelled=lambda: job.id in self._cancelled,
+                )
+            finally:
+                landing.close()
+        except TtfsError as e:
+            self.send(_end(job, e, landing))
+        except Exception as e:  # a bug: report it rather than hang the coordinator's run
+            self.send(_end(job, CacheError(f"worker failed: {type(e).__name__}: {e}"), landing))
+        else:
+            self.send(_end(job, None, landing))
+        finally:
+            self._cancelled.discard(job.id)
+
+
+def _end(job: Job, e: TtfsError | None, landing: _Landing | None) -> dict[str, Any]:
+    """The job's last report: ``ok`` or the error, plus a partial block it left behind."""
+    msg: dict[str, Any] = {"id": job.id, "end": "ok" if e is None else type(e).__name__}
+    if e is not None:
+        msg["msg"] = str(e)
+        retry_after = getattr(e, "retry_after", None)
+        if retry_after is not None:
+            msg["retry_after"] = retry_after
+    if landing is not None and landing.in_block:
+        msg["partial"] = [landing.block, landing.in_block, landing.hasher.intdigest()]
+        msg["n"] = landing.new
+    return msg
+
+
+class _Landing:
+    """Where the body bytes of one job go: pwrite at the right offset, xxh3 per block."""
+
+    def __init__(self, worker: Worker, job: Job) -> None:
+        self.worker = worker
+        self.job = job
+        try:
+            self.fd = os.open(job.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise CacheError(f"cannot open cache file {job.path}: {e}") from None
+        try:
+            if os.fstat(self.fd).st_ino != job.ino:
+                raise CacheError(f"cache file {job.path} was replaced")
+            self.block = job.block
+            block_start = job.block * job.block_size
+            self.block_end = min(block_start + job.block_size, job.size)
+            self.hasher = xxhash.xxh3_64()
+            self.in_block = job.prefix
+            if job.prefix:
+                prefix = os.pread(self.fd, job.prefix, block_start)
+                if len(prefix) != job.prefix:
+                    raise CacheError(f"cache file {job.path} is shorter than expected")
+                self.hasher.update(prefix)
+            self.pos = block_start + job.prefix
+            self.new = 0
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def limit(self, n: int) -> int:
+        """Keep one read inside the current block (one pwrite, one hash update per piece)."""
+        return min(n, self.block_end - self.pos)
+
+    def write(self, view: memoryview) -> None:
+        try:
+            written = os.pwrite(self.fd, view, self.pos)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"no space left for cache file {self.job.path}: {e}") from None
+            raise CacheError(f"cannot write {self.job.path}: {e}") from None
+        if written != len(view):
+            raise CacheFull(f"no space left for cache file {self.job.path} (short write)")
+        self.hasher.update(view)
+        self.pos += written
+        self.in_block += written
+        self.new += written
+        if self.pos >= self.block_end:
+            self.worker.send(
+                {"id": self.job.id, "b": self.block, "s": self.hasher.intdigest(), "n": self.new}
+            )
+            self.new = 0
+            self.in_block = 0
+            self.block += 1
+            self.hasher = xxhash.xxh3_64()
+            self.block_end = min(self.block_end + self.job.block_size, self.job.size)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def main(argv: list[str]) -> int:
+    fd, ppid, threads = int(argv[0]), int(argv[1]), int(argv[2])
+    connect, stall = float(argv[3]), float(argv[4])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _die_with_parent(ppid)
+    sock = socket.socket(fileno=fd)
+    Worker(sock, threads, connect, stall).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
