@@ -1,10 +1,11 @@
 """The verification follower: hash a blob in order while it downloads, then accept or discard it.
 
-One task per incomplete blob hashes the contiguous prefix of present blocks in a worker thread
-(sha256 / git blob SHA-1 / md5; hashlib releases the GIL), so by the time the last block lands
-only the tail is left to hash instead of the whole blob. A mismatch discards the blob and asks
-for it once more; a second mismatch fails it with :class:`~ttfs.errors.IntegrityError`. A corrupt
-shared-cache entry is not the origin's fault and costs no attempt.
+One task per blob being fetched (started by the blob's first request) hashes the contiguous
+prefix of present blocks in a worker thread (sha256 / git blob SHA-1 / md5; hashlib releases
+the GIL), so by the time the last block lands only the tail is left to hash instead of the
+whole blob. A mismatch discards the blob and asks for it once more; a second mismatch fails it
+with :class:`~ttfs.errors.IntegrityError`. A corrupt shared-cache entry is not the origin's
+fault and costs no attempt. A blob becoming done calls the fetcher's done listeners.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class Verifier:
         refetch: Callable[[Source], None],
         notify: Callable[[Source], None],
         counters: Counters | None = None,
+        done_listeners: list[Callable[[Source], None]] | None = None,
     ) -> None:
         self.counters = counters if counters is not None else Counters()
         self.store = store
@@ -47,6 +49,7 @@ class Verifier:
         self.verify = verify
         self.refetch = refetch
         self.notify = notify
+        self.done_listeners = done_listeners if done_listeners is not None else []
 
     def must_verify(self, source: Source) -> bool:
         return self.verify and source.blob.spec.checker.checkable
@@ -82,6 +85,8 @@ class Verifier:
                         log.info("verified %s (%s)", source.pointer.file_name, checker.algorithm)
                     if tier is not None:
                         tier.on_done(source)
+                    for on_done in self.done_listeners:
+                        on_done(source)
                     return
                 self.counters.errors["IntegrityError"] += 1
                 if tier is None or not await tier.on_mismatch(source, shared_before):

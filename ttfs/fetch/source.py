@@ -68,6 +68,7 @@ class Source:
     origin_bytes: int = 0
     shared_bytes: int = 0  # bytes read from the shared cache (b10fs) tier
     tier: BlobTier | None = None  # the shared tier's state for this blob (None: tier off)
+    following: bool = False  # its verification follower runs (started by the first request)
 
     def parked_background(self) -> bool:
         """Whether background (non-DEMAND) entries of this blob are held back."""

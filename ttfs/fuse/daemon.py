@@ -244,9 +244,10 @@ def fork_daemon(mountpoint: Path, log_file: Path, *, timeout: float = 60.0) -> D
     """
     if threading.active_count() > 1:
         return None
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        log_fd = os.open(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        perms.make_private_dir(log_file.parent)
+        # Private like the cache: a log names the files and URLs of private models.
+        log_fd = perms.open_private(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     except OSError as e:
         raise MountError(f"cannot open the log file {log_file}: {e.strerror}") from e
     read_fd, write_fd = os.pipe()

@@ -51,7 +51,7 @@ import trio
 if sys.version_info < (3, 11):  # the builtin arrived in 3.11; trio depends on the backport
     from exceptiongroup import BaseExceptionGroup
 
-from ..blocks import BlockStore
+from ..blocks import BlockStore, perms
 from ..config import Settings
 from ..errors import CacheError, MountError, TtfsError
 from ..fetch import open_fetcher
@@ -297,7 +297,7 @@ def check_cache_dir(cache_dir: Path) -> None:
     """Fail before mounting when the cache directory cannot be made or written (the store
     itself is opened only once the mount is ready)."""
     try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        perms.make_private_dir(cache_dir)  # private from the start (ttfs/blocks/perms.py)
     except OSError as e:
         raise CacheError(f"cannot create the cache directory {cache_dir}: {e.strerror}") from e
     if not os.access(cache_dir, os.W_OK | os.X_OK):

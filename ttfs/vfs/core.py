@@ -239,6 +239,9 @@ class ModelFs:
         self._fast_disabled: str | None = None if options.fast_path else "off (--no-fast-path)"
         self._invalidate: Callable[[Inode, str], None] | None = None
         self._rechecking: dict[str, trio.Event] = {}  # set once changed blocks are dropped
+        # Files waiting for their blob to be done before the fast path can serve them (granted
+        # by the fetcher's done listener: no task per file, so 10^5 files park nothing).
+        self._awaiting_done: dict[str, list[_File]] = {}
 
     @property
     def file_count(self) -> int:
@@ -640,10 +643,17 @@ class ModelFs:
                 g.served_before = None
                 self._grant(g)
 
-    async def _watch(self, f: _File, source: Source) -> None:
-        """Switch ``f`` to the fast path once its blob is whole and verified."""
-        await source.done.wait()
-        self._grant(f)
+    def _watch(self, f: _File, source: Source) -> None:
+        """Switch ``f`` to the fast path now, or once its blob is whole and verified."""
+        if source.done.is_set():
+            self._grant(f)
+        else:
+            self._awaiting_done.setdefault(source.blob.blob_id, []).append(f)
+
+    def _on_done(self, source: Source) -> None:
+        """The fetcher's done listener: grant the files that waited for this blob."""
+        for f in self._awaiting_done.pop(source.blob.blob_id, ()):
+            self._grant(f)
 
     def readlink(self, ino: int, pid: int = 0, uid: int | None = None) -> bytes:
         """The target of a link inode, checked again on every path walk through it.
@@ -920,8 +930,7 @@ class ModelFs:
         # A few openers in parallel; opens of different blobs do not wait on each other (the
         # fetcher's single-flight is per blob), so a reader's open() never queues behind them.
         files = iter(list(self._files.values()))
-        assert self._nursery is not None
-        nursery_of_watchers = self._nursery
+        self.fetcher.done_listeners.append(self._on_done)
 
         async def opener() -> None:
             for f in files:
@@ -931,7 +940,7 @@ class ModelFs:
                     log.error("cannot open %s: %s", f.pointer.file_name, e.cause)
                     continue
                 if self._fast_disabled is None:
-                    nursery_of_watchers.start_soon(self._watch, f, source)
+                    self._watch(f, source)
 
         async with trio.open_nursery() as nursery:
             for _ in range(_OPENERS):

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..blocks import perms
 from ..manifest import Pointer
 
 log = logging.getLogger(__name__)
@@ -176,8 +177,15 @@ class TraceStore:
         for where, path in self._paths(trace.digest):
             tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp.write_text(text)
+                if where == "local":  # in the private cache: names a private model's files
+                    perms.make_private_dir(path.parent)
+                    with open(
+                        perms.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w"
+                    ) as f:
+                        f.write(text)
+                else:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp.write_text(text)
                 os.replace(tmp, path)
                 written.append(where)
             except OSError as e:
