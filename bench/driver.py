@@ -14,6 +14,9 @@ What it proves, per origin profile (``cdn``: 25 MB/s per connection + 20 ms per 
   through a cold mount vs ``ttfs materialize`` alone vs ``snapshot_download`` then load; a warm
   sequential read through the mount vs reading the cached blob files directly (page-cache hot,
   and after dropping the page cache, which is global and only done there).
+* **Lazy loads** (``--only lazy``, :mod:`bench.lazy`): cold mount + ``load_file`` of every
+  shard (sequential, with a recorded access trace, four threads) vs cold mount + materialize at
+  512 MiB and 1 GiB shards, and the first tensor of a cold 1 GiB shard vs rclone mount.
 * **Fast path** (``--only fastpath``, :mod:`bench.fastpath`): a materialized mount read with
   1 MiB reads and with ``load_file``, fast path on and off, against the blob files, at 512 MiB
   and 1 GiB shards; page-cache footprint.
@@ -64,7 +67,8 @@ Sample = dict[str, float]
 
 EAGER = ("resolve", "materialize", "snapshot", "hf_transfer", "aria2c", "curl", "rclone")
 LAZY = ("tensor", "tensor_noprefetch", "tensor_rclone", "load_mount", "warm_read", "snapshot_load")
-SEPARATE = ("fastpath",)  # own origin and model, run once, not per profile (bench/fastpath.py)
+# Own origin and model, run once, not per profile (bench/fastpath.py, bench/lazy.py).
+SEPARATE = ("fastpath", "lazy")
 ITEMS = EAGER + LAZY + SEPARATE
 
 
@@ -599,14 +603,21 @@ def main(argv: list[str] | None = None) -> int:
 
         with CHILDREN:
             extra = fastpath.run(work / "fastpath", shard_sizes=[512, 1024], runs=args.runs)
-        if not args.items:
-            print()
-            print(extra)
-            args.results.mkdir(parents=True, exist_ok=True)
-            out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}-fastpath.md"
-            out.write_text(f"# ttfs bench (fastpath), {started}\n\n{extra}")
-            print(f"bench: results written to {out}")
-            return 0
+    if "lazy" in separate:
+        from . import lazy
+
+        (work / "lazy" / "data").mkdir(parents=True, exist_ok=True)
+        with CHILDREN, Nginx(work / "lazy" / "data", work / "lazy" / "nginx") as lazy_nginx:
+            extra += lazy.run(work / "lazy", lazy_nginx, shard_sizes=[512, 1024], runs=args.runs)
+    if separate and not args.items:
+        print()
+        print(extra)
+        args.results.mkdir(parents=True, exist_ok=True)
+        which = "+".join(separate)
+        out = args.results / f"{time.strftime('%Y%m%d-%H%M%S')}-{which}.md"
+        out.write_text(f"# ttfs bench ({which}), {started}\n\n{extra}")
+        print(f"bench: results written to {out}")
+        return 0
     for size in args.sizes:
         args.size = size
         texts.append(run_size(args))

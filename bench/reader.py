@@ -13,6 +13,8 @@ Commands (paths are absolute):
 * ``{"op": "read", "paths": [...], "buf": B}``: sequential ``readinto`` of every file with a
   ``B``-byte buffer (8 MiB unless given).
 * ``{"op": "load_file", "paths": [...]}``: ``safetensors.numpy.load_file`` of every shard.
+* ``{"op": "load_threads", "paths": [...]}``: the same, one thread per shard at once (as vLLM's
+  loader threads read different shards).
 * ``{"op": "sha256", "paths": [...]}``: hex digests (output checks).
 
 Answer: ``{"ok": true, "seconds": s, "cpu": c, "bytes": n, ...}`` (``cpu``: user+system seconds
@@ -58,6 +60,13 @@ def _load_file(paths: list[str]) -> int:
     return total
 
 
+def _load_threads(paths: list[str]) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(paths)) as pool:
+        return sum(pool.map(lambda p: _load_file([p]), paths))
+
+
 def _cpu() -> float:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return ru.ru_utime + ru.ru_stime
@@ -101,6 +110,8 @@ def handle(cmd: dict[str, Any]) -> dict[str, Any]:
         n = _read(cmd["paths"], int(cmd.get("buf", BUF)))
     elif op == "load_file":
         n = _load_file(cmd["paths"])
+    elif op == "load_threads":
+        n = _load_threads(cmd["paths"])
     elif op == "sha256":
         extra["digests"] = _sha256(cmd["paths"])
         n = 0

@@ -380,12 +380,13 @@ def ttfs_cli(
     )
 
 
-def read_tree(root: Path) -> dict[str, bytes]:
-    """Every regular file under ``root`` by relative path."""
+def read_tree(root: Path, *, follow_links: bool = False) -> dict[str, bytes]:
+    """Every regular file under ``root`` by relative path (and, with ``follow_links``, every
+    link to one: a mount answers a verified file as a link into its blob store)."""
     return {
         str(p.relative_to(root)): p.read_bytes()
         for p in sorted(root.rglob("*"))
-        if p.is_file() and not p.is_symlink()
+        if p.is_file() and (follow_links or not p.is_symlink())
     }
 
 
@@ -416,7 +417,7 @@ def mount_and_read(
 
     require_fuse()
     with mounted(manifest, mountpoint, cache, "--root", root, env=env) as m:
-        files = read_tree(mountpoint)
+        files = read_tree(mountpoint, follow_links=True)
         done = ttfs_cli("materialize", "--no-progress", str(mountpoint), env=env, timeout=120)
         assert done.returncode == 0, done.stderr
         text = ttfs_cli("status", str(mountpoint), env=env)

@@ -387,3 +387,28 @@ def test_another_user_who_cannot_read_the_cache_gets_the_daemon_path(
             assert root["served_by_kernel"] == 0 and "cannot read the cache" in root["fast_path"]
     finally:
         shutil.rmtree(public, ignore_errors=True)
+
+
+def test_linked_blobs_survive_the_mounts_eviction(
+    tmp_path: Path, manifest: Path, model: Path, origin: Origin
+) -> None:
+    """With ``--cache-size`` far below the model, the mount's evictor removes another model's
+    blob from the cache but never a blob a link of this mount points to."""
+    cache = tmp_path / "cache"
+    (model / "other.bin").write_bytes(os.urandom(3 * BS))
+    other = tmp_path / "other.json"
+    write_manifest(origin, model, other, names=["other.bin"])
+    with mounted(other, tmp_path / "mnt-other", cache) as m:
+        _materialize(m.mountpoint)
+    other_blob = Path(os.path.realpath(cache)) / "blobs"
+    other_files = [p for p in other_blob.rglob("*") if p.is_file() and "." not in p.name]
+    assert len(other_files) == 1
+    with mounted(manifest, tmp_path / "mnt", cache, "--cache-size", "1M") as m:
+        mnt = m.mountpoint
+        _materialize(mnt)
+        wait_for(lambda: _all_links(mnt, NAMES), 30, "links")
+        wait_for(lambda: not other_files[0].exists(), 30, "the other model's blob to be evicted")
+        for name in NAMES:
+            assert os.path.exists(os.readlink(mnt / name))
+            assert sha256_file(mnt / name) == sha256_file(model / name)
+        assert status(mnt)["served_by_kernel"] == len(NAMES)

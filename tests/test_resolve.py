@@ -211,6 +211,9 @@ def test_kill_9_mid_resolve_then_resume(origin: Origin, tmp_path: Path) -> None:
         proc.wait()
     time.sleep(0.2)  # let the origin notice the dead connections and correct its counters
     first = origin.stats.snapshot().bytes_sent
+    # What reached the cache's files: bytes still in socket buffers at the kill are lost, and
+    # on a loaded machine that can be megabytes per connection, so the bound counts these.
+    landed = allocated_bytes(cache / "blobs")
 
     # After the kill a destination is absent or complete and correct; nothing temporary.
     assert not leftovers(out)
@@ -229,10 +232,10 @@ def test_kill_9_mid_resolve_then_resume(origin: Origin, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert_same_files(out, files)
     assert not leftovers(out)
-    served = origin.stats.snapshot().bytes_sent
-    assert served <= total + len(files) * BLOCK, (
-        f"origin served {served - total} bytes more than the model "
-        f"({(served - total) / MiB:.1f} MiB, first run {first / MiB:.1f} MiB)"
+    second = origin.stats.snapshot().bytes_sent - first
+    assert second <= total - landed + len(files) * BLOCK, (
+        f"the resume fetched {second - (total - landed)} bytes more than had not landed "
+        f"({(second - total + landed) / MiB:.1f} MiB, first run {first / MiB:.1f} MiB)"
     )
 
 

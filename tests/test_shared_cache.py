@@ -5,6 +5,7 @@ replicas and refuses truncated or corrupt entries. Cross-process runs: test_shar
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -368,6 +369,38 @@ async def test_entry_is_read_in_parallel_ranges_not_from_origin(
     assert fake.calls == [] and stats.origin_bytes == 0
     assert stats.shared_bytes == len(data)
     assert stats.shared_requests >= 5  # 16 MiB runs in parallel, not one stream
+
+
+@pytest.mark.parametrize("kernel", ["copy_file_range", "refused"])
+async def test_hot_start_copies_in_the_kernel(
+    kernel: str, settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entry bytes reach the blob by copy_file_range (none through a Python read/write
+    loop); where the kernel refuses (EXDEV), the worker thread copies and the result is
+    the same. Either way the blob is hashed before use."""
+    data = ramp(20 * BS + 7)
+    shared = tmp_path / "b10"
+    put(shared / hashlib.sha256(data).hexdigest(), data)
+    copied = [0]
+    real = os.copy_file_range
+
+    def counting(src: int, dst: int, count: int, *args: int) -> int:
+        if kernel == "refused":
+            raise OSError(errno.EXDEV, "cross-device")
+        n = real(src, dst, count, *args)
+        copied[0] += n
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", counting)
+    fake = FakeProvider({"m.bin": data})
+    async with tiered(settings, fake, shared) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        await fetcher.settled(source)
+        assert source.blob.verified and source.blob.pread(0, len(data)) == data
+        assert fetcher.statistics().shared_bytes == len(data)
+    assert fake.calls == []
+    assert copied[0] == (len(data) if kernel == "copy_file_range" else 0)
 
 
 async def test_verified_blob_is_published_and_lock_released(

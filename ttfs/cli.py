@@ -72,8 +72,8 @@ def common_options(f: F) -> F:
             "--cache-dir",
             type=click.Path(path_type=Path),
             envvar="TTFS_CACHE_DIR",
-            help="Block cache directory [default: /var/cache/ttfs as root, else "
-            "$XDG_CACHE_HOME/ttfs].",
+            help="Block cache directory [default: resolve: .ttfs beside the files, on their "
+            "filesystem; mount: /var/cache/ttfs as root, else $XDG_CACHE_HOME/ttfs].",
         ),
         click.option(
             "--cache-size",

@@ -93,4 +93,6 @@ def served_file(path: Path | str) -> None:
     Raises:
         OSError: the mode cannot be changed.
     """
-    os.chmod(path, output_mode())
+    mode = output_mode()
+    if os.stat(path).st_mode & 0o777 != mode:  # a chmod changes ctime: only when needed
+        os.chmod(path, mode)

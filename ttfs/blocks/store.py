@@ -68,6 +68,8 @@ log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
 _HASH_CHUNK = 1024 * 1024
+# Piece size of the buffered fallback of kernel_copy (a worker thread's buffer).
+_READ_CHUNK = 8 * 1024 * 1024
 # preadv flag: fail instead of waiting for the device (Linux >= 4.14); 0 where missing.
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # Journal record: block index, bytes of the block written so far, xxh3-64 of those bytes.
@@ -88,6 +90,43 @@ class StoreStatistics:
     blobs: int
     bytes_present: int
     open_blobs: int
+
+
+# copy_file_range refuses these file pairs on some kernels and filesystems (cross-filesystem
+# before Linux 5.19, FUSE, some network filesystems): copy through a worker thread's buffer.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EBADF}
+)
+
+
+def kernel_copy(src: int, dst: int, offset: int, length: int) -> None:
+    """Copy ``[offset, offset+length)`` of ``src`` to the same offsets of ``dst`` (blocking).
+
+    ``copy_file_range``: the bytes never enter Python; the kernel reflinks (btrfs, XFS),
+    asks the server to copy (NFS 4.2) or copies page to page. Where it is refused, ``pread`` /
+    ``pwrite`` in 8 MiB pieces (still in the calling worker thread).
+
+    Raises:
+        EOFError: ``src`` ended before ``offset+length``.
+        OSError: reading or writing failed.
+    """
+    done = 0
+    while done < length:
+        try:
+            n = os.copy_file_range(src, dst, length - done, offset + done, offset + done)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            break
+        if n == 0:
+            raise EOFError(f"source ended at {offset + done}")
+        done += n
+    while done < length:
+        data = os.pread(src, min(_READ_CHUNK, length - done), offset + done)
+        if not data:
+            raise EOFError(f"source ended at {offset + done}")
+        os.pwrite(dst, data, offset + done)
+        done += len(data)
 
 
 def _block_sum(data: bytes | memoryview) -> int:
@@ -438,6 +477,56 @@ class RunWriter:
     @property
     def next_block(self) -> int:
         return self.block
+
+    def copy_from(self, fd: int, length: int) -> list[tuple[int, int]]:
+        """Copy the next ``length`` bytes from ``fd`` (same offsets) in the kernel (blocking).
+
+        For a source that holds the blob's bytes at the blob's offsets (a shared-cache entry):
+        :func:`kernel_copy` moves them, then each piece is read back from the page cache once
+        for its block checksum and journalled, as :meth:`write` does. Returns the blocks it
+        completed as ``(index, checksum)``; the caller lands them on its own thread (presence
+        is the event loop's state). Call from one worker thread at a time per writer.
+
+        Raises:
+            EOFError: ``fd`` ended early.
+            CacheFull: the cache disk is full.
+            OSError: reading ``fd`` or writing the data file failed.
+        """
+        blob = self.blob
+        done: list[tuple[int, int]] = []
+        end = self.pos + length
+        while self.pos < end:
+            take = min(end, self._block_end) - self.pos
+            if take <= 0:
+                raise CacheError(f"blob {blob.blob_id}: copy past the end of the run")
+            fds = blob.store.fds
+            dst = fds.acquire(blob)  # a lease: the descriptors stay open while we use them
+            try:
+                try:
+                    kernel_copy(fd, dst, self.pos, take)
+                    data = os.pread(dst, take, self.pos)
+                except OSError as e:
+                    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                        raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
+                    raise
+                if len(data) != take:
+                    raise CacheError(f"{blob.path}: short read back after a copy")
+                self._hasher.update(data)
+                self.pos += take
+                digest = self._hasher.intdigest()
+                written_in_block = self.pos - self.block * blob.block_size
+                blob.journal(self.block, written_in_block, digest)
+            finally:
+                fds.release(blob)
+            if self.pos < self._block_end:
+                blob.partial[self.block] = written_in_block
+            else:
+                done.append((self.block, digest))
+                self.block += 1
+                self._hasher = xxhash.xxh3_64()
+                if self.block < blob.n_blocks:
+                    self._block_end = blob.block_range(self.block)[1]
+        return done
 
     def write(self, data: bytes | memoryview) -> list[int]:
         blob = self.blob

@@ -183,7 +183,19 @@ class RunExecutor:
             tier = self.tier
             entry = tier.shared_entry(source) if tier is not None else None
             assert tier is not None and entry is not None
-            await tier.read_range(source, entry, start, end, sink)
+
+            def copied(n: int, done: list[tuple[int, int]]) -> None:
+                # A kernel copy from the shared cache completed these blocks: land them here,
+                # on the event loop, which owns presence.
+                for index, digest in done:
+                    blob.land(index, digest)
+                source.shared_bytes += n
+                counters.shared_bytes += n
+                progress.next_block = writer.next_block
+                if done:
+                    self.landed(source, [index for index, _ in done])
+
+            await tier.copy_range(source, entry, writer, end, copied)
         else:
             await source.provider.read_range(source.pointer, start, end, sink)
 

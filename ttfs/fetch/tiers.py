@@ -30,11 +30,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import trio
 
+from ..blocks import RunWriter
 from ..blocks.shared import Decision, SharedCache, SharedFile
 from ..config import SharedCacheConfig
 from ..errors import CacheError, TransientError
@@ -42,15 +43,11 @@ from ..manifest import Pointer
 from .replicas import ReplicaLocks
 from .source import BlobTier, Source, TierHost, TierState
 
-if TYPE_CHECKING:  # providers import httpx: not on the mount path before ready
-    from ..providers.base import Sink
-
 log = logging.getLogger(__name__)
 
-# Shared-entry reads: 256 KiB pieces into one reused buffer per run stay in the CPU cache
-# between the pread and the block store's pwrite + checksum; measured on the 2-core VM (CPU time
-# per byte, page-cache-hot entry): 256 KiB ~420 MiB per CPU-second, 1 MiB ~340, 4 MiB ~190.
-_READ_CHUNK = 256 * 1024
+# Shared-entry copies: one worker-thread hop per 8 MiB piece (kernel copy + one read back for
+# the block checksums); a preempted run waits for at most one piece.
+_COPY_PIECE = 8 * 1024 * 1024
 # Worker threads reading entries at once (a network filesystem is latency-bound: several reads
 # in flight); their own limiter, so they never starve the hashing threads.
 _READERS = 16
@@ -160,19 +157,27 @@ class SharedTier:
             return None
         return st.entry
 
-    async def read_range(
-        self, source: Source, entry: SharedFile, start: int, end: int, sink: Sink
+    async def copy_range(
+        self,
+        source: Source,
+        entry: SharedFile,
+        writer: RunWriter,
+        end: int,
+        landed: Callable[[int, list[tuple[int, int]]], None],
     ) -> None:
-        """Stream ``[start, end)`` of the shared entry into ``sink`` (pread in a thread).
+        """Copy ``[writer.pos, end)`` of the shared entry into the blob, in the kernel.
+
+        ``copy_file_range`` in a worker thread, one 8 MiB piece per hop (reflink, NFS
+        server-side copy or page-to-page: no byte passes through Python), then the piece is
+        read back once for its block checksums; ``landed(bytes, blocks)`` runs on the event
+        loop after each piece. The follower still hashes the blob against the manifest before
+        anything uses it: a poisoned entry never reaches a reader.
 
         Raises:
             TransientError: the entry cannot be read or got shorter; it is then ignored for the
                 rest of the process, so the scheduler's retry goes to the origin.
+            CacheError: writing the local blob failed (CacheFull when the disk is full).
         """
-        offset = start
-        # One buffer per run, reused: the sink copies it out (pwrite) before the next read.
-        buf = bytearray(min(_READ_CHUNK, max(end - start, 1)))
-        view = memoryview(buf)
         # One descriptor per run, not per blob: the entries of a big manifest do not fit the
         # open-file limit at once (ttfs/blocks/descriptors.py has the same reason).
         try:
@@ -183,21 +188,23 @@ class SharedTier:
             self._drop(source, f"cannot open it: {e}")
             raise TransientError(f"b10cache entry {entry.path}: {e}") from e
         try:
-            while offset < end:
-                n = min(len(buf), end - offset)
-                part = view[:n]
+            while writer.pos < end:
+                n = min(_COPY_PIECE, end - writer.pos)
                 try:
-                    got = await trio.to_thread.run_sync(
-                        os.preadv, fd, [part], offset, limiter=self._readers
+                    done = await trio.to_thread.run_sync(
+                        writer.copy_from, fd, n, limiter=self._readers
                     )
+                except EOFError as e:
+                    self._drop(source, "it is shorter than expected")
+                    raise TransientError(
+                        f"b10cache entry {entry.path} is shorter than expected"
+                    ) from e
+                except CacheError:
+                    raise
                 except OSError as e:
                     self._drop(source, f"read failed: {e}")
                     raise TransientError(f"b10cache read of {entry.path} failed: {e}") from e
-                if got != n:
-                    self._drop(source, "it is shorter than expected")
-                    raise TransientError(f"b10cache entry {entry.path} is shorter than expected")
-                sink(part)
-                offset += n
+                landed(n, done)
         finally:
             os.close(fd)
 
