@@ -126,6 +126,9 @@ class HttpProvider:
         pending = self._resolving.get(url)
         if pending is not None:
             await pending.wait()
+            final = self._final_errors.get(pending)
+            if final is not None:
+                raise final  # 404, 403, stale size: shared with every waiter, no new request
         target = self._targets.get(url)
         if target is None or time.monotonic() >= target.expires_at:
             return None
