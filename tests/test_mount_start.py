@@ -140,6 +140,6 @@ def test_100k_file_manifest_is_visible_quickly(tmp_path: Path) -> None:
             f"{startup['ready_seconds']}), CPU {cpu:.2f}s (CLI {cli_cpu:.2f} + daemon "
             f"{startup['cpu_seconds']}), pid {m.pid}"
         )
-        # Measured 2.5-3.9 s of CPU on the 2-core VM under load (7.5 s before issue 11);
+        # Measured 2.5-3.9 s of CPU on the 2-core VM under load (~13 s before issue 11);
         # 6 s leaves room for a slower machine without letting the old cost back in.
         assert cpu < 6.0, (cpu, startup)
