@@ -152,7 +152,11 @@ def test_trace_is_recorded_published_replayed_and_ignored_when_the_manifest_chan
             wait_for(lambda: status(mnt)["prefetch"]["state"] == "done", timeout=60)
             assert status(mnt)["trace"]["source"] == "local"
         seen = _data_requests(origin)
-        assert seen[:4] == [(name, block * BS) for name, block in order], seen
+        assert seen[:2] == [(name, block * BS) for name, block in order[:2]], seen
+        # Each trace block is first fetched in trace order. (A run may reach the origin as
+        # several requests, so the neighbours of a trace block can come between two of them.)
+        firsts = [seen.index((name, block * BS)) for name, block in order]
+        assert firsts == sorted(firsts), seen
 
         # The manifest changes (a.bin has new bytes): the trace is another model's, ignored.
         (src / "a.bin").write_bytes(os.urandom(6 * BS))
