@@ -117,12 +117,14 @@ def test_trace_is_recorded_published_replayed_and_ignored_when_the_manifest_chan
         with mounted(manifest, mnt, tmp_path / "cache1", *args):
             for name, block in order:
                 _read_block(mnt / name, block)
-            wait_for(lambda: status(mnt)["trace"].get("saved_blocks") == 4, timeout=30)
+            # >= 4: under load the kernel may read around a block into its neighbour.
+            wait_for(lambda: status(mnt)["trace"].get("saved_blocks", 0) >= 4, timeout=60)
             doc = status(mnt)["trace"]
             assert doc["source"] == "none" and doc["saved_to"] == ["local", "shared"]
         digest = doc["manifest"]
         published = json.loads((shared / SHARED_DIR / f"{digest}.json").read_text())
-        assert [r[1:] for r in published["runs"]] == [[4, 4], [1, 1], [0, 0], [0, 0]]
+        runs = published["runs"]
+        assert [r[1] for r in runs[:4]] == [4, 1, 0, 0], runs  # first blocks, in read order
         assert (tmp_path / "cache1" / "traces" / f"{digest}.json").exists()
 
         # Replica 2: a new local cache, the same shared cache; prefetch on, one background
