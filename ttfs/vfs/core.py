@@ -532,7 +532,12 @@ class ModelFs:
         # and the store never evicts an open blob (BlockStore.evict).
         if f.served_before is None:
             assert self._nursery is not None
-            self._nursery.start_soon(self._record_link, blob.blob_id, held)
+            try:
+                self._nursery.start_soon(self._record_link, blob.blob_id, held)
+            except RuntimeError:
+                # Shutting down: a blob verified in the last moments is not linked (nothing
+                # may start in a closed nursery); the next mount checks it and links it then.
+                return False
         f.served_before = held
         f.link = held
         f.fast_off = None
