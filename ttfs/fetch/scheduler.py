@@ -435,7 +435,13 @@ class Fetcher:
                 # Readahead keeps going: it serves the reader.
                 if allowed and prio == Priority.PREFETCH:
                     quiet_until = self._last_demand + PREFETCH_QUIET
-                    if self._demand_inflight or trio.current_time() < quiet_until:
+                    if self._demand_inflight:
+                        # The demand's end wakes us (and starts the quiet period). Waking at
+                        # quiet_until, already past while a demand is in flight, spun this
+                        # loop and starved the GIL of the threads the demand waited on (a
+                        # boto3 client built in a thread took minutes).
+                        allowed = False
+                    elif trio.current_time() < quiet_until:
                         allowed = False
                         resume_at = quiet_until
                 if allowed and prio != Priority.DEMAND and source.runs_inflight >= self._per_blob:
