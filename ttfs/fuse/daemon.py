@@ -144,6 +144,20 @@ def error_message(error: BaseException) -> bytes:
     return ERROR + f" {code} {text}".encode()
 
 
+def _open_log(log_file: Path) -> int:
+    """Open the daemon's log for appending, private like the cache (a log names the files and
+    URLs of private models).
+
+    Raises:
+        MountError: the log file cannot be created or opened.
+    """
+    try:
+        perms.make_private_dir(log_file.parent)
+        return perms.open_private(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except OSError as e:
+        raise MountError(f"cannot open the log file {log_file}: {e.strerror}") from e
+
+
 def spawn(
     args: Sequence[str],
     mountpoint: Path,
@@ -159,12 +173,7 @@ def spawn(
         MountError: the daemon failed (with its reason), died, or was not ready in time.
         TtfsError: the daemon reported another error class (its exit code is kept).
     """
-    try:
-        perms.make_private_dir(log_file.parent)
-        # Private like the cache: a log names the files and URLs of private models.
-        log_fd = perms.open_private(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
-    except OSError as e:
-        raise MountError(f"cannot open the log file {log_file}: {e}") from e
+    log_fd = _open_log(log_file)
     read_fd, write_fd = os.pipe()
     cmd = [
         python or sys.executable,
@@ -244,12 +253,7 @@ def fork_daemon(mountpoint: Path, log_file: Path, *, timeout: float = 60.0) -> D
     """
     if threading.active_count() > 1:
         return None
-    try:
-        perms.make_private_dir(log_file.parent)
-        # Private like the cache: a log names the files and URLs of private models.
-        log_fd = perms.open_private(log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    except OSError as e:
-        raise MountError(f"cannot open the log file {log_file}: {e.strerror}") from e
+    log_fd = _open_log(log_file)
     read_fd, write_fd = os.pipe()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
