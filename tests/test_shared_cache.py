@@ -133,15 +133,18 @@ def test_cleanup_hours_rule_never_touches_the_current_manifest(tmp_path: Path) -
     cache = SharedCache(config(d, cleanup_hours=96))
     put(d / "cur", b"x" * 100, age_hours=1000)  # ancient, but in the manifest
     put(d / "cur-bad", b"x" * 5, age_hours=1000)  # in the manifest, wrong size: reported, kept
-    put(d / "cur.lock", b"", age_hours=1000)  # side files of the current manifest are in use
+    put(d / "cur-bad.lock", b"", age_hours=1000)  # side files of the current manifest: in use
+    put(d / "cur.lock", b"", age_hours=1000)  # stale, beside its complete entry: broken
+    put(d / "cur2", b"x" * 7, age_hours=1)
+    put(d / "cur2.lock", b"", age_hours=0)  # live beside its entry: the holder is unlocking
     put(d / "old", b"o" * 10, age_hours=97)
     put(d / "old.incomplete", b"o", age_hours=200)
     put(d / "young", b"y" * 20, age_hours=95)
     (d / "subdir").mkdir()
-    stats = cache.cleanup({"cur": 100, "cur-bad": 6})
+    stats = cache.cleanup({"cur": 100, "cur-bad": 6, "cur2": 7})
     left = sorted(p.name for p in d.iterdir())
-    assert left == ["cur", "cur-bad", "cur.lock", "subdir", "young"]
-    assert stats.cached_bytes == 100  # only right-sized manifest entries count
+    assert left == ["cur", "cur-bad", "cur-bad.lock", "cur2", "cur2.lock", "subdir", "young"]
+    assert stats.cached_bytes == 107  # only right-sized manifest entries count
     assert (stats.deleted_files, stats.deleted_bytes, stats.stale_bytes) == (2, 11, 20)
     assert stats.available_bytes > 0
 

@@ -134,11 +134,19 @@ def test_a_killed_lock_holder_delays_others_only_until_the_stale_timeout(
     shared = tmp_path / "b10fs"
     origin.rate_limit = 256 * KiB  # the holder is slow: it is still fetching when killed
     holder = start_resolve(manifest, tmp_path / "out-a", b10fs_env(tmp_path / "cache-a", shared))
-    # Kill it once the small files are published (not mid-copy) and big ones are locked.
+    # Kill it once the small files are published and unlocked (not mid-copy, not between
+    # publishing and unlocking: that lock would stay beside its entry until a later cleanup
+    # breaks it) and big ones are locked.
     pointers = json.loads(manifest.read_text())["pointers"]
     small = [shared / p["hash"] for p in pointers if p["size"] < MiB]
+    small_locks = {f"{p.name}.lock" for p in small}
+
+    def killable() -> bool:
+        held = {p.name for p in shared.glob("*.lock")}
+        return all(p.exists() for p in small) and bool(held) and not held & small_locks
+
     deadline = time.monotonic() + 30
-    while not (all(p.exists() for p in small) and list(shared.glob("*.lock"))):
+    while not killable():
         assert time.monotonic() < deadline, "the first replica never took a lock"
         assert holder.poll() is None, holder.communicate()[1]
         time.sleep(0.05)

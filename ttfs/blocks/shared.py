@@ -221,7 +221,10 @@ class SharedCache:
         deleted (a wrong-sized one is reported). Every other regular file is deleted when its
         atime is older than the cleanup hours; of the rest, oldest atime first, until they fit
         the max stale size. The live side files of this manifest (``.lock``, ``.incomplete``)
-        and of others (mtime newer than the lock timeout) are left alone: replicas use them.
+        and of others (mtime newer than the lock timeout) are left alone: replicas use them. A
+        stale lock beside its complete entry (a holder died between publishing and unlocking)
+        is broken: nobody waits on it, and the rules above would keep it while this model is
+        in use.
 
         Raises:
             CacheError: the directory cannot be listed or measured (fatal, as upstream).
@@ -231,6 +234,8 @@ class SharedCache:
         max_age = cfg.cleanup_hours * 3600.0
         cached = deleted = deleted_bytes = 0
         candidates: list[tuple[float, int, Path]] = []
+        present: set[str] = set()
+        manifest_locks: list[str] = []
         try:
             entries = list(os.scandir(self.directory))
         except OSError as e:
@@ -246,6 +251,7 @@ class SharedCache:
             if name in sizes:
                 if st.st_size == sizes[name]:
                     cached += st.st_size
+                    present.add(name)
                 else:
                     log.warning(
                         "b10cache entry %s has %d bytes, the manifest says %d: ignored until "
@@ -260,6 +266,8 @@ class SharedCache:
                 owner in sizes or now - st.st_mtime < cfg.lock_stale_secs
             )
             if live_side_file:
+                if suffix == LOCK and owner in sizes:
+                    manifest_locks.append(owner)
                 continue
             if now - st.st_atime > max_age:
                 if self._delete(Path(entry.path), st.st_size, "unused for longer than the limit"):
@@ -267,6 +275,9 @@ class SharedCache:
                     deleted_bytes += st.st_size
                 continue
             candidates.append((st.st_atime, st.st_size, Path(entry.path)))
+        for blob_id in manifest_locks:
+            if blob_id in present:
+                self._break_published_lock(blob_id, now)
         stale = sum(size for _, size, _ in candidates)
         if cfg.max_stale_bytes is not None and stale > cfg.max_stale_bytes:
             for _, size, path in sorted(candidates, key=lambda c: c[0]):
@@ -287,6 +298,17 @@ class SharedCache:
             deleted_bytes=deleted_bytes,
             stale_bytes=stale,
         )
+
+    def _break_published_lock(self, blob_id: str, now: float) -> None:
+        try:
+            info = self.inspect_lock(blob_id)
+        except OSError:
+            return
+        if info is None:
+            return
+        reason = self.lock_stale(blob_id, info, now=now)
+        if reason is not None:
+            self.break_lock(blob_id, info, f"its entry is published; {reason}")
 
     @staticmethod
     def _delete(path: Path, size: int, why: str) -> bool:
