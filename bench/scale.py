@@ -16,9 +16,10 @@ measures, each as a separate process:
 * read: a child reads every file and compares its sha256 with the manifest's;
 * status: ``ttfs status --json MNT``;
 
-then the daemon's peak RSS (VmHWM), its descriptors, its CPU seconds (utime + stime from
-/proc, robust to other load on the machine), and whether it is still alive. Wall-clock times
-are reported as measured; on a shared machine quote the CPU figures. Stdlib and ttfs only.
+then the daemon's peak RSS (VmHWM), its descriptors, its CPU seconds and its workers'
+(utime + stime from /proc, robust to other load on the machine), and whether it is still alive.
+Wall-clock times are reported as measured; on a shared machine quote the CPU figures. Stdlib and
+ttfs only.
 """
 
 from __future__ import annotations
@@ -136,7 +137,30 @@ def proc_figures(pid: int) -> dict[str, Any]:
         "rss_mib": round(rss / 1024, 1),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
         "cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 2),
+        "workers_cpu_s": round(sum(_cpu_ticks(c) for c in _children(pid)) / ticks, 2),
     }
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (the daemon's transfer workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _cpu_ticks(pid: int) -> int:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(fields[11]) + int(fields[12])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -86,6 +86,26 @@ def test_killed_process_loses_nothing_thanks_to_the_journal(tmp_path: Path) -> N
         again.release(reopened)
 
 
+def test_a_one_block_blob_keeps_no_journal_and_a_kill_costs_that_block(tmp_path: Path) -> None:
+    """A manifest of 10^4 small files must not create, append and unlink a journal per file;
+    the price is one refetched block when the process dies before the index write."""
+    small = ramp(BS - 5)
+    store = BlockStore(tmp_path, block_size=BS)
+    blob = store.open_blob(spec_for(small))
+    assert blob.writer(0).write(small) == [0]
+    assert not list(tmp_path.rglob("*.journal"))
+    store._index.close()  # "kill -9" before any flush
+    store.fds.close_all()
+    with BlockStore(tmp_path, block_size=BS) as again:
+        reopened = again.open_blob(spec_for(small))
+        assert list(reopened.present) == [0]  # fetched again, never trusted unchecked
+        assert reopened.writer(0).write(small) == [0] and reopened.verify()
+        again.flush()
+        again.release(reopened)
+    with BlockStore(tmp_path, block_size=BS) as third:  # once in the index, it stays
+        assert third.open_blob(spec_for(small)).complete
+
+
 def test_journal_records_are_checked_against_the_data(tmp_path: Path) -> None:
     """After a power loss the journal may vouch for bytes that never reached the disk."""
     data = ramp(2 * BS)

@@ -361,3 +361,38 @@ def test_expired_signed_urls_are_resolved_again_and_a_stale_size_is_one_line(
         last = result.stderr.strip().splitlines()[-1]
         assert "w.bin" in last and "stale manifest" in last, last
         assert not (tmp_path / "out2" / "w.bin").exists()
+
+
+@pytest.mark.fuse
+def test_small_files_of_a_direct_origin_go_to_workers_and_a_wrong_guess_is_resolved(
+    tmp_path: Path,
+) -> None:
+    """Many one-block files: once the origin served a URL without a redirect, its other URLs
+    go straight to workers instead of one in-process (httpx) resolution each; a URL of that
+    origin that does redirect (a hub ``resolve`` URL to the CDN) is then resolved in process
+    and its bytes are right."""
+    from tests.mount_helpers import mounted, require_fuse, sha256_file, ttfs
+
+    require_fuse()
+    root = tmp_path / "origin"
+    small = {f"s/{i:03d}.txt": 100 + 37 * i for i in range(40)}
+    files = write_random_files(root, small, seed=21)
+    hub_files = write_random_files(root / "org/m", {"h1.bin": 3000, "h2.bin": 5000}, seed=22)
+    with Origin(root, lfs_threshold=0) as origin:
+        doc = manifest_for(origin, files)
+        doc["pointers"] += manifest_for(origin, hub_files, hf_repo="org/m")["pointers"]
+        manifest = write_manifest(tmp_path / "m.json", doc)
+        env = cli_env(tmp_path / "cache", TTFS_WORKERS="2")
+        mnt, log = tmp_path / "mnt", tmp_path / "mount.log"
+        with mounted(manifest, mnt, tmp_path / "cache", "--no-prefetch", "--log-file", str(log),
+                     env=env):  # fmt: skip
+            # One demand read resolves a URL in process: the origin answered it directly.
+            assert (mnt / "s/000.txt").read_bytes() == files["s/000.txt"].read_bytes()
+            done = ttfs("materialize", str(mnt), env=env, timeout=120)
+            assert done.returncode == 0, done.stderr
+            for rel, src in {**files, **hub_files}.items():
+                assert sha256_file(mnt / rel) == sha256_file(src), rel
+            fetcher = json.loads(os.getxattr(mnt, "user.ttfs.status"))["fetcher"]
+        # Before: every one-block file was its own in-process resolution (0 worker requests).
+        assert fetcher["worker_requests"] >= len(small) // 2, fetcher
+        assert "redirected; resolving again" in log.read_text(), log.read_text()[-2000:]

@@ -73,6 +73,11 @@ class AccessDenied(ProviderError):
     errno = _errno.EACCES
 
 
+class Redirected(ProviderError):
+    """A URL sent straight to a worker (its origin had served URLs without redirects) answered
+    with a redirect: it must be resolved in process, where redirects are followed."""
+
+
 class TransientError(ProviderError):
     """Worth retrying: a timeout, a reset connection, 408/429/5xx.
 

@@ -34,7 +34,7 @@ import trio
 
 from ..blocks import Blob
 from ..config import Settings
-from ..errors import AccessDenied, TransientError
+from ..errors import AccessDenied, Redirected, TransientError
 from ..telemetry.metrics import LatencyHistogram
 from ..transfer.pool import OnBlock, OnPartial, WorkerPool
 from ..transfer.target import WireProvider, WireTarget
@@ -119,14 +119,16 @@ class RunExecutor:
                 await self._attempt(source, progress, last)
                 if progress.next_block <= before:
                     raise TransientError(f"{source.pointer.file_name}: range ended early")
-            except AccessDenied:
+            except (AccessDenied, Redirected) as e:
                 provider = source.provider
                 if resigned or self.pool is None or not isinstance(provider, WireProvider):
                     raise
-                # A signed URL a worker used expired: forget it and resolve again, once.
+                # A signed URL a worker used expired, or a URL guessed to be its own target
+                # redirected: forget it and resolve again, once.
                 resigned = True
                 provider.forget_wire_target(source.pointer)
-                log.info("signed URL for %s refused; resolving again", source.pointer.file_name)
+                what = "redirected" if isinstance(e, Redirected) else "refused"
+                log.info("URL of %s %s; resolving again", source.pointer.file_name, what)
             except TransientError as e:
                 self.counters.errors[e.kind] += 1
                 attempt += 1

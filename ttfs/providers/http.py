@@ -9,6 +9,11 @@ Why the redirect handling is ours and not httpx's:
   exact origin of ``HF_ENDPOINT``) and never across a redirect to another origin: origin means
   scheme + host + port, so a CDN on another port of the same host gets no token either.
 * A 401/403/410 from a cached CDN URL means it expired: we forget it and resolve again, once.
+* Resolving costs a request in process (httpx: ~5 ms of CPU each), which for a manifest of
+  many small files (one range each) is most of the work. So once an origin answered a URL
+  without a redirect, its other URLs are guessed to be their own targets and go straight to a
+  worker; a redirect there (:class:`~ttfs.errors.Redirected`) drops the guess for that origin
+  and the URL is resolved here. Hub URLs and signed URLs are never guessed.
 
 Every response is checked: a ``Content-Range`` total that differs from the manifest size is a
 :class:`~ttfs.errors.StaleManifest` (never silent corruption); a body shorter than promised is a
@@ -84,6 +89,8 @@ class HttpProvider:
         self._final_errors: dict[trio.Event, ProviderError] = {}
         self._tokens: dict[str, str | None] = {}
         self._hub = _origin(settings.hf_endpoint) if settings.hf_endpoint else None
+        # Origins whose URLs were their own targets (no redirect): see the module doc.
+        self._direct: set[tuple[str, str, int]] = set()
         self.requests = 0
 
     async def aclose(self) -> None:
@@ -131,15 +138,30 @@ class HttpProvider:
                 raise final  # 404, 403, stale size: shared with every waiter, no new request
         target = self._targets.get(url)
         if target is None or time.monotonic() >= target.expires_at:
-            return None
+            if not self._guess_direct(url):
+                return None
+            target = _Target(url, False, float("inf"))
         headers = self._headers(pointer, target.auth, 0, 1)
         del headers["range"]
         return WireTarget(target.url, headers)
 
+    def _guess_direct(self, url: str) -> bool:
+        """Whether ``url`` may go to a worker unresolved: its origin served URLs directly,
+        and it is neither a hub URL (a token, and LFS redirects) nor signed (an expiry)."""
+        return (
+            _origin(url) in self._direct
+            and not self.is_hub(url)
+            and _signed_url_ttl(url) == float("inf")
+        )
+
     def forget_wire_target(self, pointer: Pointer) -> None:
         resolution = pointer.resolution
-        if isinstance(resolution, HttpResolution):
-            self._targets.pop(resolution.url, None)
+        # No target kept: a guess (the origin's URLs are their own targets) was wrong.
+        if (
+            isinstance(resolution, HttpResolution)
+            and self._targets.pop(resolution.url, None) is None
+        ):
+            self._direct.discard(_origin(resolution.url))
 
     # -- reads ------------------------------------------------------------------------------
     async def read_range(self, pointer: Pointer, start: int, end: int, sink: Sink) -> None:
@@ -217,6 +239,8 @@ class HttpProvider:
                 response = await self._client.send(request, stream=True)
             try:
                 if response.is_redirect and "location" in response.headers:
+                    if resolve_for is not None:
+                        self._direct.discard(_origin(resolve_for))
                     next_url = urljoin(url, response.headers["location"])
                     if _origin(next_url) != _origin(url):
                         auth = False  # never carry the token to another origin
@@ -226,6 +250,8 @@ class HttpProvider:
                 if response.status_code not in (200, 206):
                     status_error(response, url, pointer)
                 if resolve_for is not None:
+                    if url == resolve_for:
+                        self._direct.add(_origin(url))
                     ttl = _signed_url_ttl(url)
                     # Keep a 30 s margin so a range is not started on a URL about to expire.
                     self._targets[resolve_for] = _Target(url, auth, time.monotonic() + ttl - 30)

@@ -32,6 +32,7 @@ from ..errors import (
     AccessDenied,
     ObjectNotFound,
     ProviderError,
+    Redirected,
     StaleManifest,
     TransientError,
 )
@@ -67,11 +68,14 @@ def status_error(
 
     408/425/429/5xx are transient; 404 is :class:`ObjectNotFound`; 401/403/410
     :class:`AccessDenied`; 412 (an ``If-Match`` etag that no longer matches) and 416 (a range
-    beyond the object's end) mean the object is not the one the manifest describes.
+    beyond the object's end) mean the object is not the one the manifest describes; a 3xx
+    (only a worker sees one: the in-process path follows redirects) is :class:`Redirected`.
     """
     where = f"HTTP {status} from {safe_url} for {name}"
     if status in TRANSIENT_STATUS or 500 <= status < 600:
         return TransientError(where, retry_after=retry_after, kind=f"http_{status}")
+    if 300 <= status < 400:
+        return Redirected(where)
     if status == 404:
         return ObjectNotFound(where)
     if status in (401, 403, 410):
