@@ -32,7 +32,7 @@ import xxhash
 
 from ..errors import CacheError, CacheFull, TtfsError
 from .protocol import Decoder, Job, encode
-from .wire import BUFFER, Connections, ranged_get
+from .wire import BUFFER, NO_SPLICE, Connections, ranged_get
 
 _PR_SET_PDEATHSIG = 1
 
@@ -46,8 +46,11 @@ def _die_with_parent(ppid: int) -> None:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, threads: int, connect: float, stall: float) -> None:
+    def __init__(
+        self, sock: socket.socket, threads: int, connect: float, stall: float, splice: bool = True
+    ) -> None:
         self.sock = sock
+        self.splice = splice
         self.connect = connect
         self.stall = stall
         self._send_lock = threading.Lock()
@@ -90,9 +93,9 @@ class Worker:
     def _run(self, job: Job) -> None:
         landing: _Landing | None = None
         try:
-            landing = _Landing(self, job)
+            conns, buf = self._thread_state()
+            landing = _Landing(self, job, buf)
             try:
-                conns, buf = self._thread_state()
                 ranged_get(
                     conns,
                     job.url,
@@ -105,6 +108,7 @@ class Worker:
                     on_chunk=landing.write,
                     limit=landing.limit,
                     cancelled=lambda: job.id in self._cancelled,
+                    splice_to=landing if self.splice else None,
                 )
             finally:
                 landing.close()
@@ -136,11 +140,16 @@ def _end(job: Job, e: TtfsError | None, landing: _Landing | None) -> dict[str, A
 
 
 class _Landing:
-    """Where the body bytes of one job go: pwrite at the right offset, xxh3 per block."""
+    """Where the body bytes of one job go: pwrite (or splice) at the right offset, xxh3 per block.
 
-    def __init__(self, worker: Worker, job: Job) -> None:
+    ``buf`` is the thread's body buffer; :meth:`from_pipe` borrows it to read spliced bytes
+    back for the checksum (the wire does not use it while it splices).
+    """
+
+    def __init__(self, worker: Worker, job: Job, buf: memoryview) -> None:
         self.worker = worker
         self.job = job
+        self.buf = buf
         try:
             self.fd = os.open(job.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -178,6 +187,50 @@ class _Landing:
         if written != len(view):
             raise CacheFull(f"no space left for cache file {self.job.path} (short write)")
         self.hasher.update(view)
+        self._landed(written)
+
+    def from_pipe(self, pipe: int, n: int) -> None:
+        """Splice ``n`` bytes waiting in ``pipe`` to the file at ``pos`` (the wire's SpliceTarget).
+
+        The checksum reads them back from the page cache into the thread's buffer in one
+        ``preadv`` (the pages were written a moment ago, so it is a cache-hot copy, cheaper
+        than the socket-to-buffer copy the splice saved). A file system that refuses splice
+        writes gets the bytes read out of the pipe and ``pwrite``n as usual.
+        """
+        moved = 0
+        try:
+            while moved < n:
+                k = os.splice(pipe, self.fd, n - moved, offset_dst=self.pos + moved)
+                if not k:
+                    raise CacheError(f"cannot write {self.job.path}: splice moved nothing")
+                moved += k
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"no space left for cache file {self.job.path}: {e}") from None
+            if e.errno not in NO_SPLICE:
+                raise CacheError(f"cannot write {self.job.path}: {e}") from None
+            self._account(moved)
+            while moved < n:  # the file refused splice: through the buffer instead
+                k = os.readv(pipe, [self.buf[: min(len(self.buf), n - moved)]])
+                self.write(self.buf[:k])
+                moved += k
+            return
+        self._account(n)
+
+    def _account(self, n: int) -> None:
+        """Hash the ``n`` bytes the kernel put at ``pos`` and move on (read back in pieces)."""
+        done = 0
+        while done < n:
+            view = self.buf[: min(len(self.buf), n - done)]
+            k = os.preadv(self.fd, [view], self.pos)
+            if k != len(view):
+                raise CacheError(f"cache file {self.job.path} is shorter than just written")
+            self.hasher.update(view)
+            self._landed(k)
+            done += k
+
+    def _landed(self, written: int) -> None:
+        """``written`` more bytes of the body are at ``pos`` and hashed: report whole blocks."""
         self.pos += written
         self.in_block += written
         self.new += written
@@ -201,7 +254,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(ppid)
     sock = socket.socket(fileno=fd)
-    Worker(sock, threads, connect, stall).serve()
+    # TTFS_SPLICE=0: plain-HTTP bodies through the buffer like TLS ones (to measure the splice
+    # path against it, or to rule it out).
+    splice = os.environ.get("TTFS_SPLICE", "1") != "0"
+    Worker(sock, threads, connect, stall, splice).serve()
     return 0
 
 
