@@ -1,11 +1,13 @@
-"""One ranged GET over ``http.client``, streamed into a reused buffer (the range-body path).
+"""One ranged GET over ``http.client``, into a reused buffer or spliced (the range-body path).
 
 Why not httpx here: on the 2-core VM, httpx + h11 over trio cost 3.9-4.5 CPU-s per GB on plain
 HTTP and several times more over HTTPS, where trio's SSL stream decrypts in Python-driven 16 KiB
 records. ``HTTPResponse.readinto`` of a 1 MiB ``memoryview`` runs the whole socket (or TLS)
 read loop in C (``BufferedReader.readinto`` fills the buffer), so a MiB costs a handful of
 Python calls; the bytes are then ``pwrite``n and hashed from that same buffer, never copied
-(docs/performance.md has the figures). httpx stays for everything else (redirect resolution,
+(docs/performance.md has the figures). A plain-HTTP 206 body given a :class:`SpliceTarget`
+skips user space altogether: ``splice`` socket -> pipe -> file (:func:`_splice_body`), one
+kernel copy per byte instead of two. httpx stays for everything else (redirect resolution,
 signing, the in-process path with ``--workers 0``).
 
 Checks are the same as the httpx path's (:mod:`ttfs.providers._stream`): status mapping onto the

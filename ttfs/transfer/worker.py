@@ -3,9 +3,11 @@
 Started by :class:`~ttfs.transfer.pool.WorkerPool` as ``python -m ttfs.transfer.worker FD PPID
 THREADS``; FD is its end of a socketpair with the coordinator. Each job runs in a thread of its
 own (``THREADS`` at most at once; the coordinator's connection budget bounds them anyway): GET
-with :func:`~ttfs.transfer.wire.ranged_get` into a 1 MiB buffer that thread reuses, ``pwrite``
-each piece at its offset, xxh3 per block from the same buffer, and a ``b`` report when a block is
-whole. The coordinator owns everything else (presence, journal, verification, retries).
+with :func:`~ttfs.transfer.wire.ranged_get`; a TLS body goes into a 1 MiB buffer that thread
+reuses, is ``pwrite``n at its offset and hashed (xxh3 per block) from the same buffer; a plain
+HTTP body is spliced into the file by the kernel and hashed through a read-only mapping. A ``b``
+report goes out when a block is whole. The coordinator owns everything else (presence, journal,
+verification, retries).
 
 Lifetime: the worker exits when the coordinator dies, either way it is told: the kernel's
 ``PR_SET_PDEATHSIG`` (SIGKILL when the parent dies) and EOF on the socket. It ignores SIGINT: a
