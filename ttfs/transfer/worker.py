@@ -280,7 +280,7 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=fd)
     # TTFS_SPLICE=0: plain-HTTP bodies through the buffer like TLS ones (to measure the splice
     # path against it, or to rule it out).
-    splice = os.environ.get("TTFS_SPLICE", "1") != "0"
+    splice = os.environ.get("TTFS_SPLICE", "1") != "0" and hasattr(os, "splice")
     Worker(sock, threads, connect, stall, splice).serve()
     return 0
 
