@@ -9,6 +9,7 @@ fails at once (ProviderError, not a retry budget) with a line that says what to 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,68 @@ def test_an_untrusted_certificate_fails_at_once_and_says_what_to_set(
         get(origin, 0, 10, size=1000)
     assert not isinstance(e.value, TransientError)
     assert "not trusted" in str(e.value) and "SSL_CERT_FILE" in str(e.value)
+
+
+class _FileTarget:
+    """A SpliceTarget: spliced bytes land in a file at the body's next offset."""
+
+    def __init__(self, path: Path, first: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.pos = first
+        self.spliced: list[int] = []
+
+    def from_pipe(self, pipe: int, n: int) -> None:
+        moved = 0
+        while moved < n:
+            moved += os.splice(pipe, self.fd, n - moved, offset_dst=self.pos + moved)
+        self.spliced.append(n)
+        self.pos += n
+
+
+def test_plain_bodies_splice_into_the_file_and_tls_bodies_take_the_buffer(
+    served: tuple[Origin, bytes], tmp_path: Path
+) -> None:
+    """On HTTP only what http.client buffered with the headers passes through ``on_chunk``;
+    the rest moves socket -> pipe -> file inside the limits, and the connection stays reusable.
+    Over TLS everything takes ``on_chunk`` (bytes must be decrypted in user space)."""
+    origin, data = served
+    start, end = 1000, 3 * MiB + 17
+    target = _FileTarget(tmp_path / "landed", start)
+    chunks: list[tuple[int, bytes]] = []
+    conns = Connections(5.0, 5.0)
+
+    def on_chunk(view: memoryview) -> None:
+        chunks.append((target.pos, bytes(view)))
+        target.pos += len(view)
+
+    try:
+        for _ in range(2):  # twice: the spliced response leaves the connection reusable
+            target.pos, target.spliced[:], chunks[:] = start, [], []
+            ranged_get(
+                conns,
+                origin.url("f.bin"),
+                {},
+                start,
+                end,
+                name="f.bin",
+                size=SIZE,
+                buf=memoryview(bytearray(1 << 20)),
+                on_chunk=on_chunk,
+                limit=lambda n: min(n, 300_000),
+                splice_to=target,
+            )
+            assert target.pos == end
+            landed = bytearray(end)
+            disk = os.pread(target.fd, end, 0)
+            landed[: len(disk)] = disk
+            for pos, chunk in chunks:
+                landed[pos : pos + len(chunk)] = chunk
+            assert bytes(landed[start:end]) == data[start:end]
+            assert max(target.spliced, default=0) <= 300_000
+            if origin.url("f.bin").startswith("https"):
+                assert not target.spliced
+            else:
+                assert sum(target.spliced) > end - start - 64 * 1024
+        assert origin.stats.snapshot().connections == 1
+    finally:
+        os.close(target.fd)

@@ -10,6 +10,7 @@ fault and costs no attempt. A blob becoming done calls the fetcher's done listen
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -73,7 +74,10 @@ class Verifier:
                     while j < blob.n_blocks and blob.present[j] and j - k < _SPAN:
                         j += 1
                     if hasher is not None:
-                        await trio.to_thread.run_sync(blob.hash_blocks, hasher, k, j)
+                        # Mapped: the blob is not linked anywhere yet (Blob.hash_blocks says why).
+                        await trio.to_thread.run_sync(
+                            functools.partial(blob.hash_blocks, hasher, k, j, mapped=True)
+                        )
                     k = j
                 if hasher is None or hasher.hexdigest() == checker.expected:
                     if hasher is not None:

@@ -1,11 +1,13 @@
-"""One ranged GET over ``http.client``, streamed into a reused buffer (the range-body path).
+"""One ranged GET over ``http.client``, into a reused buffer or spliced (the range-body path).
 
 Why not httpx here: on the 2-core VM, httpx + h11 over trio cost 3.9-4.5 CPU-s per GB on plain
 HTTP and several times more over HTTPS, where trio's SSL stream decrypts in Python-driven 16 KiB
 records. ``HTTPResponse.readinto`` of a 1 MiB ``memoryview`` runs the whole socket (or TLS)
 read loop in C (``BufferedReader.readinto`` fills the buffer), so a MiB costs a handful of
 Python calls; the bytes are then ``pwrite``n and hashed from that same buffer, never copied
-(docs/performance.md has the figures). httpx stays for everything else (redirect resolution,
+(docs/performance.md has the figures). A plain-HTTP 206 body given a :class:`SpliceTarget`
+skips user space altogether: ``splice`` socket -> pipe -> file (:func:`_splice_body`), one
+kernel copy per byte instead of two. httpx stays for everything else (redirect resolution,
 signing, the in-process path with ``--workers 0``).
 
 Checks are the same as the httpx path's (:mod:`ttfs.providers._stream`): status mapping onto the
@@ -22,10 +24,16 @@ TLS trust: :func:`ssl.create_default_context`, i.e. the system store, or ``SSL_C
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import http.client
+import os
 import re
+import select
+import socket
 import ssl
 from collections.abc import Callable, Mapping
+from typing import Protocol
 from urllib.parse import urlsplit
 
 from ..errors import (
@@ -45,6 +53,25 @@ USER_AGENT = "ttfs/0.1"
 BUFFER = 1024 * 1024
 
 Chunk = Callable[[memoryview], None]
+
+# Bytes per splice on the plain-HTTP path: the pipe is grown to one MiB (the default 64 KiB
+# would cost 16 splice pairs per MiB); /proc/sys/fs/pipe-max-size is 1 MiB by default, and a
+# refusal just leaves the default size.
+PIPE = 1024 * 1024
+# splice() refusals that mean "not for this pair of files" (no data moved): read instead.
+NO_SPLICE = frozenset({errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP})
+_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+class SpliceTarget(Protocol):
+    """A body's destination file, for the plain-HTTP path that never copies into user space.
+
+    ``from_pipe(pipe, n)`` moves the ``n`` bytes waiting in ``pipe`` into the file at the next
+    body offset (``splice``), accounts them like a written chunk and raises the same errors
+    (:class:`~ttfs.errors.CacheFull` & co.).
+    """
+
+    def from_pipe(self, pipe: int, n: int) -> None: ...
 
 
 def redact_url(url: str) -> str:
@@ -152,12 +179,15 @@ def ranged_get(
     on_chunk: Chunk,
     limit: Callable[[int], int] | None = None,
     cancelled: Callable[[], bool] | None = None,
+    splice_to: SpliceTarget | None = None,
 ) -> None:
     """GET ``[start, end)`` of ``url`` and feed the body to ``on_chunk`` in order.
 
     ``limit(n)`` may shrink each read (the worker keeps reads inside one block); ``cancelled``
     is polled between reads. ``buf`` is reused: ``on_chunk`` must be done with a view before
-    returning.
+    returning. With ``splice_to``, a plain-HTTP 206 body goes socket -> pipe -> file in the
+    kernel instead (:func:`_splice_body`); the bytes http.client already buffered still go
+    through ``on_chunk`` first. TLS bodies always take ``on_chunk``.
 
     Raises:
         TransientError: timeouts, resets, short bodies, bad ``Content-Range``, 408/429/5xx.
@@ -193,7 +223,14 @@ def ranged_get(
                     raise
         if conn.sock is not None:
             conn.sock.settimeout(conns.stall_timeout)
-        reuse = _stream(response, safe, start, end, name, size, buf, on_chunk, limit, cancelled)
+        splice = None
+        sock = conn.sock
+        # TLS bytes must be decrypted in user space: only a plain socket can splice.
+        if splice_to is not None and sock is not None and not isinstance(sock, ssl.SSLSocket):
+            splice = (sock, splice_to, conns.stall_timeout)
+        reuse = _stream(
+            response, safe, start, end, name, size, buf, on_chunk, limit, cancelled, splice
+        )
     except ssl.SSLCertVerificationError as e:
         # Not worth a retry budget: the CA will not become trusted by waiting.
         raise ProviderError(
@@ -222,6 +259,7 @@ def _stream(
     on_chunk: Chunk,
     limit: Callable[[int], int] | None,
     cancelled: Callable[[], bool] | None,
+    splice: tuple[socket.socket, SpliceTarget, float] | None = None,
 ) -> bool:
     """Check the answer and stream its body; True when the connection can be reused."""
     status = response.status
@@ -253,6 +291,26 @@ def _stream(
         skip = start  # the server ignored Range: read up to our start and drop it
     want = end - start
     got = 0
+    if splice is not None and status == 206 and not response.chunked and response.length:
+        # Whatever http.client read past the headers sits in its buffer: take that through
+        # on_chunk (peek never reads the socket while the buffer holds bytes), then splice.
+        buffered = len(response.fp.peek(0)) if response.fp is not None else 0
+        buffered = min(buffered, want)
+        while got < buffered:
+            n = buffered - got if limit is None else limit(buffered - got)
+            k = response.readinto(buf[:n])
+            if not k:
+                break
+            on_chunk(buf[:k])
+            got += k
+        if got == buffered and got < want:
+            sock, target, stall = splice
+            spliced = _splice_body(sock, target, want - got, stall, limit, cancelled)
+            if spliced is None:
+                return False  # cancelled
+            got += spliced
+            if response.length is not None:
+                response.length -= spliced
     while got < want:
         if cancelled is not None and cancelled():
             return False
@@ -279,3 +337,60 @@ def _stream(
         return False
     response.read()
     return not response.will_close
+
+
+def _splice_body(
+    sock: socket.socket,
+    target: SpliceTarget,
+    want: int,
+    stall: float,
+    limit: Callable[[int], int] | None,
+    cancelled: Callable[[], bool] | None,
+) -> int | None:
+    """Move up to ``want`` body bytes socket -> pipe -> file; the count moved (None: cancelled).
+
+    Why: ``recv`` into a buffer and ``pwrite`` from it copy every byte twice; ``splice`` from a
+    TCP socket into a pipe only takes references to the received pages, so the one copy left
+    is the page-cache write (docs/performance.md: ~0.3-0.5 CPU-s per GB less on plain HTTP).
+    The target reads each piece back from the page cache (still hot) for its block checksum.
+
+    The socket is non-blocking (http.client's timeout): an empty socket is ``poll``ed for the
+    stall timeout, then :class:`TimeoutError`. Fewer than ``want`` bytes: the body ended early
+    (the caller's short-body check). A refusal of splice for this socket (an exotic socket
+    type) returns what was moved; the caller reads the rest the usual way.
+    """
+    got = 0
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        try:
+            cap = fcntl.fcntl(w, _SETPIPE_SZ, PIPE)
+        except OSError:
+            cap = 64 * 1024
+        fd = sock.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        wait_ms = max(1, int(stall * 1000))
+        while got < want:
+            if cancelled is not None and cancelled():
+                return None
+            n = min(cap, want - got)
+            if limit is not None:
+                n = limit(n)
+            try:
+                k = os.splice(fd, w, n, flags=os.SPLICE_F_NONBLOCK | os.SPLICE_F_MOVE)
+            except BlockingIOError:
+                if not poller.poll(wait_ms):
+                    raise TimeoutError("no body bytes within the stall timeout") from None
+                continue
+            except OSError as e:
+                if e.errno in NO_SPLICE:
+                    return got
+                raise
+            if not k:
+                return got  # EOF
+            target.from_pipe(r, k)
+            got += k
+        return got
+    finally:
+        os.close(r)
+        os.close(w)

@@ -3,9 +3,11 @@
 Started by :class:`~ttfs.transfer.pool.WorkerPool` as ``python -m ttfs.transfer.worker FD PPID
 THREADS``; FD is its end of a socketpair with the coordinator. Each job runs in a thread of its
 own (``THREADS`` at most at once; the coordinator's connection budget bounds them anyway): GET
-with :func:`~ttfs.transfer.wire.ranged_get` into a 1 MiB buffer that thread reuses, ``pwrite``
-each piece at its offset, xxh3 per block from the same buffer, and a ``b`` report when a block is
-whole. The coordinator owns everything else (presence, journal, verification, retries).
+with :func:`~ttfs.transfer.wire.ranged_get`; a TLS body goes into a 1 MiB buffer that thread
+reuses, is ``pwrite``n at its offset and hashed (xxh3 per block) from the same buffer; a plain
+HTTP body is spliced into the file by the kernel and hashed through a read-only mapping. A ``b``
+report goes out when a block is whole. The coordinator owns everything else (presence, journal,
+verification, retries).
 
 Lifetime: the worker exits when the coordinator dies, either way it is told: the kernel's
 ``PR_SET_PDEATHSIG`` (SIGKILL when the parent dies) and EOF on the socket. It ignores SIGINT: a
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import mmap
 import os
 import signal
 import socket
@@ -32,7 +35,7 @@ import xxhash
 
 from ..errors import CacheError, CacheFull, TtfsError
 from .protocol import Decoder, Job, encode
-from .wire import BUFFER, Connections, ranged_get
+from .wire import BUFFER, NO_SPLICE, Connections, ranged_get
 
 _PR_SET_PDEATHSIG = 1
 
@@ -46,8 +49,11 @@ def _die_with_parent(ppid: int) -> None:
 
 
 class Worker:
-    def __init__(self, sock: socket.socket, threads: int, connect: float, stall: float) -> None:
+    def __init__(
+        self, sock: socket.socket, threads: int, connect: float, stall: float, splice: bool = True
+    ) -> None:
         self.sock = sock
+        self.splice = splice
         self.connect = connect
         self.stall = stall
         self._send_lock = threading.Lock()
@@ -90,9 +96,9 @@ class Worker:
     def _run(self, job: Job) -> None:
         landing: _Landing | None = None
         try:
-            landing = _Landing(self, job)
+            conns, buf = self._thread_state()
+            landing = _Landing(self, job, buf)
             try:
-                conns, buf = self._thread_state()
                 ranged_get(
                     conns,
                     job.url,
@@ -105,6 +111,7 @@ class Worker:
                     on_chunk=landing.write,
                     limit=landing.limit,
                     cancelled=lambda: job.id in self._cancelled,
+                    splice_to=landing if self.splice else None,
                 )
             finally:
                 landing.close()
@@ -136,11 +143,19 @@ def _end(job: Job, e: TtfsError | None, landing: _Landing | None) -> dict[str, A
 
 
 class _Landing:
-    """Where the body bytes of one job go: pwrite at the right offset, xxh3 per block."""
+    """Where the body bytes of one job go: pwrite (or splice) at the right offset, xxh3 per block.
 
-    def __init__(self, worker: Worker, job: Job) -> None:
+    ``buf`` is the thread's body buffer; :meth:`from_pipe` borrows it to read spliced bytes
+    back for the checksum (the wire does not use it while it splices).
+    """
+
+    def __init__(self, worker: Worker, job: Job, buf: memoryview) -> None:
         self.worker = worker
         self.job = job
+        self.buf = buf
+        self._map: mmap.mmap | None = None  # the job's range, for hashing spliced bytes
+        self._map_base = 0
+        self._view: memoryview | None = None
         try:
             self.fd = os.open(job.path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as e:
@@ -178,6 +193,64 @@ class _Landing:
         if written != len(view):
             raise CacheFull(f"no space left for cache file {self.job.path} (short write)")
         self.hasher.update(view)
+        self._landed(written)
+
+    def from_pipe(self, pipe: int, n: int) -> None:
+        """Splice ``n`` bytes waiting in ``pipe`` to the file at ``pos`` (the wire's SpliceTarget).
+
+        The checksum reads them back from the page cache into the thread's buffer in one
+        ``preadv`` (the pages were written a moment ago, so it is a cache-hot copy, cheaper
+        than the socket-to-buffer copy the splice saved). A file system that refuses splice
+        writes gets the bytes read out of the pipe and ``pwrite``n as usual.
+        """
+        moved = 0
+        try:
+            while moved < n:
+                k = os.splice(pipe, self.fd, n - moved, offset_dst=self.pos + moved)
+                if not k:
+                    raise CacheError(f"cannot write {self.job.path}: splice moved nothing")
+                moved += k
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"no space left for cache file {self.job.path}: {e}") from None
+            if e.errno not in NO_SPLICE:
+                raise CacheError(f"cannot write {self.job.path}: {e}") from None
+            self._account(moved)
+            while moved < n:  # the file refused splice: through the buffer instead
+                k = os.readv(pipe, [self.buf[: min(len(self.buf), n - moved)]])
+                self.write(self.buf[:k])
+                moved += k
+            return
+        self._account(n)
+
+    def _account(self, n: int) -> None:
+        """Hash the ``n`` bytes the kernel put at ``pos`` (through the job's mapping) and move on.
+
+        Why a mapping and not ``preadv`` into the buffer: the read-back copy was the largest
+        item of the workers' profile once splice removed the socket copy (perf: ``_copy_to_iter``
+        ~30% of their samples; by the time a piece is hashed, other threads and processes have
+        pushed it out of the CPU cache). xxh3 over a shared read-only mapping of the page cache
+        reads each byte once and writes nothing; the job maps its range once (faults map 16
+        pages at a time). Touching only bytes just written keeps it clear of SIGBUS unless the
+        file is truncated under the worker, which costs the worker (and a refetch), nothing else.
+        """
+        if self._map is None:
+            self._map_base = self.pos - self.pos % mmap.ALLOCATIONGRANULARITY
+            self._map = mmap.mmap(
+                self.fd, self.job.end - self._map_base, prot=mmap.PROT_READ, offset=self._map_base
+            )
+            self._view = memoryview(self._map)
+        done = 0
+        while done < n:
+            k = min(self.block_end - self.pos, n - done)
+            at = self.pos - self._map_base
+            assert self._view is not None
+            self.hasher.update(self._view[at : at + k])
+            self._landed(k)
+            done += k
+
+    def _landed(self, written: int) -> None:
+        """``written`` more bytes of the body are at ``pos`` and hashed: report whole blocks."""
         self.pos += written
         self.in_block += written
         self.new += written
@@ -192,6 +265,10 @@ class _Landing:
             self.block_end = min(self.block_end + self.job.block_size, self.job.size)
 
     def close(self) -> None:
+        if self._view is not None:
+            self._view.release()
+        if self._map is not None:
+            self._map.close()
         os.close(self.fd)
 
 
@@ -201,7 +278,10 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _die_with_parent(ppid)
     sock = socket.socket(fileno=fd)
-    Worker(sock, threads, connect, stall).serve()
+    # TTFS_SPLICE=0: plain-HTTP bodies through the buffer like TLS ones (to measure the splice
+    # path against it, or to rule it out).
+    splice = os.environ.get("TTFS_SPLICE", "1") != "0" and hasattr(os, "splice")
+    Worker(sock, threads, connect, stall, splice).serve()
     return 0
 
 
