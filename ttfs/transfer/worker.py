@@ -198,10 +198,9 @@ class _Landing:
     def from_pipe(self, pipe: int, n: int) -> None:
         """Splice ``n`` bytes waiting in ``pipe`` to the file at ``pos`` (the wire's SpliceTarget).
 
-        The checksum reads them back from the page cache into the thread's buffer in one
-        ``preadv`` (the pages were written a moment ago, so it is a cache-hot copy, cheaper
-        than the socket-to-buffer copy the splice saved). A file system that refuses splice
-        writes gets the bytes read out of the pipe and ``pwrite``n as usual.
+        The checksum reads them through the job's mapping of the page cache
+        (:meth:`_account`). A file system that refuses splice writes gets the bytes read out
+        of the pipe into the thread's buffer and ``pwrite``n as usual.
         """
         moved = 0
         try:
