@@ -214,7 +214,9 @@ def test_sigterm_and_ctrl_c_leave_nothing_behind(
         pytest.skip("one scheme is enough for the signal matrix")
     origin, manifest = served
     cache, out = tmp_path / "cache", tmp_path / "out"
-    env = cli_env(cache, TTFS_WORKERS="2", **tls_env(scheme, test_ca))
+    # 4 MB/s per response on 4 connections: the signal lands mid-run even when a busy machine
+    # lets this test look at the cache seconds late (32 connections finished the model first).
+    env = cli_env(cache, TTFS_WORKERS="2", TTFS_MAX_CONNECTIONS="4", **tls_env(scheme, test_ca))
     origin.rate_limit = 4e6
     proc = start_resolve(manifest, out, env, session=True)
     try:
