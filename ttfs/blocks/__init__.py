@@ -2,6 +2,7 @@
 
 from . import perms
 from .hashing import Checker, checker_for
+from .ordered import OrderedHash
 from .store import Blob, BlobSpec, BlockStore, RunWriter, StoreStatistics
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
     "BlobSpec",
     "BlockStore",
     "Checker",
+    "OrderedHash",
     "RunWriter",
     "StoreStatistics",
     "checker_for",
