@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import trio
 
-import ttfs.blocks.ordered as ordered_mod
 import ttfs.blocks.shared as shared_mod
 from tests.fakes import FakeProvider, pointer_for, ramp
 from ttfs.blocks import BlockStore
@@ -405,67 +404,6 @@ async def test_hot_start_copies_in_the_kernel(
         assert fetcher.statistics().shared_bytes == len(data)
     assert fake.calls == []
     assert copied[0] == (len(data) if kernel == "copy_file_range" else 0)
-
-
-async def test_hot_start_hashes_each_byte_from_the_copy_and_reads_it_once(
-    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The copy's read-back (for the block checksums) also feeds the manifest hash: the
-    follower reads nothing again. Pieces over the ahead budget are read by the follower
-    instead, and the blob is verified the same."""
-    data = ramp(20 * BS + 7)
-    shared = tmp_path / "b10"
-    put(shared / hashlib.sha256(data).hexdigest(), data)
-    preads = [0]
-    real = os.preadv
-
-    def counting(fd: int, buffers: list[memoryview], offset: int, *flags: int) -> int:
-        n = real(fd, buffers, offset, *flags)
-        if not flags:  # the follower's reads; page-cache probes pass RWF_NOWAIT
-            preads[0] += n
-        return n
-
-    monkeypatch.setattr(os, "preadv", counting)
-    fake = FakeProvider({"m.bin": data})
-    async with tiered(settings, fake, shared) as fetcher:
-        source = await fetcher.add(pointer_for("m.bin", data))
-        await fetcher.complete(source)
-        assert source.blob.verified and source.blob.pread(0, len(data)) == data
-        stats = fetcher.statistics()
-    assert fake.calls == []
-    assert (stats.hash_inline_bytes, stats.hash_read_bytes) == (len(data), 0)
-    assert preads[0] == 0
-
-    # No room to hold pieces that arrive ahead of the hash: the follower reads those.
-    monkeypatch.setattr(ordered_mod, "AHEAD_BUDGET", 0)
-    async with tiered(settings.replace(cache_dir=tmp_path / "c2"), fake, shared) as fetcher:
-        source = await fetcher.add(pointer_for("m.bin", data))
-        await fetcher.complete(source)
-        assert source.blob.verified and source.blob.pread(0, len(data)) == data
-        stats = fetcher.statistics()
-    assert stats.hash_inline_bytes + stats.hash_read_bytes == len(data)
-    assert stats.hash_read_bytes > 0 and preads[0] == stats.hash_read_bytes
-
-
-async def test_a_tampered_entry_is_caught_by_the_single_pass_hash(
-    settings: Settings, tmp_path: Path
-) -> None:
-    data = ramp(12 * BS + 3)
-    digest = hashlib.sha256(data).hexdigest()
-    shared = tmp_path / "b10"
-    bad = bytearray(data)
-    bad[7 * BS + 11] ^= 0x40  # right size, one bit off, in a piece copied and hashed inline
-    put(shared / digest, bytes(bad))
-    fake = FakeProvider({"m.bin": data})
-    async with tiered(settings, fake, shared) as fetcher:
-        source = await fetcher.add(pointer_for("m.bin", data))
-        await fetcher.complete(source)
-        await fetcher.settled(source)
-        assert source.blob.pread(0, len(data)) == data
-        stats = fetcher.statistics()
-    assert stats.shared_corrupt == 1 and stats.hash_inline_bytes >= len(data)
-    assert fake.bytes_served == len(data)
-    assert (shared / digest).read_bytes() == data
 
 
 async def test_verified_blob_is_published_and_lock_released(

@@ -2,7 +2,6 @@
 
 from . import perms
 from .hashing import Checker, checker_for
-from .ordered import OrderedHash
 from .store import Blob, BlobSpec, BlockStore, RunWriter, StoreStatistics
 
 __all__ = [
@@ -10,7 +9,6 @@ __all__ = [
     "BlobSpec",
     "BlockStore",
     "Checker",
-    "OrderedHash",
     "RunWriter",
     "StoreStatistics",
     "checker_for",

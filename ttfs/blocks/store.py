@@ -63,7 +63,6 @@ from ..errors import CacheError, CacheFull
 from . import perms
 from .descriptors import DescriptorTable
 from .hashing import Checker
-from .ordered import OrderedHash
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +176,6 @@ class Blob:
         self.partial: dict[int, int] = {}
         self.verified = False
         self.n_present = 0
-        # The current verification attempt's hash (ttfs.blocks.ordered); copies hand it the
-        # pieces they read back, so the follower need not read them again. None: not verifying.
-        self.ordered: OrderedHash | None = None
         self.atime = time.time()
         self._dirty = False
         self._synced = False
@@ -487,11 +483,9 @@ class RunWriter:
 
         For a source that holds the blob's bytes at the blob's offsets (a shared-cache entry):
         :func:`kernel_copy` moves them, then each piece is read back from the page cache once
-        for its block checksum and journalled, as :meth:`write` does; the same piece is handed to
-        the blob's verification hash (:attr:`Blob.ordered`), so no second read is needed.
-        Returns the blocks it completed as ``(index, checksum)``; the caller lands them on its
-        own thread (presence is the event loop's state). Call from one worker thread at a time
-        per writer.
+        for its block checksum and journalled, as :meth:`write` does. Returns the blocks it
+        completed as ``(index, checksum)``; the caller lands them on its own thread (presence
+        is the event loop's state). Call from one worker thread at a time per writer.
 
         Raises:
             EOFError: ``fd`` ended early.
@@ -518,9 +512,6 @@ class RunWriter:
                 if len(data) != take:
                     raise CacheError(f"{blob.path}: short read back after a copy")
                 self._hasher.update(data)
-                ordered = blob.ordered
-                if ordered is not None:
-                    ordered.offer(self.pos, data)  # the same read serves the blob's hash
                 self.pos += take
                 digest = self._hasher.intdigest()
                 written_in_block = self.pos - self.block * blob.block_size

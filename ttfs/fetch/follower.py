@@ -3,12 +3,9 @@
 One task per blob being fetched (started by the blob's first request) hashes the contiguous
 prefix of present blocks in a worker thread (sha256 / git blob SHA-1 / md5; hashlib releases
 the GIL), so by the time the last block lands only the tail is left to hash instead of the
-whole blob. Bytes copied from the shared cache are hashed from the copy's own read-back
-(:class:`~ttfs.blocks.OrderedHash`): a hot start reads the blob once, not twice.
-
-A mismatch discards the blob and asks for it once more; a second mismatch fails it with
-:class:`~ttfs.errors.IntegrityError`. A corrupt shared-cache entry is not the origin's fault and
-costs no attempt. A blob becoming done calls the fetcher's done listeners.
+whole blob. A mismatch discards the blob and asks for it once more; a second mismatch fails it
+with :class:`~ttfs.errors.IntegrityError`. A corrupt shared-cache entry is not the origin's
+fault and costs no attempt. A blob becoming done calls the fetcher's done listeners.
 """
 
 from __future__ import annotations
@@ -19,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from ..blocks import Blob, BlockStore, OrderedHash
+from ..blocks import BlockStore
 from ..errors import IntegrityError, TtfsError
 from .runs import Counters
 
@@ -31,12 +28,6 @@ log = logging.getLogger(__name__)
 
 # Blocks hashed per trip to the thread pool (32 x 2 MiB).
 _SPAN = 32
-
-
-def _advance(blob: Blob, hasher: OrderedHash, stop: int) -> None:
-    """Hash up to ``stop`` what the copies did not hand in (blocking)."""
-    with blob.lease() as fd:
-        hasher.advance(stop, fd)
 
 
 class Verifier:
@@ -71,8 +62,7 @@ class Verifier:
         tier = self.tier
         try:
             while True:
-                hasher = OrderedHash(checker.new(blob.size)) if verify else None
-                blob.ordered = hasher  # copies from the shared cache feed it as they go
+                hasher = checker.new(blob.size) if verify else None
                 shared_before = source.shared_bytes
                 k = 0
                 while k < blob.n_blocks:
@@ -82,21 +72,9 @@ class Verifier:
                     j = k + 1
                     while j < blob.n_blocks and blob.present[j] and j - k < _SPAN:
                         j += 1
-                    stop = blob.block_range(j - 1)[1]
-                    if hasher is not None and hasher.pos < stop:
-                        await trio.to_thread.run_sync(_advance, blob, hasher, stop)
+                    if hasher is not None:
+                        await trio.to_thread.run_sync(blob.hash_blocks, hasher, k, j)
                     k = j
-                blob.ordered = None
-                if hasher is not None:
-                    self.counters.hash_inline_bytes += hasher.inline_bytes
-                    self.counters.hash_read_bytes += hasher.read_bytes
-                    if hasher.inline_bytes:
-                        log.debug(
-                            "%s: %d bytes hashed as they were copied, %d read again to hash",
-                            source.pointer.file_name,
-                            hasher.inline_bytes,
-                            hasher.read_bytes,
-                        )
                 if hasher is None or hasher.hexdigest() == checker.expected:
                     if hasher is not None:
                         blob.verified = True
@@ -132,7 +110,6 @@ class Verifier:
                 source.discards += 1
                 self.refetch(source)
         except TtfsError as e:
-            blob.ordered = None
             source.failure = e
             log.error("cannot verify %s: %s", source.pointer.file_name, e)
             if tier is not None:

@@ -62,10 +62,6 @@ class Counters:
     local_bytes: int = 0  # present in the local store when a blob was first opened
     blobs_verified: int = 0
     blobs_failed: int = 0
-    # Bytes the verification hashed from pieces a copy had just read back, and from its own
-    # reads of the blob (ttfs.blocks.ordered): a hot start should be all of the first kind.
-    hash_inline_bytes: int = 0
-    hash_read_bytes: int = 0
     errors: Counter[str] = field(default_factory=Counter)  # failed attempts and checks, by kind
     demand_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 

@@ -96,8 +96,6 @@ class FetcherStatistics:
     shared_corrupt: int = 0
     worker_requests: int = 0
     worker_restarts: int = 0
-    hash_inline_bytes: int = 0
-    hash_read_bytes: int = 0
 
 
 class Fetcher:
@@ -611,8 +609,6 @@ class Fetcher:
             self.tier.corrupt_entries if self.tier is not None else 0,
             c.worker_requests,
             self.pool.restarts if self.pool is not None else 0,
-            c.hash_inline_bytes,
-            c.hash_read_bytes,
         )
 
     def metrics_snapshot(self) -> MetricsSnapshot:
