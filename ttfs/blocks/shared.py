@@ -482,6 +482,27 @@ class SharedCache:
             return False
 
     @staticmethod
+    def identity(path: Path) -> tuple[int, int, int, int, int] | None:
+        """``(dev, ino, size, mtime_ns, ctime_ns)`` of an entry as a fresh open sees it (on NFS
+        an open revalidates the cached attributes), or None when it cannot be opened.
+
+        What the trust rule of a hot start compares: a write changes mtime and ctime, a
+        replacement the inode, a truncation the size; ctime cannot be set back by anyone but
+        the kernel, so an entry with the recorded identity has not been written since.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @staticmethod
     def touch(path: Path) -> None:
         """Refresh the atime that cleanup ages entries by (also on noatime mounts)."""
         try:
