@@ -74,6 +74,18 @@ class PyModelRepo:
             f"volume_folder={self.volume_folder!r}, kind={self.kind!r})"
         )
 
+    def fields(self) -> dict[str, object]:
+        """The constructor's arguments, as JSON values (for the resolve child)."""
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "volume_folder": self.volume_folder,
+            "kind": self.kind,
+            "allow_patterns": self.allow_patterns,
+            "ignore_patterns": self.ignore_patterns,
+            "runtime_secret_name": self.runtime_secret_name,
+        }
+
     def to_model_repo(self) -> ModelRepo:
         if self.kind not in VALID_KINDS:
             raise TtfsError(f"Unknown kind: {self.kind}")
@@ -150,8 +162,10 @@ def lazy_data_resolve(
     setup_logging()
     with _RESOLVE_LOCK:  # waiting releases the GIL
         python = child_interpreter()
-        if python is not None:
-            request = ChildRequest(download_dir, [vars(m).copy() for m in models or []], model_path)
+        # Model repos travel as their seven fields; anything else (a subclass, a look-alike)
+        # is resolved here, where its own to_model_repo() runs as it always has.
+        if python is not None and all(type(m) is PyModelRepo for m in models or []):
+            request = ChildRequest(download_dir, [m.fields() for m in models or []], model_path)
             result = resolve_in_child(python, request)
             if result is not None:
                 return result
