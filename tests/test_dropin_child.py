@@ -94,7 +94,7 @@ def test_the_waiting_thread_is_free_while_the_child_works(
     files = write_random_files(origin.root, {"w.bin": 24 * MiB}, seed=42)
     manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files))
     monkeypatch.setenv("TTFS_MANIFEST_PATHS", str(manifest))
-    origin.rate_limit = 8e6  # >= 3 s of downloading
+    origin.rate_limit = 4e6  # per response: seconds of downloading
     out = tmp_path / "out"
     waited: dict[str, Any] = {}
 
@@ -206,7 +206,9 @@ def test_killing_the_caller_kills_the_child(
         pytest.skip("/proc/PID/task/TID/children is not available")
     files = write_random_files(origin.root, {"w.bin": 24 * MiB}, seed=44)
     manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files))
-    origin.rate_limit = 2e6  # >= 12 s: still downloading when the caller is killed
+    # 100 KB/s per response: however many ranges run at once, the download lasts long
+    # enough that the caller is killed in the middle of it, never after it.
+    origin.rate_limit = 1e5
     out = tmp_path / "out"
     env = {**os.environ, "TTFS_MANIFEST_PATHS": str(manifest), "PYTHONPATH": str(REPO_ROOT)}
     caller = subprocess.Popen(
