@@ -469,6 +469,38 @@ async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it
     assert (shared / digest).read_bytes() == data  # and replaced the tampered entry
 
 
+async def test_an_entry_this_store_published_is_trusted_on_its_next_hot_start(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = ramp(6 * BS + 1)
+    digest = hashlib.sha256(data).hexdigest()
+    shared = tmp_path / "b10"
+    fake = FakeProvider({"m.bin": data})
+    async with tiered(settings, fake, shared) as fetcher:  # cold: fetched, verified, published
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        await fetcher.settled(source)
+    assert fake.bytes_served == len(data) and (shared / digest).read_bytes() == data
+    with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
+        assert store.shared_record(digest) == SharedCache.identity(shared / digest)
+        store.data_path(digest).unlink()  # evicted
+    hashed = []
+    real_hash_blocks = Blob.hash_blocks
+
+    def counting(blob: Blob, hasher: object, first: int, end: int) -> None:
+        hashed.append((first, end))
+        real_hash_blocks(blob, hasher, first, end)
+
+    monkeypatch.setattr(Blob, "hash_blocks", counting)
+    async with tiered(settings, fake, shared) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        assert source.blob.verified and source.blob.pread(0, len(data)) == data
+        stats = fetcher.statistics()
+    assert (stats.shared_bytes, stats.shared_trusted, hashed) == (len(data), 1, [])
+    assert fake.bytes_served == len(data)  # nothing more from the origin
+
+
 async def test_verified_blob_is_published_and_lock_released(
     settings: Settings, tmp_path: Path
 ) -> None:

@@ -534,14 +534,22 @@ class SharedCache:
         ``"busy"`` (another replica is copying it right now), ``"timeout"`` or ``"failed"``;
         failures are logged as warnings, never raised (the download itself succeeded).
         """
+        return self.publish_identified(src, blob_id, size)[0]
+
+    def publish_identified(
+        self, src: Path, blob_id: str, size: int
+    ) -> tuple[str, tuple[int, int, int, int, int] | None]:
+        """:meth:`publish`, and for ``"published"`` the entry's identity after the final atime
+        touch when it is still the file this call wrote (same dev, inode, size and mtime as
+        the copy had before its rename), else None: what the trust rule records."""
         dest = self.path(blob_id)
         if self.has_entry(blob_id, size):
             self.touch(dest)
-            return "present"
+            return "present", None
         incomplete = self.directory / f"{blob_id}{INCOMPLETE}"
         fd = self._create_incomplete(incomplete)
         if fd is None:
-            return "busy"
+            return "busy", None
         started = time.monotonic()
         try:
             try:
@@ -557,8 +565,10 @@ class SharedCache:
                         self.config.publish_timeout,
                     )
                     self._unlink(incomplete)
-                    return "timeout"
+                    return "timeout", None
                 os.fsync(fd)
+                st = os.fstat(fd)
+                written_as = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             finally:
                 os.close(fd)
             written = os.stat(incomplete).st_size
@@ -570,7 +580,7 @@ class SharedCache:
                     size,
                 )
                 self._unlink(incomplete)
-                return "failed"
+                return "failed", None
             os.rename(incomplete, dest)
         except OSError as e:
             log.warning(
@@ -580,12 +590,13 @@ class SharedCache:
                 e,
             )
             self._unlink(incomplete)
-            return "failed"
+            return "failed", None
         self.touch(dest)
         log.info(
             "b10cache: published %s (%d bytes in %.2fs)", dest, size, time.monotonic() - started
         )
-        return "published"
+        now = self.identity(dest)
+        return "published", now if now is not None and now[:4] == written_as else None
 
     def _create_incomplete(self, incomplete: Path) -> int | None:
         for _ in range(2):

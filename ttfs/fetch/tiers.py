@@ -308,10 +308,12 @@ class SharedTier:
             decision = await self._decision()
             blob = source.blob
             if decision.write and blob.complete:  # also replaces a corrupt or short entry
-                result = await trio.to_thread.run_sync(
-                    self.cache.publish, blob.path, blob.blob_id, blob.size
+                result, identity = await trio.to_thread.run_sync(
+                    self.cache.publish_identified, blob.path, blob.blob_id, blob.size
                 )
                 log.debug("b10cache publish of %s: %s", source.pointer.file_name, result)
+                if identity is not None and blob.verified:  # our verified bytes, as written
+                    await trio.to_thread.run_sync(blob.store.record_shared, blob.blob_id, identity)
             elif st.entry is not None and not st.bad:
                 await trio.to_thread.run_sync(self.cache.touch, st.entry.path)
             if self._copied_whole(source):
