@@ -42,6 +42,7 @@ ENV = "TTFS_RESOLVE_CHILD"
 _OFF = frozenset({"0", "off", "false", "no", "n"})
 _AUTO = frozenset({"", "auto", "1", "on", "true", "yes", "y"})
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)  # holds ttfs/
+_EXIT_GRACE_SECS = 30.0
 _broken: set[str] = set()  # interpreters that failed to start a child: not tried again
 _broken_lock = threading.Lock()
 
@@ -156,7 +157,8 @@ def resolve_in_child(python: str, request: ChildRequest) -> str | None:
                     _relay(message)
                 elif "result" in message or "error" in message:
                     outcome = message
-        code = proc.wait()
+                    break  # the last message: nothing after it is waited for
+        code = _reap(proc, bool(outcome))
     except BaseException:
         proc.kill()  # Ctrl-C or a SIGTERM handler in the caller: leave nothing behind
         proc.wait()
@@ -173,6 +175,24 @@ def resolve_in_child(python: str, request: ChildRequest) -> str | None:
         return None
     how = f"signal {-code}" if code < 0 else f"exit status {code}"
     raise TtfsError(f"the resolve process (pid {proc.pid}) ended without a result ({how})")
+
+
+def _reap(proc: subprocess.Popen[bytes], answered: bool) -> int:
+    """The child's exit status. One that has answered but does not exit (a thread that keeps
+    its interpreter alive) is killed after a grace period: the files are in place, and its
+    flock goes with it."""
+    if not answered:
+        return proc.wait()
+    try:
+        return proc.wait(timeout=_EXIT_GRACE_SECS)
+    except subprocess.TimeoutExpired:
+        log.warning(
+            "the resolve process (pid %d) did not exit %.0fs after its result; killed",
+            proc.pid,
+            _EXIT_GRACE_SECS,
+        )
+        proc.kill()
+        return proc.wait()
 
 
 def _unusable(python: str, why: str) -> None:
