@@ -22,11 +22,12 @@ import trio
 
 import ttfs.blocks.shared as shared_mod
 from tests.fakes import FakeProvider, pointer_for, ramp
-from ttfs.blocks import BlockStore
+from ttfs.blocks import Blob, BlockStore
 from ttfs.blocks.shared import SharedCache, SpaceStats, desired_speed
 from ttfs.config import Settings, SharedCacheConfig
 from ttfs.errors import ConfigError
 from ttfs.fetch import Fetcher, Priority, open_fetcher
+from ttfs.fetch.scheduler import FetcherStatistics
 from ttfs.providers import ProviderSet
 from ttfs.units import GiB, KiB, MiB
 
@@ -404,6 +405,100 @@ async def test_hot_start_copies_in_the_kernel(
         assert fetcher.statistics().shared_bytes == len(data)
     assert fake.calls == []
     assert copied[0] == (len(data) if kernel == "copy_file_range" else 0)
+
+
+async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trust rule: a hot start of a blob this store verified before, from an entry with
+    the identity recorded then, copies without hashing. A touch (another replica's atime
+    update), an in-place write (same size) or TTFS_SHARED_TRUST=0 each bring the hash back,
+    and a tampered entry never reaches the blob."""
+    data = ramp(10 * BS + 3)
+    digest = hashlib.sha256(data).hexdigest()
+    shared = tmp_path / "b10"
+    entry = put(shared / digest, data)
+    hashed: list[tuple[int, int]] = []
+    real_hash_blocks = Blob.hash_blocks
+
+    def counting(blob: Blob, hasher: object, first: int, end: int) -> None:
+        hashed.append((first, end))
+        real_hash_blocks(blob, hasher, first, end)
+
+    monkeypatch.setattr(Blob, "hash_blocks", counting)
+    fake = FakeProvider({"m.bin": data})
+
+    async def hot_start(**kw: object) -> tuple[FetcherStatistics, list[tuple[int, int]]]:
+        """One replica's hot start into the same local store, its copy of the blob gone."""
+        hashed.clear()
+        with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
+            store.data_path(digest).unlink(missing_ok=True)
+        async with tiered(settings, fake, shared, **kw) as fetcher:
+            source = await fetcher.add(pointer_for("m.bin", data))
+            await fetcher.complete(source)
+            await fetcher.settled(source)
+            assert source.blob.verified and source.blob.pread(0, len(data)) == data
+            return fetcher.statistics(), list(hashed)
+
+    first, hashes = await hot_start()  # verified by its hash, identity recorded
+    assert (first.shared_bytes, first.shared_trusted) == (len(data), 0) and hashes
+    with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
+        assert store.shared_record(digest) == SharedCache.identity(entry)
+
+    trusted, hashes = await hot_start()  # same entry, untouched: no hash at all
+    assert (trusted.shared_bytes, trusted.shared_trusted, hashes) == (len(data), 1, [])
+
+    await trio.sleep(0.02)  # a later timestamp tick for the ctime below
+    st = entry.stat()
+    os.utime(entry, ns=(time.time_ns(), st.st_mtime_ns))  # another replica's atime touch
+    touched, hashes = await hot_start()
+    assert touched.shared_trusted == 0 and hashes  # hashed again (and recorded again)
+    again, hashes = await hot_start()
+    assert again.shared_trusted == 1 and hashes == []
+
+    off, hashes = await hot_start(trust_recorded=False)
+    assert off.shared_trusted == 0 and hashes
+
+    await trio.sleep(0.02)
+    with entry.open("r+b") as f:  # tampered in place: same size, one bit
+        f.seek(4 * BS + 5)
+        f.write(bytes([data[4 * BS + 5] ^ 0x10]))
+    tampered, hashes = await hot_start()
+    assert (tampered.shared_trusted, tampered.shared_corrupt) == (0, 1) and hashes
+    assert fake.bytes_served == len(data)  # the blob came from the origin instead
+    assert (shared / digest).read_bytes() == data  # and replaced the tampered entry
+
+
+async def test_an_entry_this_store_published_is_trusted_on_its_next_hot_start(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = ramp(6 * BS + 1)
+    digest = hashlib.sha256(data).hexdigest()
+    shared = tmp_path / "b10"
+    fake = FakeProvider({"m.bin": data})
+    async with tiered(settings, fake, shared) as fetcher:  # cold: fetched, verified, published
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        await fetcher.settled(source)
+    assert fake.bytes_served == len(data) and (shared / digest).read_bytes() == data
+    with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
+        assert store.shared_record(digest) == SharedCache.identity(shared / digest)
+        store.data_path(digest).unlink()  # evicted
+    hashed = []
+    real_hash_blocks = Blob.hash_blocks
+
+    def counting(blob: Blob, hasher: object, first: int, end: int) -> None:
+        hashed.append((first, end))
+        real_hash_blocks(blob, hasher, first, end)
+
+    monkeypatch.setattr(Blob, "hash_blocks", counting)
+    async with tiered(settings, fake, shared) as fetcher:
+        source = await fetcher.add(pointer_for("m.bin", data))
+        await fetcher.complete(source)
+        assert source.blob.verified and source.blob.pread(0, len(data)) == data
+        stats = fetcher.statistics()
+    assert (stats.shared_bytes, stats.shared_trusted, hashed) == (len(data), 1, [])
+    assert fake.bytes_served == len(data)  # nothing more from the origin
 
 
 async def test_verified_blob_is_published_and_lock_released(

@@ -263,3 +263,48 @@ def test_truss_transfer_drop_in_fills_and_then_hits_b10fs(
     assert_same_files(tmp_path / "d2", files)
     # Plain local files, not symlinks into b10fs as upstream makes them.
     assert not any(p.is_symlink() for p in (tmp_path / "d2").rglob("*"))
+
+
+def test_a_replica_trusts_the_entries_it_verified_until_one_changes(
+    origin: Origin, files: dict[str, Path], manifest: Path, tmp_path: Path
+) -> None:
+    """The trust rule across processes: a replica hashes each entry on its first hot start and
+    records the entry's identity in its block store; when its local copies are gone (evicted)
+    its next hot start copies without hashing, except the entry that was written in place
+    since, which is hashed, caught, moved aside and fetched from the origin."""
+    shared = tmp_path / "b10fs"
+    finish(start_resolve(manifest, tmp_path / "out1", b10fs_env(tmp_path / "cache1", shared)))
+    cache = tmp_path / "cache2"
+    env = b10fs_env(cache, shared)
+    trusted = "recorded for its unchanged b10cache entry"
+
+    def hot_start(out: str) -> str:
+        for path in (cache / "blobs").rglob("*"):  # the local copies are evicted ...
+            if path.is_file():
+                path.unlink()
+        origin.reset_stats()
+        err = finish(start_resolve(manifest, tmp_path / out, env))  # ... the records stay
+        assert_same_files(tmp_path / out, files)
+        return err
+
+    err = hot_start("out2")
+    assert trusted not in err and origin.stats.snapshot().bytes_sent == 0
+    err = hot_start("out3")
+    for name in SIZES:
+        assert f"verified {name} (" in err and trusted in err.split(f"verified {name} (")[1][:80]
+    assert origin.stats.snapshot().bytes_sent == 0
+
+    pointers = {p["file_name"]: p["hash"] for p in json.loads(manifest.read_text())["pointers"]}
+    tampered = "model-00002-of-00004.safetensors"
+    with (shared / pointers[tampered]).open("r+b") as f:  # same size, one bit
+        f.seek(3 * MiB + 17)
+        byte = f.read(1)
+        f.seek(3 * MiB + 17)
+        f.write(bytes([byte[0] ^ 0x01]))
+    err = hot_start("out4")
+    assert origin.stats.snapshot().bytes_sent == SIZES[tampered]
+    assert f"b10cache entry {shared / pointers[tampered]} does not match" in err
+    assert any(p.name.startswith(f"{pointers[tampered]}.corrupt-") for p in shared.iterdir())
+    for name in SIZES:
+        line = err.split(f"verified {name} (")[1][:80]
+        assert (trusted in line) == (name != tampered), (name, line)

@@ -10,11 +10,10 @@ from __future__ import annotations
 import logging
 import sys
 
+from ttfs.compat.truss_transfer import resolve_here
 from ttfs.errors import TtfsError
 from ttfs.providers import tune_httpcore
 from ttfs.telemetry.logs import setup_logging
-
-from . import lazy_data_resolve
 
 log = logging.getLogger("ttfs.truss_transfer")
 
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(propagate=False)
     tune_httpcore()  # our own process: larger socket reads
     try:
-        lazy_data_resolve(args[0] if args else None)
+        resolve_here(args[0] if args else None)  # our own process: no child needed
     except (TtfsError, NotImplementedError) as e:
         log.error("Error during execution: %s", e)
         sys.exit(1)

@@ -290,6 +290,9 @@ class SharedCacheConfig:
     lock_stale_secs: float = LOCK_STALE_SECS
     poll_secs: float = 0.5
     publish_timeout: float = PUBLISH_TIMEOUT
+    # Skip the hash of an entry whose identity this block store recorded when it verified it
+    # (docs/b10fs.md, "Hot start"); TTFS_SHARED_TRUST=0 hashes every hot start.
+    trust_recorded: bool = True
 
     @property
     def lock_refresh_secs(self) -> float:
@@ -334,4 +337,6 @@ class SharedCacheConfig:
             min_free_bytes=int(free_gb * GiB),
             speed_mbps=speed,
             lock_stale_secs=lock_secs,
+            trust_recorded=env.get("TTFS_SHARED_TRUST", "").strip().lower()
+            not in ("0", "false", "no", "n", "off"),
         )

@@ -59,3 +59,27 @@ def raise_nofile_limit() -> tuple[int, int]:
     except (ValueError, OSError):
         return soft, soft
     return soft, target
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(ppid: int) -> None:
+    """Ask the kernel to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``).
+
+    For helper processes that must never outlive the process that started them (the truss
+    drop-in's resolve child): however the parent ends (Ctrl-C, SIGTERM, SIGKILL), nothing is left
+    behind holding locks or writing files. ``ppid`` is the parent's pid as the parent saw it: if
+    it already differs, the parent died before the request took effect and this process exits.
+    Linux only; elsewhere a no-op (the caller still notices EOF on its pipes).
+    """
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != ppid:
+        os._exit(0)

@@ -482,6 +482,27 @@ class SharedCache:
             return False
 
     @staticmethod
+    def identity(path: Path) -> tuple[int, int, int, int, int] | None:
+        """``(dev, ino, size, mtime_ns, ctime_ns)`` of an entry as a fresh open sees it (on NFS
+        an open revalidates the cached attributes), or None when it cannot be opened.
+
+        What the trust rule of a hot start compares: a write changes mtime and ctime, a
+        replacement the inode, a truncation the size; ctime cannot be set back by anyone but
+        the kernel, so an entry with the recorded identity has not been written since.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+    @staticmethod
     def touch(path: Path) -> None:
         """Refresh the atime that cleanup ages entries by (also on noatime mounts)."""
         try:
@@ -513,14 +534,22 @@ class SharedCache:
         ``"busy"`` (another replica is copying it right now), ``"timeout"`` or ``"failed"``;
         failures are logged as warnings, never raised (the download itself succeeded).
         """
+        return self.publish_identified(src, blob_id, size)[0]
+
+    def publish_identified(
+        self, src: Path, blob_id: str, size: int
+    ) -> tuple[str, tuple[int, int, int, int, int] | None]:
+        """:meth:`publish`, and for ``"published"`` the entry's identity after the final atime
+        touch when it is still the file this call wrote (same dev, inode, size and mtime as
+        the copy had before its rename), else None: what the trust rule records."""
         dest = self.path(blob_id)
         if self.has_entry(blob_id, size):
             self.touch(dest)
-            return "present"
+            return "present", None
         incomplete = self.directory / f"{blob_id}{INCOMPLETE}"
         fd = self._create_incomplete(incomplete)
         if fd is None:
-            return "busy"
+            return "busy", None
         started = time.monotonic()
         try:
             try:
@@ -536,8 +565,10 @@ class SharedCache:
                         self.config.publish_timeout,
                     )
                     self._unlink(incomplete)
-                    return "timeout"
+                    return "timeout", None
                 os.fsync(fd)
+                st = os.fstat(fd)
+                written_as = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
             finally:
                 os.close(fd)
             written = os.stat(incomplete).st_size
@@ -549,7 +580,7 @@ class SharedCache:
                     size,
                 )
                 self._unlink(incomplete)
-                return "failed"
+                return "failed", None
             os.rename(incomplete, dest)
         except OSError as e:
             log.warning(
@@ -559,12 +590,13 @@ class SharedCache:
                 e,
             )
             self._unlink(incomplete)
-            return "failed"
+            return "failed", None
         self.touch(dest)
         log.info(
             "b10cache: published %s (%d bytes in %.2fs)", dest, size, time.monotonic() - started
         )
-        return "published"
+        now = self.identity(dest)
+        return "published", now if now is not None and now[:4] == written_as else None
 
     def _create_incomplete(self, incomplete: Path) -> int | None:
         for _ in range(2):

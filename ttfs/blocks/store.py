@@ -881,10 +881,21 @@ class BlockStore:
         inode number cannot be restored, so the next mount checks those too."""
         self._index_set(f"link:{blob_id}", tuple(key))
 
+    def shared_record(self, blob_id: str) -> tuple[int, ...] | None:
+        """The identity (dev, ino, size, mtime, ctime) of the shared-cache entry this store last
+        copied ``blob_id`` from and verified (or found unchanged since), or None (blocking)."""
+        record = self._index.get(f"shared:{blob_id}")
+        return tuple(record) if isinstance(record, tuple | list) else None
+
+    def record_shared(self, blob_id: str, key: tuple[int, ...]) -> None:
+        """Remember a verified shared-cache entry's identity (blocking): a later hot start of
+        the same blob from an entry with this very identity needs no hash (docs/b10fs.md)."""
+        self._index_set(f"shared:{blob_id}", tuple(key))
+
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._index.iterkeys()):
-            if isinstance(key, str) and not key.startswith(("out:", "link:")):
+            if isinstance(key, str) and not key.startswith(("out:", "link:", "shared:")):
                 record = self._index.get(key)
                 if isinstance(record, dict):
                     yield key, record

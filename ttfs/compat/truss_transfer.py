@@ -16,8 +16,9 @@ the caller (or the CLI, ``truss_transfer/__main__.py``) reports it once.
 
 Resolves in one process are serialised by a lock, as upstream's global mutex does: a second
 caller (another thread) blocks until the first is done and then finds the files in place.
-Waiting on it, and the resolve itself, leave the caller's other threads running; for running
-model code while the weights arrive, see :mod:`ttfs.compat.background`.
+The resolve itself runs in a child process (:mod:`ttfs.compat.offload`), so waiting on it, like
+waiting on the lock, leaves the caller's other threads the whole interpreter; for running model
+code while the weights arrive, see :mod:`ttfs.compat.background`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..errors import ConfigError, DownloadError, TtfsError
 from ..manifest import ModelRepo, find_manifests
 from ..resolve import ResolveReport, resolve, write_stats
 from ..telemetry.logs import setup_logging
+from .offload import ChildRequest, child_interpreter, resolve_in_child
 
 log = logging.getLogger("ttfs.truss_transfer")
 
@@ -71,6 +73,18 @@ class PyModelRepo:
             f"PyModelRepo(repo_id={self.repo_id!r}, revision={self.revision!r}, "
             f"volume_folder={self.volume_folder!r}, kind={self.kind!r})"
         )
+
+    def fields(self) -> dict[str, object]:
+        """The constructor's arguments, as JSON values (for the resolve child)."""
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "volume_folder": self.volume_folder,
+            "kind": self.kind,
+            "allow_patterns": self.allow_patterns,
+            "ignore_patterns": self.ignore_patterns,
+            "runtime_secret_name": self.runtime_secret_name,
+        }
 
     def to_model_repo(self) -> ModelRepo:
         if self.kind not in VALID_KINDS:
@@ -135,6 +149,11 @@ def lazy_data_resolve(
 ) -> str:
     """Download every file of the bptr manifests (and JIT models) and return the download dir.
 
+    The resolve runs in a child process (:mod:`ttfs.compat.offload`) while this thread waits in
+    a blocking read that holds no GIL: the caller's model code keeps the interpreter to itself.
+    Where no Python can be started for it (an embedded interpreter, ``TTFS_RESOLVE_CHILD=off``)
+    it runs here, as :func:`resolve_here` does.
+
     Raises:
         Exception: (a TtfsError) with truss-transfer's message text on any failure.
     """
@@ -142,6 +161,31 @@ def lazy_data_resolve(
         raise TtfsError("model_path must be provided when models are provided")
     setup_logging()
     with _RESOLVE_LOCK:  # waiting releases the GIL
+        python = child_interpreter()
+        # Model repos travel as their seven fields; anything else (a subclass, a look-alike)
+        # is resolved here, where its own to_model_repo() runs as it always has.
+        if python is not None and all(type(m) is PyModelRepo for m in models or []):
+            request = ChildRequest(download_dir, [m.fields() for m in models or []], model_path)
+            result = resolve_in_child(python, request)
+            if result is not None:
+                return result
+        return _resolve_locked(download_dir, models, model_path)
+
+
+def resolve_here(
+    download_dir: str | None = None,
+    models: list[PyModelRepo] | None = None,
+    model_path: str | None = None,
+) -> str:
+    """:func:`lazy_data_resolve` in this process: for processes that are ttfs's own (the CLI,
+    the resolve child), where no model code competes for the interpreter.
+
+    Raises:
+        Exception: (a TtfsError) with truss-transfer's message text on any failure.
+    """
+    if models and model_path is None:
+        raise TtfsError("model_path must be provided when models are provided")
+    with _RESOLVE_LOCK:
         return _resolve_locked(download_dir, models, model_path)
 
 

@@ -65,27 +65,43 @@ class Verifier:
             while True:
                 hasher = checker.new(blob.size) if verify else None
                 shared_before = source.shared_bytes
+                trusted: bool | None = None  # decided when the first blocks have landed
                 k = 0
                 while k < blob.n_blocks:
                     if not blob.present[k]:
                         await source.changed.wait()
                         continue
+                    if trusted is None:
+                        trusted = hasher is not None and tier is not None and tier.trusted(source)
                     j = k + 1
                     while j < blob.n_blocks and blob.present[j] and j - k < _SPAN:
                         j += 1
-                    if hasher is not None:
+                    if hasher is not None and not trusted:
                         # Mapped: the blob is not linked anywhere yet (Blob.hash_blocks says why).
                         await trio.to_thread.run_sync(
                             functools.partial(blob.hash_blocks, hasher, k, j, mapped=True)
                         )
                     k = j
-                if hasher is None or hasher.hexdigest() == checker.expected:
+                if trusted and hasher is not None:
+                    assert tier is not None
+                    if await tier.confirm_trust(source):
+                        self.counters.shared_trusted += 1
+                    else:
+                        trusted = False  # written, replaced or mixed with other bytes: hash
+                        await trio.to_thread.run_sync(blob.hash_blocks, hasher, 0, blob.n_blocks)
+                if hasher is None or trusted or hasher.hexdigest() == checker.expected:
                     if hasher is not None:
                         blob.verified = True
                         self.counters.blobs_verified += 1
                     await trio.to_thread.run_sync(self.store.mark_verified, blob)
                     source.done.set()
-                    if hasher is not None:
+                    if trusted:
+                        log.info(
+                            "verified %s (%s, recorded for its unchanged b10cache entry)",
+                            source.pointer.file_name,
+                            checker.algorithm,
+                        )
+                    elif hasher is not None:
                         log.info("verified %s (%s)", source.pointer.file_name, checker.algorithm)
                     if tier is not None:
                         tier.on_done(source)

@@ -62,6 +62,7 @@ class Counters:
     local_bytes: int = 0  # present in the local store when a blob was first opened
     blobs_verified: int = 0
     blobs_failed: int = 0
+    shared_trusted: int = 0  # blobs verified by the b10fs trust rule instead of a hash
     errors: Counter[str] = field(default_factory=Counter)  # failed attempts and checks, by kind
     demand_latency: LatencyHistogram = field(default_factory=LatencyHistogram)
 

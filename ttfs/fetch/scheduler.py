@@ -96,6 +96,7 @@ class FetcherStatistics:
     shared_corrupt: int = 0
     worker_requests: int = 0
     worker_restarts: int = 0
+    shared_trusted: int = 0
 
 
 class Fetcher:
@@ -609,6 +610,7 @@ class Fetcher:
             self.tier.corrupt_entries if self.tier is not None else 0,
             c.worker_requests,
             self.pool.restarts if self.pool is not None else 0,
+            c.shared_trusted,
         )
 
     def metrics_snapshot(self) -> MetricsSnapshot:

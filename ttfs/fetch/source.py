@@ -47,6 +47,10 @@ class BlobTier:
     settling: bool = False
     settled: trio.Event = field(default_factory=trio.Event)
     idle_ticks: int = 0
+    # The entry's (dev, ino, size, mtime, ctime) when it was looked up, and whether this block
+    # store recorded exactly that identity when it last verified the blob (the trust rule).
+    identity: tuple[int, ...] | None = None
+    trusted: bool = False
 
 
 @dataclass(slots=True)

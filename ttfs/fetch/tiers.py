@@ -253,6 +253,25 @@ class SharedTier:
             log.warning("b10cache: corrupt entry moved to %s", aside)
         return True
 
+    def trusted(self, source: Source) -> bool:
+        """Whether the blob is being copied from an entry this store verified before, with the
+        identity it had then (the follower may skip the hash if :meth:`confirm_trust` agrees
+        at the end)."""
+        st = source.tier
+        return st is not None and st.trusted and not st.bad and st.state is TierState.SHARED
+
+    async def confirm_trust(self, source: Source) -> bool:
+        """At the end of a trusted copy: every byte came from the entry in this attempt and the
+        entry still has the recorded identity (so nothing wrote it while it was copied)."""
+        st = source.tier
+        blob = source.blob
+        if not (self.trusted(source) and st is not None and st.entry is not None):
+            return False
+        if source.shared_bytes != blob.size or source.origin_bytes or source.discards:
+            return False
+        now = await trio.to_thread.run_sync(self.cache.identity, st.entry.path)
+        return now is not None and now == st.identity
+
     async def settled(self, source: Source) -> None:
         """Wait until the blob's publish (if any) is over."""
         st = source.tier
@@ -266,13 +285,12 @@ class SharedTier:
         try:
             decision = await self._decision()
             if decision.read and not st.bad:
-                entry = st.entry or await trio.to_thread.run_sync(
-                    self.cache.open_entry, source.blob.blob_id, source.blob.size
-                )
+                entry, trusted = await trio.to_thread.run_sync(self._open, source)
                 if entry is not None:
                     st.entry = entry
+                    st.trusted = trusted
                     st.state = TierState.SHARED
-                    log.debug("b10cache hit: %s", entry.path)
+                    log.debug("b10cache hit: %s%s", entry.path, " (trusted)" if st.trusted else "")
                 else:
                     st.state = TierState.QUEUED
             else:
@@ -290,18 +308,79 @@ class SharedTier:
             decision = await self._decision()
             blob = source.blob
             if decision.write and blob.complete:  # also replaces a corrupt or short entry
-                result = await trio.to_thread.run_sync(
-                    self.cache.publish, blob.path, blob.blob_id, blob.size
+                result, identity = await trio.to_thread.run_sync(
+                    self.cache.publish_identified, blob.path, blob.blob_id, blob.size
                 )
                 log.debug("b10cache publish of %s: %s", source.pointer.file_name, result)
+                if identity is not None and blob.verified:  # our verified bytes, as written
+                    await trio.to_thread.run_sync(blob.store.record_shared, blob.blob_id, identity)
             elif st.entry is not None and not st.bad:
                 await trio.to_thread.run_sync(self.cache.touch, st.entry.path)
+            if self._copied_whole(source):
+                await trio.to_thread.run_sync(self._record, source)
         finally:
             self.replicas.unlock(source)
             self._close_entry(st)
             st.settled.set()
 
     # -- helpers -------------------------------------------------------------------------------
+    def _open(self, source: Source) -> tuple[SharedFile | None, bool]:
+        """Open the blob's entry (blocking); whether it is trusted (the trust rule).
+
+        The entry's identity is read before the open's atime touch (which changes its ctime)
+        and compared with the one this store recorded after its own touch last time; it is read
+        again after the touch and kept in ``tier.identity`` for the end of the copy. A write
+        between the two reads (mtime) also denies trust.
+        """
+        st = source.tier
+        assert st is not None
+        blob = source.blob
+        if st.entry is not None:
+            return st.entry, st.trusted
+        before = self.cache.identity(self.cache.path(blob.blob_id))
+        entry = self.cache.open_entry(blob.blob_id, blob.size)
+        if entry is None:
+            return None, False
+        st.identity = self.cache.identity(entry.path)
+        recorded = blob.store.shared_record(blob.blob_id) if self.config.trust_recorded else None
+        trusted = (
+            recorded is not None
+            and before == recorded
+            and st.identity is not None
+            and st.identity[:4] == before[:4]
+        )
+        return entry, trusted
+
+    @staticmethod
+    def _copied_whole(source: Source) -> bool:
+        """The verified blob is, byte for byte, a copy of its entry made in this attempt."""
+        st = source.tier
+        blob = source.blob
+        return (
+            st is not None
+            and st.entry is not None
+            and st.identity is not None
+            and not st.bad
+            and blob.verified
+            and source.shared_bytes == blob.size
+            and not source.origin_bytes
+            and not source.discards
+        )
+
+    def _record(self, source: Source) -> None:
+        """Record the entry's identity as verified (blocking; after our own atime touch).
+
+        Only if dev, inode, size and mtime are still those it had before the copy: a write
+        since the lookup (the bytes we hashed may no longer be the entry's) leaves no record.
+        Its ctime is taken after the touch, which changes it; any later write, touch or
+        replacement by anyone changes it again, and the next hot start hashes.
+        """
+        st = source.tier
+        assert st is not None and st.entry is not None and st.identity is not None
+        now = self.cache.identity(st.entry.path)
+        if now is not None and now[:4] == st.identity[:4]:
+            source.blob.store.record_shared(source.blob.blob_id, now)
+
     @staticmethod
     def _close_entry(st: BlobTier) -> None:
         st.entry = None  # entries hold no descriptor (SharedFile); runs open their own

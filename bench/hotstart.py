@@ -1,0 +1,191 @@
+"""What a b10fs hot start costs: ttfs's verified copy against upstream's symlink + first read.
+
+``python -m bench.hotstart [--shards 4] [--shard-mib 256] [--repeats 3] [--tree DIR ...]``:
+an origin process serves the shards; one ``ttfs resolve`` fills a local b10fs directory; then,
+for each ``--tree`` (a ttfs checkout, e.g. an older commit unpacked with ``git archive``) in
+turn (alternating), ``--repeats`` times: a hot resolve into a fresh download dir with an empty
+block store (a new replica), then another with the same store after its data files were deleted
+(an eviction: the trust records stay), each in a fresh interpreter of that tree measuring the
+resolve call alone: its CPU-seconds (the process and its waited-for children) and wall seconds.
+The upstream figure is a symlink per shard plus one full read through it (what the model's
+first load pays), in this process. Everything is page-cache hot, so CPU is the cost that is
+measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from demo.model import build_manifest
+
+CHUNK = 1 << 20
+HERE = Path(__file__).resolve().parent.parent
+
+
+def self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+# Run in a fresh interpreter of the tree under test: the resolve alone is measured (imports,
+# start-up and the worker pool are not part of a hot start; TTFS_WORKERS=0, none is started).
+_ONE = """
+import json, resource, sys, time, trio
+from ttfs.telemetry.logs import setup_logging
+setup_logging("info")
+from ttfs.config import Settings
+from ttfs.manifest import load_manifest
+from ttfs.resolve import resolve
+def cpu():
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+pointers = load_manifest(sys.argv[1]).pointers
+settings = Settings.from_env()
+c0, t0 = cpu(), time.perf_counter()
+report = trio.run(lambda: resolve(pointers, sys.argv[2], settings, progress=False))
+print(json.dumps({"cpu": cpu() - c0, "wall": time.perf_counter() - t0,
+                  "hot": report.b10fs_hot_starts_files}))
+"""
+
+
+def resolve(
+    tree: Path, manifest: Path, out: Path, env: dict[str, str], store: Path | None = None
+) -> dict[str, float]:
+    """CPU-s, wall-s, hot files and files verified by the trust rule of one resolve, in a
+    process of ``tree``'s ttfs (block store ``store``, else beside ``out``)."""
+    extra = {"TTFS_CACHE_DIR": str(store)} if store is not None else {}
+    done = subprocess.run(
+        [sys.executable, "-c", _ONE, str(manifest), str(out)],
+        env={**env, **extra, "PYTHONPATH": str(tree), "TTFS_WORKERS": "0"},
+        cwd=tree,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    row = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    row["trusted"] = done.stderr.count("recorded for its unchanged b10cache entry")
+    return row
+
+
+def evict(store: Path) -> None:
+    """Delete a block store's data files (its index, and the trust records in it, stay)."""
+    for path in (store / "blobs").rglob("*"):
+        if path.is_file():
+            path.unlink()
+
+
+def symlink_and_read(entries: list[Path], out: Path) -> tuple[float, float]:
+    out.mkdir()
+    buf = bytearray(8 * CHUNK)
+    c0, t0 = self_cpu(), time.perf_counter()
+    for entry in entries:
+        link = out / entry.name
+        os.symlink(entry, link)
+        with open(link, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return self_cpu() - c0, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--shard-mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tree", action="append", type=Path, default=[])
+    args = parser.parse_args()
+    trees = args.tree or [HERE]
+    work = Path(tempfile.mkdtemp(prefix="bench-hot-"))
+    root = work / "origin"
+    root.mkdir()
+    files: dict[str, Path] = {}
+    rng = random.Random(2)
+    for i in range(args.shards):
+        path = root / f"model-{i + 1:05d}-of-{args.shards:05d}.safetensors"
+        with path.open("wb") as f:
+            for _ in range(args.shard_mib):
+                f.write(rng.randbytes(CHUNK))
+        files[path.name] = path
+    origin = subprocess.Popen(
+        [sys.executable, "-m", "demo.origin", str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=HERE,
+        env={**os.environ, "PYTHONPATH": str(HERE)},
+    )
+    try:
+        assert origin.stdout is not None
+        base = json.loads(origin.stdout.readline())["base_url"]
+        manifest = work / "manifest.json"
+        manifest.write_text(
+            json.dumps(build_manifest(files, {n: f"{base}/files/{n}" for n in files}))
+        )
+        empty = work / "empty.json"
+        empty.write_text(json.dumps({"pointers": []}))
+        shared = work / "b10fs"
+        env = {
+            **os.environ,
+            "BASETEN_FS_ENABLED": "1",
+            "USE_BASETEN_FS_TRUSS_TRANSFER": "1",
+            "TRUSS_TRANSFER_CACHE_DIR": str(shared),
+            "TRUSS_TRANSFER_B10FS_MIN_REQUIRED_AVAILABLE_SPACE_GB": "0",
+            "TRUSS_TRANSFER_B10FS_DOWNLOAD_SPEED_MBPS": "1",
+            "TTFS_STATS_FILE": str(work / "stats.json"),
+            "TTFS_LOG": "warn",
+        }
+        resolve(trees[0], manifest, work / "fill", env)  # the first replica: cold, publishes
+        shutil.rmtree(work / "fill")
+        entries = sorted(p for p in shared.iterdir() if "." not in p.name)
+        assert len(entries) == args.shards, entries
+        results: dict[str, dict[str, float]] = {}
+        rows: dict[str, list[dict[str, float]]] = {}
+        for run in range(args.repeats):
+            for i, tree in enumerate(trees):  # alternating, so load drifts hit both alike
+                store = work / f"store-{i}-{run}"
+                # A new replica (empty store), then the same replica again after its local
+                # copies were evicted (its trust records kept).
+                for kind in ("new replica", "same replica, evicted"):
+                    out = work / f"hot-{run}"
+                    row = resolve(tree, manifest, out, env, store)
+                    assert row["hot"] == args.shards, row
+                    shutil.rmtree(out)
+                    evict(store)
+                    rows.setdefault(f"{tree}: {kind}", []).append(row)
+                    print(
+                        json.dumps({"tree": str(tree), "kind": kind, "run": run, **row}), flush=True
+                    )
+                shutil.rmtree(store)
+        for tree, mine in rows.items():
+            results[tree] = {
+                "cpu_s": round(statistics.median(r["cpu"] for r in mine), 2),
+                "wall_s": round(statistics.median(r["wall"] for r in mine), 2),
+            }
+        links = []
+        for run in range(args.repeats):
+            out = work / f"link-{run}"
+            links.append(symlink_and_read(entries, out))
+            shutil.rmtree(out)
+        results["symlink + one read"] = {
+            "cpu_s": round(statistics.median(r[0] for r in links), 2),
+            "wall_s": round(statistics.median(r[1] for r in links), 2),
+        }
+        print(json.dumps({"medians": results}), flush=True)
+    finally:
+        origin.terminate()
+        origin.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
