@@ -421,9 +421,9 @@ async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it
     hashed: list[tuple[int, int]] = []
     real_hash_blocks = Blob.hash_blocks
 
-    def counting(blob: Blob, hasher: object, first: int, end: int) -> None:
+    def counting(blob: Blob, hasher: object, first: int, end: int, **kw: bool) -> None:
         hashed.append((first, end))
-        real_hash_blocks(blob, hasher, first, end)
+        real_hash_blocks(blob, hasher, first, end, **kw)
 
     monkeypatch.setattr(Blob, "hash_blocks", counting)
     fake = FakeProvider({"m.bin": data})
@@ -487,9 +487,9 @@ async def test_an_entry_this_store_published_is_trusted_on_its_next_hot_start(
     hashed = []
     real_hash_blocks = Blob.hash_blocks
 
-    def counting(blob: Blob, hasher: object, first: int, end: int) -> None:
+    def counting(blob: Blob, hasher: object, first: int, end: int, **kw: bool) -> None:
         hashed.append((first, end))
-        real_hash_blocks(blob, hasher, first, end)
+        real_hash_blocks(blob, hasher, first, end, **kw)
 
     monkeypatch.setattr(Blob, "hash_blocks", counting)
     async with tiered(settings, fake, shared) as fetcher:

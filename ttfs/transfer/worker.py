@@ -18,8 +18,6 @@ in-flight ranges; the coordinator fetches them again from the last reported bloc
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import errno
 import mmap
 import os
@@ -34,18 +32,9 @@ from typing import Any
 import xxhash
 
 from ..errors import CacheError, CacheFull, TtfsError
+from ..procs import die_with_parent
 from .protocol import Decoder, Job, encode
 from .wire import BUFFER, NO_SPLICE, Connections, ranged_get
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(ppid: int) -> None:
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() != ppid:  # the parent died before prctl took effect
-        _exit(0)
 
 
 class Worker:
@@ -275,7 +264,7 @@ def main(argv: list[str]) -> int:
     fd, ppid, threads = int(argv[0]), int(argv[1]), int(argv[2])
     connect, stall = float(argv[3]), float(argv[4])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent(ppid)
+    die_with_parent(ppid)
     sock = socket.socket(fileno=fd)
     # TTFS_SPLICE=0: plain-HTTP bodies through the buffer like TLS ones (to measure the splice
     # path against it, or to rule it out).
