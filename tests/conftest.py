@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,18 @@ _STRIP_PREFIXES = (
     "RUST_LOG",
 )
 _STRIP_EXACT = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Let Ctrl-C reach the processes the tests start, whoever started the suite.
+
+    A non-interactive shell starts a background job (``make test &``, a CI runner's script)
+    with SIGINT ignored, and an ignored signal stays ignored across exec: every ttfs process a
+    test starts would then ignore the Ctrl-C the signal tests send, and run to completion.
+    A handler (unlike SIG_IGN) is reset to the default on exec.
+    """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
