@@ -110,6 +110,11 @@ def test_a_hash_mismatch_drops_the_pages_a_reader_has_cached(
     manifest = tmp_path / "manifest.json"
     write_manifest(origin, origin_root, manifest, names=["w.bin"])  # promises sha256(good)
     target.write_bytes(bad)  # ... but the origin first serves other bytes of the same size
+    # Every request waits 2 s before the origin opens the file: the refetch that follows the
+    # mismatch (it starts the moment the bad bytes are hashed, often before the reader below
+    # returns) then reads the fixed file. Without it a busy machine let the refetch get the bad
+    # bytes again, and a blob that fails twice stays failed (what the follower must do).
+    origin.latency = 2.0
     cache, mnt = tmp_path / "cache", tmp_path / "mnt"
     with mounted(manifest, mnt, cache, "--no-prefetch") as m:
         path = mnt / "w.bin"
@@ -118,7 +123,7 @@ def test_a_hash_mismatch_drops_the_pages_a_reader_has_cached(
         tmp = origin_root / "w.bin.tmp"
         tmp.write_bytes(good)
         tmp.replace(target)  # the origin is fixed; the refetch after the mismatch gets it
-        wait_for(lambda: file_status(path)["verified"], what="verified after refetch")
+        wait_for(lambda: file_status(path)["verified"], 60, what="verified after refetch")
         again = run_py(_READ_ALL, str(path)).stdout.split()[1]
         assert again == hashlib.sha256(good).hexdigest(), m.log_text()[-3000:]
         assert "mismatch; discarding" in m.log_text()
