@@ -11,7 +11,7 @@ run:
 # The oldest Python the package supports (CUDA serving images: Ubuntu 22.04, Python 3.10).
 # (pyenv's shim on PATH may refuse to run it, so the interpreter itself comes first.)
 PY310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(shell command -v python3.10))
-DROPIN_TESTS ?= tests/test_truss_compat.py tests/test_truss_switch.py
+DROPIN_TESTS ?= tests/test_truss_compat.py tests/test_truss_switch.py tests/test_dropin_child.py
 
 test:
 	@scripts/bootstrap.sh test
