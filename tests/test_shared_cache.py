@@ -23,6 +23,7 @@ import trio
 import ttfs.blocks.shared as shared_mod
 from tests.fakes import FakeProvider, pointer_for, ramp
 from ttfs.blocks import Blob, BlockStore
+from ttfs.blocks.identity import key_of_open
 from ttfs.blocks.shared import SharedCache, SpaceStats, desired_speed
 from ttfs.config import Settings, SharedCacheConfig
 from ttfs.errors import ConfigError
@@ -443,7 +444,7 @@ async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it
     first, hashes = await hot_start()  # verified by its hash, identity recorded
     assert (first.shared_bytes, first.shared_trusted) == (len(data), 0) and hashes
     with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
-        assert store.shared_record(digest) == SharedCache.identity(entry)
+        assert store.key_record("shared", digest) == key_of_open(entry)
 
     trusted, hashes = await hot_start()  # same entry, untouched: no hash at all
     assert (trusted.shared_bytes, trusted.shared_trusted, hashes) == (len(data), 1, [])
@@ -482,7 +483,7 @@ async def test_an_entry_this_store_published_is_trusted_on_its_next_hot_start(
         await fetcher.settled(source)
     assert fake.bytes_served == len(data) and (shared / digest).read_bytes() == data
     with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
-        assert store.shared_record(digest) == SharedCache.identity(shared / digest)
+        assert store.key_record("shared", digest) == key_of_open(shared / digest)
         store.data_path(digest).unlink()  # evicted
     hashed = []
     real_hash_blocks = Blob.hash_blocks

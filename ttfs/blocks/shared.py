@@ -47,6 +47,7 @@ from ..config import (  # the settings half lives with the other settings
 from ..errors import CacheError
 from ..procs import process_alive
 from ..units import GiB, MiB
+from .identity import BlobKey, key_of_open
 
 log = logging.getLogger(__name__)
 
@@ -482,27 +483,6 @@ class SharedCache:
             return False
 
     @staticmethod
-    def identity(path: Path) -> tuple[int, int, int, int, int] | None:
-        """``(dev, ino, size, mtime_ns, ctime_ns)`` of an entry as a fresh open sees it (on NFS
-        an open revalidates the cached attributes), or None when it cannot be opened.
-
-        What the trust rule of a hot start compares: a write changes mtime and ctime, a
-        replacement the inode, a truncation the size; ctime cannot be set back by anyone but
-        the kernel, so an entry with the recorded identity has not been written since.
-        """
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-    @staticmethod
     def touch(path: Path) -> None:
         """Refresh the atime that cleanup ages entries by (also on noatime mounts)."""
         try:
@@ -536,9 +516,7 @@ class SharedCache:
         """
         return self.publish_identified(src, blob_id, size)[0]
 
-    def publish_identified(
-        self, src: Path, blob_id: str, size: int
-    ) -> tuple[str, tuple[int, int, int, int, int] | None]:
+    def publish_identified(self, src: Path, blob_id: str, size: int) -> tuple[str, BlobKey | None]:
         """:meth:`publish`, and for ``"published"`` the entry's identity after the final atime
         touch when it is still the file this call wrote (same dev, inode, size and mtime as
         the copy had before its rename), else None: what the trust rule records."""
@@ -568,7 +546,7 @@ class SharedCache:
                     return "timeout", None
                 os.fsync(fd)
                 st = os.fstat(fd)
-                written_as = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+                written_as = BlobKey.of(st).content
             finally:
                 os.close(fd)
             written = os.stat(incomplete).st_size
@@ -595,8 +573,8 @@ class SharedCache:
         log.info(
             "b10cache: published %s (%d bytes in %.2fs)", dest, size, time.monotonic() - started
         )
-        now = self.identity(dest)
-        return "published", now if now is not None and now[:4] == written_as else None
+        now = key_of_open(dest)
+        return "published", now if now is not None and now.content == written_as else None
 
     def _create_incomplete(self, incomplete: Path) -> int | None:
         for _ in range(2):

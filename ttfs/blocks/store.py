@@ -56,7 +56,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import diskcache
 import xxhash
@@ -65,17 +65,22 @@ from ..errors import CacheError, CacheFull
 from . import perms
 from .descriptors import DescriptorTable
 from .hashing import Checker
+from .identity import BlobKey
 
 log = logging.getLogger(__name__)
 
 INDEX_VERSION = 1
+_HASH_CHUNK = 1024 * 1024
 # Piece size of the buffered fallback of kernel_copy (a worker thread's buffer).
 _READ_CHUNK = 8 * 1024 * 1024
-_HASH_CHUNK = 1024 * 1024
 # preadv flag: fail instead of waiting for the device (Linux >= 4.14); 0 where missing.
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 # Journal record: block index, bytes of the block written so far, xxh3-64 of those bytes.
 _JOURNAL = struct.Struct("<IIQ")
+# Index records beside the blobs' own: file identities (:meth:`BlockStore.key_record`) and
+# resolve outputs.
+KeyKind = Literal["link", "shared"]
+_SIDE_RECORDS = ("out:", "link:", "shared:")
 
 
 @dataclass(frozen=True, slots=True)
@@ -869,33 +874,26 @@ class BlockStore:
         blob._synced = False
         self._persist(blob)
 
-    def link_record(self, blob_id: str) -> tuple[int, ...] | None:
-        """The identity (dev, ino, size, mtime, ctime) of the data file when a mount last served
-        it as a link (the fast path), or None (blocking)."""
-        record = self._index.get(f"link:{blob_id}")
-        return tuple(record) if isinstance(record, tuple | list) else None
+    def key_record(self, kind: KeyKind, blob_id: str) -> BlobKey | None:
+        """The file identity recorded for ``blob_id`` under ``kind``, or None (blocking).
 
-    def record_link(self, blob_id: str, key: tuple[int, ...]) -> None:
-        """Remember the data file's identity while a mount serves it as a link (blocking): the
-        size+mtime check of a verified blob misses a write that restores mtime; ctime and the
-        inode number cannot be restored, so the next mount checks those too."""
-        self._index_set(f"link:{blob_id}", tuple(key))
+        ``"link"``: the data file's key when a mount last served it as a link (the fast path).
+        The size+mtime check of a verified blob misses a write that restores mtime; ctime and
+        the inode number cannot be restored, so the next mount checks those too.
+        ``"shared"``: the key of the shared-cache entry this store last copied the blob from
+        and verified (or found unchanged since); a later hot start from an entry with this very
+        key needs no hash (docs/b10fs.md, "The trust rule").
+        """
+        return BlobKey.from_record(self._index.get(f"{kind}:{blob_id}"))
 
-    def shared_record(self, blob_id: str) -> tuple[int, ...] | None:
-        """The identity (dev, ino, size, mtime, ctime) of the shared-cache entry this store last
-        copied ``blob_id`` from and verified (or found unchanged since), or None (blocking)."""
-        record = self._index.get(f"shared:{blob_id}")
-        return tuple(record) if isinstance(record, tuple | list) else None
-
-    def record_shared(self, blob_id: str, key: tuple[int, ...]) -> None:
-        """Remember a verified shared-cache entry's identity (blocking): a later hot start of
-        the same blob from an entry with this very identity needs no hash (docs/b10fs.md)."""
-        self._index_set(f"shared:{blob_id}", tuple(key))
+    def record_key(self, kind: KeyKind, blob_id: str, key: BlobKey) -> None:
+        """Remember ``key`` for ``blob_id`` under ``kind`` (:meth:`key_record`; blocking)."""
+        self._index_set(f"{kind}:{blob_id}", key.record())
 
     # -- bookkeeping --------------------------------------------------------------------------
     def known(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for key in list(self._index.iterkeys()):
-            if isinstance(key, str) and not key.startswith(("out:", "link:", "shared:")):
+            if isinstance(key, str) and not key.startswith(_SIDE_RECORDS):
                 record = self._index.get(key)
                 if isinstance(record, dict):
                     yield key, record

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ..blocks import Blob
+from ..blocks.identity import BlobKey
 from ..blocks.shared import HeldLock, SharedFile
 from ..manifest import Pointer
 
@@ -49,7 +50,7 @@ class BlobTier:
     idle_ticks: int = 0
     # The entry's (dev, ino, size, mtime, ctime) when it was looked up, and whether this block
     # store recorded exactly that identity when it last verified the blob (the trust rule).
-    identity: tuple[int, ...] | None = None
+    identity: BlobKey | None = None
     trusted: bool = False
 
 

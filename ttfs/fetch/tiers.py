@@ -36,6 +36,7 @@ from typing import Any
 import trio
 
 from ..blocks import RunWriter
+from ..blocks.identity import key_of_open
 from ..blocks.shared import Decision, SharedCache, SharedFile
 from ..config import SharedCacheConfig
 from ..errors import CacheError, TransientError
@@ -264,12 +265,11 @@ class SharedTier:
         """At the end of a trusted copy: every byte came from the entry in this attempt and the
         entry still has the recorded identity (so nothing wrote it while it was copied)."""
         st = source.tier
-        blob = source.blob
         if not (self.trusted(source) and st is not None and st.entry is not None):
             return False
-        if source.shared_bytes != blob.size or source.origin_bytes or source.discards:
+        if not _all_from_entry(source):
             return False
-        now = await trio.to_thread.run_sync(self.cache.identity, st.entry.path)
+        now = await trio.to_thread.run_sync(key_of_open, st.entry.path)
         return now is not None and now == st.identity
 
     async def settled(self, source: Source) -> None:
@@ -313,7 +313,9 @@ class SharedTier:
                 )
                 log.debug("b10cache publish of %s: %s", source.pointer.file_name, result)
                 if identity is not None and blob.verified:  # our verified bytes, as written
-                    await trio.to_thread.run_sync(blob.store.record_shared, blob.blob_id, identity)
+                    await trio.to_thread.run_sync(
+                        blob.store.record_key, "shared", blob.blob_id, identity
+                    )
             elif st.entry is not None and not st.bad:
                 await trio.to_thread.run_sync(self.cache.touch, st.entry.path)
             if self._copied_whole(source):
@@ -337,17 +339,19 @@ class SharedTier:
         blob = source.blob
         if st.entry is not None:
             return st.entry, st.trusted
-        before = self.cache.identity(self.cache.path(blob.blob_id))
+        before = key_of_open(self.cache.path(blob.blob_id))
         entry = self.cache.open_entry(blob.blob_id, blob.size)
         if entry is None:
             return None, False
-        st.identity = self.cache.identity(entry.path)
-        recorded = blob.store.shared_record(blob.blob_id) if self.config.trust_recorded else None
+        st.identity = key_of_open(entry.path)
+        recorded = (
+            blob.store.key_record("shared", blob.blob_id) if self.config.trust_recorded else None
+        )
         trusted = (
             recorded is not None
             and before == recorded
             and st.identity is not None
-            and st.identity[:4] == before[:4]
+            and st.identity.content == before.content
         )
         return entry, trusted
 
@@ -355,16 +359,13 @@ class SharedTier:
     def _copied_whole(source: Source) -> bool:
         """The verified blob is, byte for byte, a copy of its entry made in this attempt."""
         st = source.tier
-        blob = source.blob
         return (
             st is not None
             and st.entry is not None
             and st.identity is not None
             and not st.bad
-            and blob.verified
-            and source.shared_bytes == blob.size
-            and not source.origin_bytes
-            and not source.discards
+            and source.blob.verified
+            and _all_from_entry(source)
         )
 
     def _record(self, source: Source) -> None:
@@ -377,9 +378,9 @@ class SharedTier:
         """
         st = source.tier
         assert st is not None and st.entry is not None and st.identity is not None
-        now = self.cache.identity(st.entry.path)
-        if now is not None and now[:4] == st.identity[:4]:
-            source.blob.store.record_shared(source.blob.blob_id, now)
+        now = key_of_open(st.entry.path)
+        if now is not None and now.content == st.identity.content:
+            source.blob.store.record_key("shared", source.blob.blob_id, now)
 
     @staticmethod
     def _close_entry(st: BlobTier) -> None:
@@ -397,3 +398,11 @@ class SharedTier:
         st.bad = True
         if st.state is TierState.SHARED:
             st.state = TierState.ORIGIN
+
+
+def _all_from_entry(source: Source) -> bool:
+    """Every byte of the blob was copied from its shared entry in this attempt (none from the
+    origin, nothing discarded): what both recording and using the trust rule require."""
+    return (
+        source.shared_bytes == source.blob.size and not source.origin_bytes and not source.discards
+    )

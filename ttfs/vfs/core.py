@@ -44,6 +44,7 @@ from typing import Any, NewType
 
 import trio
 
+from ..blocks.identity import BlobKey, key_of_path
 from ..control import (
     CHILD_STATUS_PREFIX,
     CONTROL_FILE,
@@ -55,7 +56,7 @@ from ..errors import CacheError, DownloadError, TransientError, TtfsError, UserE
 from ..fetch import Fetcher, FetcherStatistics, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
-from .fastpath import INODE_SHIFT, BlobKey, key_of_path, readable_by_others, visible_to
+from .fastpath import INODE_SHIFT, readable_by_others, visible_to
 from .readahead import ReadaheadConfig, StreamTable
 from .trace import SAVE_QUIET, Recorder, Trace, TraceStore, block_counts, manifest_digest
 from .tree import ROOT_INODE, Inode, Node, Tree
@@ -386,11 +387,9 @@ class ModelFs:
                 raise DownloadError(f.pointer.file_name, e) from e
             self._cache_bytes.setdefault(source.blob.blob_id, source.blob.bytes_present)
             if self._fast_disabled is None and source.blob.verified:
-                record = await trio.to_thread.run_sync(
-                    self.fetcher.store.link_record, source.blob.blob_id
+                f.served_before = await trio.to_thread.run_sync(
+                    self.fetcher.store.key_record, "link", source.blob.blob_id
                 )
-                if record is not None and len(record) == 5:
-                    f.served_before = BlobKey(*record)
             f.source = source
         return f.source
 
@@ -622,11 +621,7 @@ class ModelFs:
             self._nursery.start_soon(self._recheck, f.source, dropped)
 
     async def _record_link(self, blob_id: str, key: BlobKey) -> None:
-        await trio.to_thread.run_sync(
-            self.fetcher.store.record_link,
-            blob_id,
-            (key.dev, key.ino, key.size, key.mtime_ns, key.ctime_ns),
-        )
+        await trio.to_thread.run_sync(self.fetcher.store.record_key, "link", blob_id, key)
 
     async def _recheck(self, source: Source, dropped: trio.Event) -> None:
         """Drop the changed blocks (reads wait for that), refetch them, verify, link again."""

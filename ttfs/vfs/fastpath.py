@@ -13,8 +13,9 @@ A file is served by the kernel only while all of these hold:
   open and the store never evicts an open blob, so eviction never removes a file a link points to;
 * the blob file at the link's target is the very file that was verified: same device and inode
   as the daemon's open descriptor, same size, mtime and ctime as when the link was granted
-  (:class:`BlobKey`). Checked on every ``lookup`` and ``readlink``; any write, truncate, chmod
-  or replacement changes ctime or the inode, so a changed blob is never served as verified;
+  (:class:`~ttfs.blocks.identity.BlobKey`). Checked on every ``lookup`` and ``readlink``; any
+  write, truncate, chmod or replacement changes ctime or the inode, so a changed blob is never
+  served as verified;
 * every reader can follow the link. The kernel keeps one dentry for all readers, so this is
   decided per mount: root and the mounting user can always read the cache; when another user
   looks a file up (``allow_other``) and the blob file is not readable by every user (``o+r`` on
@@ -27,35 +28,13 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
 from pathlib import Path
+
+from ..blocks.identity import BlobKey
 
 INODE_SHIFT = 1 << 40
 """Link inode = file inode + this. A name that turns from file into link needs a new inode
 number: the kernel rejects an existing inode whose type changes (it marks it bad)."""
-
-
-@dataclass(frozen=True, slots=True)
-class BlobKey:
-    """What identifies the exact bytes of a blob file: a change of any field means a change."""
-
-    dev: int
-    ino: int
-    size: int
-    mtime_ns: int
-    ctime_ns: int
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> BlobKey:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-def key_of_path(path: Path | str) -> BlobKey | None:
-    """The key of the file at ``path`` (symlinks followed), or None when it cannot be stat'ed."""
-    try:
-        return BlobKey.of(os.stat(path))
-    except OSError:
-        return None
 
 
 def readable_by_others(path: Path) -> bool:
