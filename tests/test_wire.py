@@ -185,3 +185,19 @@ def test_plain_bodies_splice_into_the_file_and_tls_bodies_take_the_buffer(
         assert origin.stats.snapshot().connections == 1
     finally:
         os.close(target.fd)
+
+
+@pytest.mark.parametrize(
+    ("value", "splice"),
+    [(None, True), ("", True), ("1", True), ("on", True), ("0", False), (" Off ", False),
+     ("false", False), ("no", False)],
+)  # fmt: skip
+def test_the_splice_switch_is_a_setting_the_workers_get_from_the_coordinator(
+    value: str | None, splice: bool, tmp_path: Path
+) -> None:
+    """Read once at the edge (the worker pool passes it on the workers' command line, which
+    every worker test exercises), with the same off-words as TTFS_SHARED_TRUST."""
+    from ttfs.config import Settings
+
+    env = {"TTFS_CACHE_DIR": str(tmp_path)} | ({} if value is None else {"TTFS_SPLICE": value})
+    assert Settings.from_env(env).splice is splice

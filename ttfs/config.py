@@ -31,6 +31,15 @@ def truthy(value: str | None, default: bool = False) -> bool:
     return value.strip().lower() in TRUTHY
 
 
+OFF = frozenset({"0", "false", "no", "n", "off"})
+
+
+def switched_off(value: str | None) -> bool:
+    """For ttfs's own on-by-default switches (``TTFS_SPLICE``, ``TTFS_SHARED_TRUST``): only
+    ``0/false/no/n/off`` (any case) turn them off; unset, empty or anything else leaves them on."""
+    return value is not None and value.strip().lower() in OFF
+
+
 def default_cache_dir(env: Mapping[str, str]) -> Path:
     """``/var/cache/ttfs`` for root, else ``$XDG_CACHE_HOME/ttfs`` (``~/.cache/ttfs``)."""
     if hasattr(os, "geteuid") and os.geteuid() == 0:
@@ -91,6 +100,8 @@ class Settings:
     use_range: bool = True
     # Worker processes that move range bodies (ttfs.transfer); 0 = in process (httpx on trio).
     workers: int = field(default_factory=default_workers)
+    # Workers splice plain-HTTP bodies socket -> pipe -> file (TTFS_SPLICE=0: through a buffer).
+    splice: bool = True
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     connect_timeout: float = 10.0
     # A range that delivers no byte for this long is abandoned and re-issued.
@@ -158,6 +169,7 @@ class Settings:
                 values["workers"] = int(raw)
             except ValueError as e:
                 raise ConfigError(f"TTFS_WORKERS={raw!r} is not an integer") from e
+        values["splice"] = not switched_off(env.get("TTFS_SPLICE"))
         if env.get("TTFS_STALL_TIMEOUT"):
             values["stall_timeout"] = _float(env, "TTFS_STALL_TIMEOUT")
         if env.get("TTFS_RETRY_ATTEMPTS"):
@@ -337,6 +349,5 @@ class SharedCacheConfig:
             min_free_bytes=int(free_gb * GiB),
             speed_mbps=speed,
             lock_stale_secs=lock_secs,
-            trust_recorded=env.get("TTFS_SHARED_TRUST", "").strip().lower()
-            not in ("0", "false", "no", "n", "off"),
+            trust_recorded=not switched_off(env.get("TTFS_SHARED_TRUST")),
         )

@@ -135,7 +135,11 @@ class Fetcher:
         if settings.workers > 0 and settings.proxy is None:
             threads = max(1, -(-settings.max_connections // settings.workers))
             self.pool = WorkerPool(
-                settings.workers, threads, settings.connect_timeout, settings.stall_timeout
+                settings.workers,
+                threads,
+                settings.connect_timeout,
+                settings.stall_timeout,
+                settings.splice,
             )
         self._runs = RunExecutor(settings, self.counters, self._landed, self.tier, self.pool)
         self._verifier = Verifier(

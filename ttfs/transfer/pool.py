@@ -70,11 +70,19 @@ class _Worker:
 class WorkerPool:
     """``n`` worker processes, each running up to ``threads`` ranges at once."""
 
-    def __init__(self, n: int, threads: int, connect_timeout: float, stall_timeout: float) -> None:
+    def __init__(
+        self,
+        n: int,
+        threads: int,
+        connect_timeout: float,
+        stall_timeout: float,
+        splice: bool = True,
+    ) -> None:
         self.n = n
         self.threads = threads
         self.connect_timeout = connect_timeout
         self.stall_timeout = stall_timeout
+        self.splice = splice
         self._workers: list[_Worker | None] = [None] * n
         self._ids = itertools.count(1)
         self._nursery: trio.Nursery | None = None
@@ -104,6 +112,7 @@ class WorkerPool:
                     str(self.threads),
                     str(self.connect_timeout),
                     str(self.stall_timeout),
+                    "1" if self.splice else "0",
                 ],
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,

@@ -1,7 +1,8 @@
 """A worker process: range GETs written straight into blob files, one report per landed block.
 
 Started by :class:`~ttfs.transfer.pool.WorkerPool` as ``python -m ttfs.transfer.worker FD PPID
-THREADS``; FD is its end of a socketpair with the coordinator. Each job runs in a thread of its
+THREADS CONNECT STALL SPLICE`` (its settings come from the coordinator's, never from the
+environment); FD is its end of a socketpair with the coordinator. Each job runs in a thread of its
 own (``THREADS`` at most at once; the coordinator's connection budget bounds them anyway): GET
 with :func:`~ttfs.transfer.wire.ranged_get`; a TLS body goes into a 1 MiB buffer that thread
 reuses, is ``pwrite``n at its offset and hashed (xxh3 per block) from the same buffer; a plain
@@ -263,12 +264,11 @@ class _Landing:
 def main(argv: list[str]) -> int:
     fd, ppid, threads = int(argv[0]), int(argv[1]), int(argv[2])
     connect, stall = float(argv[3]), float(argv[4])
+    # Settings.splice (TTFS_SPLICE), where os.splice exists.
+    splice = argv[5] == "1" and hasattr(os, "splice")
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent(ppid)
     sock = socket.socket(fileno=fd)
-    # TTFS_SPLICE=0: plain-HTTP bodies through the buffer like TLS ones (to measure the splice
-    # path against it, or to rule it out).
-    splice = os.environ.get("TTFS_SPLICE", "1") != "0" and hasattr(os, "splice")
     Worker(sock, threads, connect, stall, splice).serve()
     return 0
 
