@@ -18,8 +18,7 @@ measures, each as a separate process:
 
 then the daemon's peak RSS (VmHWM), its descriptors, its CPU seconds and its workers'
 (utime + stime from /proc, robust to other load on the machine), and whether it is still alive.
-Wall-clock times are reported as measured; on a shared machine quote the CPU figures. Stdlib and
-ttfs only.
+Wall-clock times are reported as measured; on a shared machine quote the CPU figures.
 """
 
 from __future__ import annotations
@@ -39,6 +38,8 @@ from typing import Any
 
 from demo.origin import Origin
 from ttfs.procs import process_alive
+
+from .procs import proc_usage, tree_usage
 
 REPO = Path(__file__).resolve().parent.parent
 FAR_FUTURE = 4044816725
@@ -128,39 +129,16 @@ print(bad)
 
 def proc_figures(pid: int) -> dict[str, Any]:
     status = Path(f"/proc/{pid}/status").read_text()
-    hwm = int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
     rss = int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1))  # type: ignore[union-attr]
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
+    daemon, tree = proc_usage(pid), tree_usage(pid)
+    assert daemon is not None and tree is not None, f"the daemon (pid {pid}) is gone"
     return {
-        "peak_rss_mib": round(hwm / 1024, 1),
+        "peak_rss_mib": round(daemon.hwm / 2**20, 1),
         "rss_mib": round(rss / 1024, 1),
         "fds": len(os.listdir(f"/proc/{pid}/fd")),
-        "cpu_s": round((int(fields[11]) + int(fields[12])) / ticks, 2),
-        "workers_cpu_s": round(sum(_cpu_ticks(c) for c in _children(pid)) / ticks, 2),
+        "cpu_s": round(daemon.cpu, 2),
+        "workers_cpu_s": round(tree.cpu - daemon.cpu, 2),
     }
-
-
-def _children(pid: int) -> list[int]:
-    """The live child processes of ``pid`` (the daemon's transfer workers)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry))
-    return found
-
-
-def _cpu_ticks(pid: int) -> int:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0
-    return int(fields[11]) + int(fields[12])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
