@@ -20,8 +20,6 @@ import random
 import resource
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -29,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from demo.model import build_manifest
+
+from .procs import with_repo_path
+from .scaling import start_origins, stop_origins
 
 CHUNK = 1 << 20
 
@@ -104,12 +105,9 @@ def main() -> None:
             for _ in range(per_file // CHUNK):
                 f.write(rng.randbytes(CHUNK))
         files[path.name] = path
-    origin = subprocess.Popen(
-        [sys.executable, "-m", "demo.origin", str(root)], stdout=subprocess.PIPE, text=True
-    )
+    origins = start_origins(root, 1, with_repo_path(os.environ))
     try:
-        assert origin.stdout is not None
-        base = json.loads(origin.stdout.readline())["base_url"]
+        base = origins[0].base_url
         urls = {name: f"{base}/files/{name}" for name in files}
         manifest = work / "manifest.json"
         manifest.write_text(json.dumps(build_manifest(files, urls)))
@@ -136,8 +134,7 @@ def main() -> None:
             }
             print(json.dumps({"median": mode, **summary}), flush=True)
     finally:
-        origin.terminate()
-        origin.wait()
+        stop_origins(origins)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -29,6 +29,9 @@ from pathlib import Path
 
 from demo.model import build_manifest
 
+from .procs import with_repo_path
+from .scaling import start_origins, stop_origins
+
 CHUNK = 1 << 20
 HERE = Path(__file__).resolve().parent.parent
 
@@ -117,16 +120,9 @@ def main() -> None:
             for _ in range(args.shard_mib):
                 f.write(rng.randbytes(CHUNK))
         files[path.name] = path
-    origin = subprocess.Popen(
-        [sys.executable, "-m", "demo.origin", str(root)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=HERE,
-        env={**os.environ, "PYTHONPATH": str(HERE)},
-    )
+    origins = start_origins(root, 1, with_repo_path(os.environ))
     try:
-        assert origin.stdout is not None
-        base = json.loads(origin.stdout.readline())["base_url"]
+        base = origins[0].base_url
         manifest = work / "manifest.json"
         manifest.write_text(
             json.dumps(build_manifest(files, {n: f"{base}/files/{n}" for n in files}))
@@ -182,8 +178,7 @@ def main() -> None:
         }
         print(json.dumps({"medians": results}), flush=True)
     finally:
-        origin.terminate()
-        origin.wait()
+        stop_origins(origins)
         shutil.rmtree(work, ignore_errors=True)
 
 
