@@ -22,28 +22,25 @@ from typing import IO, Any
 from ..procs import claim_process, die_with_parent
 from . import channel
 
+_SEND_LOCK = threading.Lock()  # one line per message: trio's worker threads log too
+
 
 class _Forward(logging.Handler):
-    """Sends each record to the caller, one line per record (a lock: trio's worker threads log
-    too)."""
+    """Sends each record to the caller, one line per record."""
 
     def __init__(self, out: IO[bytes]) -> None:
         super().__init__()
         self.out = out
-        self.send_lock = threading.Lock()
 
     def emit(self, record: logging.LogRecord) -> None:
-        send(self.out, {"log": channel.encode_record(record)}, self.send_lock)
+        send(self.out, {"log": channel.encode_record(record)})
 
 
-def send(out: IO[bytes], message: dict[str, Any], lock: threading.Lock | None = None) -> None:
+def send(out: IO[bytes], message: dict[str, Any]) -> None:
     data = channel.encode(message)
     try:
-        if lock is None:
+        with _SEND_LOCK:
             out.write(data)
-        else:
-            with lock:
-                out.write(data)
     except OSError:
         os._exit(1)  # the caller is gone (PR_SET_PDEATHSIG is on its way)
 
