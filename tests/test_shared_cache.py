@@ -24,7 +24,7 @@ import ttfs.blocks.shared as shared_mod
 from tests.fakes import FakeProvider, pointer_for, ramp
 from ttfs.blocks import Blob, BlockStore
 from ttfs.blocks.identity import key_of_open
-from ttfs.blocks.shared import SharedCache, SpaceStats, desired_speed
+from ttfs.blocks.shared import RECORDS, SharedCache, SpaceStats, desired_speed
 from ttfs.config import Settings, SharedCacheConfig
 from ttfs.errors import ConfigError
 from ttfs.fetch import Fetcher, Priority, open_fetcher
@@ -411,10 +411,11 @@ async def test_hot_start_copies_in_the_kernel(
 async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it(
     settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The trust rule: a hot start of a blob this store verified before, from an entry with
-    the identity recorded then, copies without hashing. A touch (another replica's atime
-    update), an in-place write (same size) or TTFS_SHARED_TRUST=0 each bring the hash back,
-    and a tampered entry never reaches the blob."""
+    """The trust rule, this store's own record (TTFS_SHARED_TRUST=store): a hot start of a
+    blob this store verified before, from an entry with the identity recorded then, copies
+    without hashing. A touch (another replica's atime update), an in-place write (same size)
+    or TTFS_SHARED_TRUST=0 each bring the hash back, and a tampered entry never reaches the
+    blob."""
     data = ramp(10 * BS + 3)
     digest = hashlib.sha256(data).hexdigest()
     shared = tmp_path / "b10"
@@ -429,12 +430,12 @@ async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it
     monkeypatch.setattr(Blob, "hash_blocks", counting)
     fake = FakeProvider({"m.bin": data})
 
-    async def hot_start(**kw: object) -> tuple[FetcherStatistics, list[tuple[int, int]]]:
+    async def hot_start(trust: str = "store") -> tuple[FetcherStatistics, list[tuple[int, int]]]:
         """One replica's hot start into the same local store, its copy of the blob gone."""
         hashed.clear()
         with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
             store.data_path(digest).unlink(missing_ok=True)
-        async with tiered(settings, fake, shared, **kw) as fetcher:
+        async with tiered(settings, fake, shared, trust=trust) as fetcher:
             source = await fetcher.add(pointer_for("m.bin", data))
             await fetcher.complete(source)
             await fetcher.settled(source)
@@ -457,7 +458,7 @@ async def test_an_entry_this_store_verified_is_trusted_until_anything_changes_it
     again, hashes = await hot_start()
     assert again.shared_trusted == 1 and hashes == []
 
-    off, hashes = await hot_start(trust_recorded=False)
+    off, hashes = await hot_start(trust="off")
     assert off.shared_trusted == 0 and hashes
 
     await trio.sleep(0.02)
@@ -520,7 +521,9 @@ async def test_verified_blob_is_published_and_lock_released(
         await fetcher.settled(source)
         local = source.blob.path
     assert (shared / digest).read_bytes() == data
-    assert sorted(p.name for p in shared.iterdir()) == [digest]  # lock gone, nothing partial
+    # The lock gone, nothing partial; the entry's verification record beside it.
+    assert sorted(p.name for p in shared.iterdir()) == sorted([digest, RECORDS])
+    assert [p.name for p in (shared / RECORDS).iterdir()] == [f"{digest}.json"]
     assert local.read_bytes() == data  # the local blob stays where it is
 
 
@@ -543,7 +546,7 @@ async def test_corrupt_entry_is_reported_moved_aside_and_replaced(
             assert fetcher.statistics().shared_corrupt == 1
     assert fake.bytes_served == len(data)  # refetched from the origin once, no failure
     assert f"b10cache entry {shared / digest} does not match sha256" in caplog.text
-    names = sorted(p.name for p in shared.iterdir())
+    names = sorted(p.name for p in shared.iterdir() if p.name != RECORDS)
     assert names[0] == digest and names[1].startswith(f"{digest}.corrupt-") and len(names) == 2
     assert (shared / digest).read_bytes() == data  # replaced by the verified copy
 

@@ -30,6 +30,7 @@ from tests.origin_helpers import (
     write_manifest,
     write_random_files,
 )
+from ttfs.blocks.shared import RECORDS
 from ttfs.units import KiB, MiB
 
 SIZES = {
@@ -81,7 +82,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 90) -> str:
 
 
 def leftovers(shared: Path) -> list[str]:
-    return sorted(p.name for p in shared.iterdir() if "." in p.name)
+    return sorted(p.name for p in shared.iterdir() if "." in p.name and p.name != RECORDS)
 
 
 @pytest.fixture
@@ -111,7 +112,9 @@ def test_three_replicas_fetch_each_blob_about_once_and_a_warm_start_fetches_noth
     for i in range(3):
         assert_same_files(tmp_path / f"out{i}", files)  # all three byte-identical to the source
     digests = {json.loads(manifest.read_text())["pointers"][i]["hash"] for i in range(len(SIZES))}
-    assert {p.name for p in shared.iterdir()} == digests  # published; no lock or partial left
+    # Published, each with its verification record; no lock or partial left.
+    assert {p.name for p in shared.iterdir()} == digests | {RECORDS}
+    assert {p.name for p in (shared / RECORDS).iterdir()} == {f"{d}.json" for d in digests}
     assert any("b10cache use: Read: True, Write: True" in log for log in logs)
 
     # A fourth replica on a fresh machine (empty local cache) while the shared cache is warm.
@@ -265,34 +268,33 @@ def test_truss_transfer_drop_in_fills_and_then_hits_b10fs(
     assert not any(p.is_symlink() for p in (tmp_path / "d2").rglob("*"))
 
 
-def test_a_replica_trusts_the_entries_it_verified_until_one_changes(
+def test_replicas_trust_the_records_beside_the_entries_until_one_changes(
     origin: Origin, files: dict[str, Path], manifest: Path, tmp_path: Path
 ) -> None:
-    """The trust rule across processes: a replica hashes each entry on its first hot start and
-    records the entry's identity in its block store; when its local copies are gone (evicted)
-    its next hot start copies without hashing, except the entry that was written in place
-    since, which is hashed, caught, moved aside and fetched from the origin."""
+    """The trust rule across processes. The first replica fetches, publishes and writes a
+    verification record per entry; a new replica (empty block store: a new pod) copies every
+    entry without hashing it. An entry written in place since is hashed, caught, moved aside
+    and fetched from the origin. With TTFS_SHARED_TRUST=store a new replica hashes everything
+    once and trusts only its own records afterwards."""
     shared = tmp_path / "b10fs"
     finish(start_resolve(manifest, tmp_path / "out1", b10fs_env(tmp_path / "cache1", shared)))
-    cache = tmp_path / "cache2"
-    env = b10fs_env(cache, shared)
     trusted = "recorded for its unchanged b10cache entry"
 
-    def hot_start(out: str) -> str:
-        for path in (cache / "blobs").rglob("*"):  # the local copies are evicted ...
+    def hot_start(out: str, cache: str, **extra: str) -> str:
+        for path in (tmp_path / cache / "blobs").rglob("*"):  # local copies evicted (if any)
             if path.is_file():
                 path.unlink()
         origin.reset_stats()
-        err = finish(start_resolve(manifest, tmp_path / out, env))  # ... the records stay
+        env = b10fs_env(tmp_path / cache, shared, **extra)
+        err = finish(start_resolve(manifest, tmp_path / out, env))
         assert_same_files(tmp_path / out, files)
         return err
 
-    err = hot_start("out2")
-    assert trusted not in err and origin.stats.snapshot().bytes_sent == 0
-    err = hot_start("out3")
-    for name in SIZES:
-        assert f"verified {name} (" in err and trusted in err.split(f"verified {name} (")[1][:80]
-    assert origin.stats.snapshot().bytes_sent == 0
+    def trusted_files(err: str) -> set[str]:
+        return {n for n in SIZES if trusted in err.split(f"verified {n} (")[1][:80]}
+
+    err = hot_start("out2", "cache2")  # a new replica
+    assert trusted_files(err) == set(SIZES) and origin.stats.snapshot().bytes_sent == 0
 
     pointers = {p["file_name"]: p["hash"] for p in json.loads(manifest.read_text())["pointers"]}
     tampered = "model-00002-of-00004.safetensors"
@@ -301,10 +303,13 @@ def test_a_replica_trusts_the_entries_it_verified_until_one_changes(
         byte = f.read(1)
         f.seek(3 * MiB + 17)
         f.write(bytes([byte[0] ^ 0x01]))
-    err = hot_start("out4")
+    err = hot_start("out3", "cache3")
     assert origin.stats.snapshot().bytes_sent == SIZES[tampered]
     assert f"b10cache entry {shared / pointers[tampered]} does not match" in err
     assert any(p.name.startswith(f"{pointers[tampered]}.corrupt-") for p in shared.iterdir())
-    for name in SIZES:
-        line = err.split(f"verified {name} (")[1][:80]
-        assert (trusted in line) == (name != tampered), (name, line)
+    assert trusted_files(err) == set(SIZES) - {tampered}
+
+    err = hot_start("out4", "cache4", TTFS_SHARED_TRUST="store")
+    assert trusted_files(err) == set() and origin.stats.snapshot().bytes_sent == 0
+    err = hot_start("out5", "cache4", TTFS_SHARED_TRUST="store")
+    assert trusted_files(err) == set(SIZES) and origin.stats.snapshot().bytes_sent == 0

@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .errors import ConfigError
 from .units import GiB, MiB, parse_size
@@ -38,6 +38,19 @@ def switched_off(value: str | None) -> bool:
     """For ttfs's own on-by-default switches (``TTFS_SPLICE``, ``TTFS_SHARED_TRUST``): only
     ``0/false/no/n/off`` (any case) turn them off; unset, empty or anything else leaves them on."""
     return value is not None and value.strip().lower() in OFF
+
+
+SharedTrust = Literal["replicas", "store", "off"]
+
+
+def shared_trust(value: str | None) -> SharedTrust:
+    """``TTFS_SHARED_TRUST``: ``store`` (any case) trusts only this block store's own records,
+    an off word (:func:`switched_off`) none; unset or anything else, any replica's."""
+    if switched_off(value):
+        return "off"
+    if value is not None and value.strip().lower() == "store":
+        return "store"
+    return "replicas"
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -302,9 +315,11 @@ class SharedCacheConfig:
     lock_stale_secs: float = LOCK_STALE_SECS
     poll_secs: float = 0.5
     publish_timeout: float = PUBLISH_TIMEOUT
-    # Skip the hash of an entry whose identity this block store recorded when it verified it
-    # (docs/b10fs.md, "Hot start"); TTFS_SHARED_TRUST=0 hashes every hot start.
-    trust_recorded: bool = True
+    # Which records stand in for the hash of a hot start (docs/b10fs.md, "The trust rule"):
+    # "replicas" (TTFS_SHARED_TRUST unset or on): a record any replica wrote beside the entry,
+    # or this block store's own; "store": only this block store's own; "off": none, every hot
+    # start hashes.
+    trust: SharedTrust = "replicas"
 
     @property
     def lock_refresh_secs(self) -> float:
@@ -349,5 +364,5 @@ class SharedCacheConfig:
             min_free_bytes=int(free_gb * GiB),
             speed_mbps=speed,
             lock_stale_secs=lock_secs,
-            trust_recorded=not switched_off(env.get("TTFS_SHARED_TRUST")),
+            trust=shared_trust(env.get("TTFS_SHARED_TRUST")),
         )

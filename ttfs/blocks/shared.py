@@ -18,6 +18,11 @@ gets wrong:
 * **Checked entries.** An entry is used only when its size is right; the fetch layer hashes it as
   it lands and calls :meth:`SharedCache.mark_corrupt` on a mismatch, which renames it aside as
   ``<hash>.corrupt-<unix time>`` so a good copy replaces it.
+* **Verification records.** A replica that verified an entry (hashed it, or published its own
+  verified bytes) writes ``.ttfs-verified/<hash>.json`` beside it: the entry's inode, size and
+  mtime and its block checksums (:class:`EntryRecord`). Another replica's hot start trusts an
+  entry that still has them instead of hashing it again (docs/b10fs.md, "The trust rule").
+  Cleanup removes the records of entries that are gone.
 
 Everything here is synchronous and may block on a network filesystem: the fetch layer
 (:mod:`ttfs.fetch.tiers`) calls it through ``trio.to_thread``. This module is the storage half of
@@ -47,6 +52,7 @@ from ..config import (  # the settings half lives with the other settings
 from ..errors import CacheError
 from ..procs import process_alive
 from ..units import GiB, MiB
+from .atime import touch_atime
 from .identity import BlobKey, key_of_open
 
 log = logging.getLogger(__name__)
@@ -55,6 +61,13 @@ INCOMPLETE = ".incomplete"
 LOCK = ".lock"
 CORRUPT = ".corrupt-"
 BROKEN = ".broken-"
+
+# Verification records live in a subdirectory: the cleanup rules, which look only at the
+# directory's files, and truss-transfer replicas sharing the directory never see them.
+RECORDS = ".ttfs-verified"
+# A record holds 8-20 bytes of JSON per block: 64 MiB covers a blob of several TB at 2 MiB
+# blocks; anything bigger is not a record we wrote.
+_RECORD_LIMIT = 64 * MiB
 
 _COPY_CHUNK = 64 * MiB
 _READ_CHUNK = 8 * MiB
@@ -113,6 +126,64 @@ class SharedFile:
 
     path: Path
     key: tuple[int, int, int]  # inode, size, mtime_ns
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRecord:
+    """What a replica wrote beside an entry it verified: the entry's inode, size and mtime at
+    that moment and the blob's block checksums at ``block_size``.
+
+    Unlike a block store's own record (:class:`~ttfs.blocks.identity.BlobKey`) it leaves out
+    dev, which differs per NFS client, and ctime, which every replica's atime touch changes. A
+    write through the filesystem still changes mtime, a replacement the inode, a truncation the
+    size; setting mtime back takes the entry's owner calling ``utimensat`` on purpose.
+    """
+
+    ino: int
+    size: int
+    mtime_ns: int
+    block_size: int
+    sums: tuple[int, ...]
+
+    def matches(self, key: BlobKey) -> bool:
+        """Whether ``key`` is the very entry this record was written for, unchanged."""
+        return (self.ino, self.size, self.mtime_ns) == (key.ino, key.size, key.mtime_ns)
+
+    def sums_for(self, block_size: int, n_blocks: int) -> tuple[int, ...] | None:
+        """The block checksums, if they were taken at this block size (else None)."""
+        if self.block_size == block_size and len(self.sums) == n_blocks:
+            return self.sums
+        return None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "ino": self.ino,
+                "size": self.size,
+                "mtime_ns": self.mtime_ns,
+                "block_size": self.block_size,
+                "sums": list(self.sums),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> EntryRecord | None:
+        """The record ``raw`` holds, or None if it is not one (a bad record means a hash)."""
+        try:
+            doc = json.loads(raw)
+            record = cls(
+                ino=int(doc["ino"]),
+                size=int(doc["size"]),
+                mtime_ns=int(doc["mtime_ns"]),
+                block_size=int(doc["block_size"]),
+                sums=tuple(int(s) for s in doc["sums"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+        if record.block_size <= 0 or not all(0 <= s < 1 << 64 for s in record.sums):
+            return None
+        return record
 
 
 @dataclass(slots=True)
@@ -191,6 +262,9 @@ class SharedCache:
     def lock_path(self, blob_id: str) -> Path:
         return self.directory / f"{blob_id}{LOCK}"
 
+    def record_path(self, blob_id: str) -> Path:
+        return self.directory / RECORDS / f"{blob_id}.json"
+
     def ensure_dir(self) -> None:
         """``mkdir -p`` the cache directory.
 
@@ -236,6 +310,8 @@ class SharedCache:
         cached = deleted = deleted_bytes = 0
         candidates: list[tuple[float, int, Path]] = []
         present: set[str] = set()
+        files: set[str] = set()
+        gone: set[str] = set()
         manifest_locks: list[str] = []
         try:
             entries = list(os.scandir(self.directory))
@@ -249,6 +325,7 @@ class SharedCache:
             except OSError:
                 continue  # vanished meanwhile (another replica renamed it)
             name = entry.name
+            files.add(name)
             if name in sizes:
                 if st.st_size == sizes[name]:
                     cached += st.st_size
@@ -272,6 +349,7 @@ class SharedCache:
                 continue
             if now - st.st_atime > max_age:
                 if self._delete(Path(entry.path), st.st_size, "unused for longer than the limit"):
+                    gone.add(name)
                     deleted += 1
                     deleted_bytes += st.st_size
                 continue
@@ -285,9 +363,11 @@ class SharedCache:
                 if stale <= cfg.max_stale_bytes:
                     break
                 if self._delete(path, size, "over the max stale cache size"):
+                    gone.add(path.name)
                     stale -= size
                     deleted += 1
                     deleted_bytes += size
+        self._drop_orphan_records(files - gone, now)
         try:
             vfs = os.statvfs(self.directory)
         except OSError as e:
@@ -484,10 +564,10 @@ class SharedCache:
 
     @staticmethod
     def touch(path: Path) -> None:
-        """Refresh the atime that cleanup ages entries by (also on noatime mounts)."""
+        """Refresh the atime that cleanup ages entries by (also on noatime mounts); the mtime
+        is left to the kernel (:func:`~ttfs.blocks.atime.touch_atime` says why)."""
         try:
-            st = os.stat(path)
-            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))
+            touch_atime(path)
         except OSError:
             with contextlib.suppress(OSError), open(path, "rb") as f:
                 f.read(1)  # not the owner: a read bumps atime where the mount allows it
@@ -500,11 +580,62 @@ class SharedCache:
             if (st.st_ino, st.st_size, st.st_mtime_ns) != entry.key:
                 return None  # already replaced by someone else
             os.rename(entry.path, aside)
+            self.drop_record(entry.path.name)
         except OSError as e:
             if not isinstance(e, FileNotFoundError):
                 log.warning("b10cache: cannot move corrupt %s aside: %s", entry.path, e)
             return None
         return aside
+
+    # -- verification records ------------------------------------------------------------------
+    def read_record(self, blob_id: str) -> EntryRecord | None:
+        """The verification record of ``<hash>``, or None (absent, unreadable or not a record:
+        the entry is then hashed, never trusted)."""
+        try:
+            with open(self.record_path(blob_id), "rb") as f:
+                raw = f.read(_RECORD_LIMIT + 1)
+        except OSError:
+            return None
+        return EntryRecord.from_json(raw) if len(raw) <= _RECORD_LIMIT else None
+
+    def write_record(self, blob_id: str, record: EntryRecord) -> bool:
+        """Write the record of ``<hash>`` (a temporary name, then a rename: a reader sees the
+        old record or the new one, whole). Never raises: a replica that may not write the
+        directory still resolves, and the next one hashes. Returns whether it was written."""
+        path = self.record_path(blob_id)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}")
+        try:
+            path.parent.mkdir(exist_ok=True)
+            with open(tmp, "x", encoding="utf-8") as f:
+                os.fchmod(f.fileno(), 0o644)
+                f.write(record.to_json())
+            os.rename(tmp, path)
+        except OSError as e:
+            log.debug("b10cache: cannot write the record of %s: %s", blob_id, e)
+            self._unlink(tmp)
+            return False
+        return True
+
+    def drop_record(self, blob_id: str) -> None:
+        self._unlink(self.record_path(blob_id))
+
+    def _drop_orphan_records(self, alive: set[str], now: float) -> None:
+        """Remove the records whose entry is gone (deleted by us, by truss-transfer's cleanup,
+        or by hand). A record left behind is harmless (a new entry has another inode or
+        mtime) but would pile up. Temporary names older than the lock timeout go too."""
+        try:
+            names = os.listdir(self.directory / RECORDS)
+        except OSError:
+            return
+        for name in names:
+            if not name.startswith(".") and name.removesuffix(".json") in alive:
+                continue
+            path = self.directory / RECORDS / name
+            # Only old ones: an entry renamed into place after our listing gets its record
+            # right after, and a temporary name may be a replica writing one now.
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > self.config.lock_stale_secs:
+                    self._unlink(path)
 
     # -- publish -------------------------------------------------------------------------------
     def publish(self, src: Path, blob_id: str, size: int) -> str:

@@ -53,7 +53,7 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -513,14 +513,19 @@ class RunWriter:
     def next_block(self) -> int:
         return self.block
 
-    def copy_from(self, fd: int, length: int) -> list[tuple[int, int]]:
+    def copy_from(
+        self, fd: int, length: int, sums: Sequence[int] | None = None
+    ) -> list[tuple[int, int]]:
         """Copy the next ``length`` bytes from ``fd`` (same offsets) in the kernel (blocking).
 
         For a source that holds the blob's bytes at the blob's offsets (a shared-cache entry):
         :func:`kernel_copy` moves them, then each piece is read back from the page cache once
-        for its block checksum and journalled, as :meth:`write` does. Returns the blocks it
-        completed as ``(index, checksum)``; the caller lands them on its own thread (presence
-        is the event loop's state). Call from one worker thread at a time per writer.
+        for its block checksum and journalled, as :meth:`write` does. ``sums``: the blocks'
+        checksums, known from a trusted record of the source: nothing is read back (on a
+        reflinking filesystem nothing then touches the data at all), and a block is journalled
+        when it is whole (a crash mid-block re-copies it). Returns the blocks it completed as
+        ``(index, checksum)``; the caller lands them on its own thread (presence is the event
+        loop's state). Call from one worker thread at a time per writer.
 
         Raises:
             EOFError: ``fd`` ended early.
@@ -536,6 +541,12 @@ class RunWriter:
                 raise CacheError(f"blob {blob.blob_id}: copy past the end of the run")
             fds = blob.store.fds
             dst = fds.acquire(blob)  # a lease: the descriptors stay open while we use them
+            if sums is not None:
+                try:
+                    self._copy_known(fd, dst, take, sums, done)
+                finally:
+                    fds.release(blob)
+                continue
             try:
                 try:
                     kernel_copy(fd, dst, self.pos, take)
@@ -562,6 +573,30 @@ class RunWriter:
                 if self.block < blob.n_blocks:
                     self._block_end = blob.block_range(self.block)[1]
         return done
+
+    def _copy_known(
+        self, fd: int, dst: int, take: int, sums: Sequence[int], done: list[tuple[int, int]]
+    ) -> None:
+        """One piece of :meth:`copy_from` whose block checksums are known (no read back)."""
+        blob = self.blob
+        try:
+            kernel_copy(fd, dst, self.pos, take)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull(f"no space left for cache {blob.store.root}: {e}") from e
+            raise
+        self.pos += take
+        written_in_block = self.pos - self.block * blob.block_size
+        if self.pos < self._block_end:
+            blob.partial[self.block] = written_in_block
+            return
+        digest = sums[self.block]
+        blob.journal(self.block, written_in_block, digest)
+        done.append((self.block, digest))
+        self.block += 1
+        self._hasher = xxhash.xxh3_64()
+        if self.block < blob.n_blocks:
+            self._block_end = blob.block_range(self.block)[1]
 
     def write(self, data: bytes | memoryview) -> list[int]:
         blob = self.blob

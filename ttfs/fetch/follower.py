@@ -86,6 +86,19 @@ class Verifier:
                     assert tier is not None
                     if await tier.confirm_trust(source):
                         self.counters.shared_trusted += 1
+                    elif tier.borrowed_sums(source):
+                        # The block checksums came with the record, not from these bytes: a
+                        # hash could pass the bytes but not them. Start over from the origin.
+                        tier.on_changed(source)
+                        log.warning(
+                            "%s: its b10cache entry changed while it was copied; discarding "
+                            "and fetching it from the origin",
+                            source.pointer.file_name,
+                        )
+                        await trio.to_thread.run_sync(blob.discard)
+                        source.discards += 1
+                        self.refetch(source)
+                        continue
                     else:
                         trusted = False  # written, replaced or mixed with other bytes: hash
                         await trio.to_thread.run_sync(blob.hash_blocks, hasher, 0, blob.n_blocks)

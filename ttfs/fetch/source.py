@@ -48,10 +48,15 @@ class BlobTier:
     settling: bool = False
     settled: trio.Event = field(default_factory=trio.Event)
     idle_ticks: int = 0
-    # The entry's (dev, ino, size, mtime, ctime) when it was looked up, and whether this block
-    # store recorded exactly that identity when it last verified the blob (the trust rule).
+    # The entry's (dev, ino, size, mtime, ctime) when it was looked up, and whether a record
+    # of a verification of exactly that entry stands in for the hash (the trust rule).
     identity: BlobKey | None = None
     trusted: bool = False
+    # A replica's record of the entry (inode, size, mtime) matched it: nobody needs to write one.
+    recorded: bool = False
+    # The block checksums a trusting copy takes from that record instead of reading its
+    # pieces back (None: read back).
+    sums: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)

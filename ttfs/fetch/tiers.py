@@ -35,9 +35,9 @@ from typing import Any
 
 import trio
 
-from ..blocks import RunWriter
-from ..blocks.identity import key_of_open
-from ..blocks.shared import Decision, SharedCache, SharedFile
+from ..blocks import Blob, RunWriter
+from ..blocks.identity import BlobKey, key_of_open
+from ..blocks.shared import Decision, EntryRecord, SharedCache, SharedFile
 from ..config import SharedCacheConfig
 from ..errors import CacheError, TransientError
 from ..manifest import Pointer
@@ -170,9 +170,10 @@ class SharedTier:
 
         ``copy_file_range`` in a worker thread, one 8 MiB piece per hop (reflink, NFS
         server-side copy or page-to-page: no byte passes through Python), then the piece is
-        read back once for its block checksums; ``landed(bytes, blocks)`` runs on the event
-        loop after each piece. The follower still hashes the blob against the manifest before
-        anything uses it: a poisoned entry never reaches a reader.
+        read back once for its block checksums, unless a trusted record brought them;
+        ``landed(bytes, blocks)`` runs on the event loop after each piece. The follower still
+        hashes the blob against the manifest before anything uses it, unless the trust rule
+        stands in: a poisoned entry never reaches a reader.
 
         Raises:
             TransientError: the entry cannot be read or got shorter; it is then ignored for the
@@ -188,12 +189,14 @@ class SharedTier:
         except OSError as e:
             self._drop(source, f"cannot open it: {e}")
             raise TransientError(f"b10cache entry {entry.path}: {e}", kind="shared_cache") from e
+        st = source.tier
+        sums = st.sums if st is not None and self.trusted(source) else None
         try:
             while writer.pos < end:
                 n = min(_COPY_PIECE, end - writer.pos)
                 try:
                     done = await trio.to_thread.run_sync(
-                        writer.copy_from, fd, n, limiter=self._readers
+                        writer.copy_from, fd, n, sums, limiter=self._readers
                     )
                 except EOFError as e:
                     self._drop(source, "it is shorter than expected")
@@ -261,6 +264,19 @@ class SharedTier:
         st = source.tier
         return st is not None and st.trusted and not st.bad and st.state is TierState.SHARED
 
+    def borrowed_sums(self, source: Source) -> bool:
+        """Whether the copy took its block checksums from a replica's record rather than from
+        the bytes it wrote (they describe the entry as recorded, not necessarily the blob)."""
+        st = source.tier  # bad or not: the checksums the copy already landed are borrowed
+        return st is not None and st.trusted and st.sums is not None
+
+    def on_changed(self, source: Source) -> None:
+        """A trusted entry changed while it was copied, with borrowed block checksums: the
+        blob's bytes and checksums cannot be relied on. Ignore the entry from now on; the
+        fetcher discards the blob and fetches it from the origin."""
+        if source.tier is not None:
+            self._drop(source, "it changed while it was copied")
+
     async def confirm_trust(self, source: Source) -> bool:
         """At the end of a trusted copy: every byte came from the entry in this attempt and the
         entry still has the recorded identity (so nothing wrote it while it was copied)."""
@@ -285,10 +301,9 @@ class SharedTier:
         try:
             decision = await self._decision()
             if decision.read and not st.bad:
-                entry, trusted = await trio.to_thread.run_sync(self._open, source)
+                entry = await trio.to_thread.run_sync(self._open, source)
                 if entry is not None:
                     st.entry = entry
-                    st.trusted = trusted
                     st.state = TierState.SHARED
                     log.debug("b10cache hit: %s%s", entry.path, " (trusted)" if st.trusted else "")
                 else:
@@ -313,9 +328,7 @@ class SharedTier:
                 )
                 log.debug("b10cache publish of %s: %s", source.pointer.file_name, result)
                 if identity is not None and blob.verified:  # our verified bytes, as written
-                    await trio.to_thread.run_sync(
-                        blob.store.record_key, "shared", blob.blob_id, identity
-                    )
+                    await trio.to_thread.run_sync(self._record_published, blob, identity)
             elif st.entry is not None and not st.bad:
                 await trio.to_thread.run_sync(self.cache.touch, st.entry.path)
             if self._copied_whole(source):
@@ -326,34 +339,41 @@ class SharedTier:
             st.settled.set()
 
     # -- helpers -------------------------------------------------------------------------------
-    def _open(self, source: Source) -> tuple[SharedFile | None, bool]:
-        """Open the blob's entry (blocking); whether it is trusted (the trust rule).
+    def _open(self, source: Source) -> SharedFile | None:
+        """Open the blob's entry (blocking) and apply the trust rule to it: sets ``tier``'s
+        ``identity``, ``trusted``, ``recorded`` and ``sums``.
 
         The entry's identity is read before the open's atime touch (which changes its ctime)
-        and compared with the one this store recorded after its own touch last time; it is read
-        again after the touch and kept in ``tier.identity`` for the end of the copy. A write
-        between the two reads (mtime) also denies trust.
+        and compared with the one this store recorded after its own touch last time, and with
+        the record a replica wrote beside it (inode, size, mtime); it is read again after the
+        touch and kept in ``tier.identity`` for the end of the copy. A write between the two
+        reads (mtime) denies trust.
         """
         st = source.tier
         assert st is not None
         blob = source.blob
         if st.entry is not None:
-            return st.entry, st.trusted
+            return st.entry
         before = key_of_open(self.cache.path(blob.blob_id))
         entry = self.cache.open_entry(blob.blob_id, blob.size)
         if entry is None:
-            return None, False
+            return None
         st.identity = key_of_open(entry.path)
-        recorded = (
-            blob.store.key_record("shared", blob.blob_id) if self.config.trust_recorded else None
-        )
-        trusted = (
-            recorded is not None
-            and before == recorded
-            and st.identity is not None
-            and st.identity.content == before.content
-        )
-        return entry, trusted
+        st.trusted, st.recorded, st.sums = False, False, None
+        if before is None or st.identity is None or st.identity.content != before.content:
+            return entry
+        record = self.cache.read_record(blob.blob_id)
+        st.recorded = record is not None and record.matches(before)
+        trust = self.config.trust
+        if trust == "off":
+            return entry
+        own = blob.store.key_record("shared", blob.blob_id)
+        if trust == "replicas" and record is not None and st.recorded:
+            st.trusted = True
+            st.sums = record.sums_for(blob.block_size, blob.n_blocks)
+        elif own is not None and own == before:
+            st.trusted = True
+        return entry
 
     @staticmethod
     def _copied_whole(source: Source) -> bool:
@@ -369,18 +389,34 @@ class SharedTier:
         )
 
     def _record(self, source: Source) -> None:
-        """Record the entry's identity as verified (blocking; after our own atime touch).
+        """Record the entry's identity as verified (blocking; after our own atime touch), in
+        this block store and, unless a matching one is there, beside the entry for the other
+        replicas.
 
         Only if dev, inode, size and mtime are still those it had before the copy: a write
         since the lookup (the bytes we hashed may no longer be the entry's) leaves no record.
-        Its ctime is taken after the touch, which changes it; any later write, touch or
-        replacement by anyone changes it again, and the next hot start hashes.
+        The store's record takes ctime after the touch, which changes it; any later write,
+        touch or replacement by anyone changes it again, and this store's next hot start
+        hashes unless the replicas' record (no ctime) still matches and is trusted.
         """
         st = source.tier
         assert st is not None and st.entry is not None and st.identity is not None
+        blob = source.blob
         now = key_of_open(st.entry.path)
-        if now is not None and now.content == st.identity.content:
-            source.blob.store.record_key("shared", source.blob.blob_id, now)
+        if now is None or now.content != st.identity.content:
+            return
+        blob.store.record_key("shared", blob.blob_id, now)
+        if not st.recorded:
+            self.cache.write_record(blob.blob_id, self._entry_record(blob, now))
+
+    def _record_published(self, blob: Blob, identity: BlobKey) -> None:
+        """Record an entry this store published from its verified blob (blocking)."""
+        blob.store.record_key("shared", blob.blob_id, identity)
+        self.cache.write_record(blob.blob_id, self._entry_record(blob, identity))
+
+    @staticmethod
+    def _entry_record(blob: Blob, key: BlobKey) -> EntryRecord:
+        return EntryRecord(key.ino, key.size, key.mtime_ns, blob.block_size, tuple(blob.sums))
 
     @staticmethod
     def _close_entry(st: BlobTier) -> None:
