@@ -182,16 +182,30 @@ def test_errors_come_back_as_in_process(
 
 
 CALLER = """
-import sys, truss_transfer
+import signal, sys, threading, time, truss_transfer
+if sys.argv[2] == "busy":
+    # Another thread that takes signals, the main thread blocking them: the kernel then hands
+    # Ctrl-C to the other thread and Python only flags it for the main thread, which waits on
+    # the child (what a busy server's threads make likely).
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
 print("calling", flush=True)
 truss_transfer.lazy_data_resolve(sys.argv[1])
 print("returned", flush=True)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize(
+    ("sig", "threads"),
+    [
+        (signal.SIGKILL, "one"),
+        (signal.SIGTERM, "one"),
+        (signal.SIGINT, "one"),
+        (signal.SIGINT, "busy"),
+    ],
+)
 def test_killing_the_caller_kills_the_child(
-    sig: signal.Signals, origin: Origin, tmp_path: Path
+    sig: signal.Signals, threads: str, origin: Origin, tmp_path: Path
 ) -> None:
     files = write_random_files(origin.root, {"w.bin": 24 * MiB}, seed=44)
     manifest = write_manifest(tmp_path / "m.json", manifest_for(origin, files))
@@ -201,7 +215,7 @@ def test_killing_the_caller_kills_the_child(
     out = tmp_path / "out"
     env = {**os.environ, "TTFS_MANIFEST_PATHS": str(manifest), "PYTHONPATH": str(REPO_ROOT)}
     caller = subprocess.Popen(
-        [sys.executable, "-c", CALLER, str(out)],
+        [sys.executable, "-c", CALLER, str(out), threads],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -215,7 +229,7 @@ def test_killing_the_caller_kills_the_child(
         (child,) = children(caller.pid)
         assert process_alive(child)
         caller.send_signal(sig)
-        caller.wait(timeout=30)
+        caller.wait(timeout=30)  # the download would take minutes
         deadline = time.monotonic() + 20
         while process_alive(child):
             assert time.monotonic() < deadline, f"child {child} outlived its caller"

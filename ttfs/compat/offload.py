@@ -3,7 +3,8 @@
 Why: the resolve's coordinator (a trio loop: scheduling, presence, verification bookkeeping) is
 Python. Run in the caller's process it takes the GIL from the model code that
 ``LazyDataResolverV2`` lets run meanwhile. In a child, the caller's waiting thread sits in a
-blocking pipe read (no GIL held) and wakes only to hand on a log line.
+blocking pipe read (no GIL held) and wakes only to hand on a log line (and, in the main
+thread, five times a second to act on a signal: :func:`_lines`).
 
 What stays the same as in-process: the return value, the exception (class, message, cause;
 :mod:`ttfs.compat.channel`), log records (handled by the caller's ``ttfs`` loggers at the
@@ -26,9 +27,11 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +46,7 @@ _OFF = frozenset({"0", "off", "false", "no", "n"})
 _AUTO = frozenset({"", "auto", "1", "on", "true", "yes", "y"})
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)  # holds ttfs/
 _EXIT_GRACE_SECS = 30.0
+_WAKE_SECS = 0.2  # how soon the main thread acts on a signal another thread received
 _broken: set[str] = set()  # interpreters that failed to start a child: not tried again
 _broken_lock = threading.Lock()
 
@@ -147,25 +151,22 @@ def resolve_in_child(python: str, request: ChildRequest) -> str | None:
             proc.stdin.close()
         except BrokenPipeError:
             pass  # it exited at once; its exit status says why
-        with os.fdopen(read_fd, "rb") as pipe:
-            read_fd = -1
-            for line in pipe:  # a blocking read: the GIL is free while the child works
-                message = channel.decode(line)
-                if "hello" in message:
-                    hello = True
-                elif "log" in message:
-                    _relay(message)
-                elif "result" in message or "error" in message:
-                    outcome = message
-                    break  # the last message: nothing after it is waited for
+        for line in _lines(read_fd):  # blocking reads: the GIL is free while the child works
+            message = channel.decode(line)
+            if "hello" in message:
+                hello = True
+            elif "log" in message:
+                _relay(message)
+            elif "result" in message or "error" in message:
+                outcome = message
+                break  # the last message: nothing after it is waited for
         code = _reap(proc, bool(outcome))
     except BaseException:
         proc.kill()  # Ctrl-C or a SIGTERM handler in the caller: leave nothing behind
         proc.wait()
         raise
     finally:
-        if read_fd >= 0:
-            os.close(read_fd)
+        os.close(read_fd)
     if "result" in outcome:
         return str(outcome["result"])
     if "error" in outcome:
@@ -175,6 +176,33 @@ def resolve_in_child(python: str, request: ChildRequest) -> str | None:
         return None
     how = f"signal {-code}" if code < 0 else f"exit status {code}"
     raise TtfsError(f"the resolve process (pid {proc.pid}) ended without a result ({how})")
+
+
+def _lines(fd: int) -> Iterator[bytes]:
+    """The child's messages, one line each, until it closes the pipe.
+
+    In the main thread, the wait wakes every :data:`_WAKE_SECS`: the kernel hands a
+    process-wide signal (a terminal's Ctrl-C) to any thread that does not block it, and when
+    that is another of the caller's threads, Python's handler only flags it for the main thread,
+    which a blocking read would not notice before the child's next message (possibly the end of
+    the download). Woken, the interpreter runs the handler (KeyboardInterrupt) at once.
+    """
+    poller = None
+    if threading.current_thread() is threading.main_thread():
+        poller = select.poll()  # not select(): a descriptor above 1023 is fine
+        poller.register(fd, select.POLLIN)
+    pending = b""
+    while True:
+        if poller is not None and not poller.poll(_WAKE_SECS * 1000):
+            continue
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            if pending:
+                yield pending
+            return
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            yield line + b"\n"
 
 
 def _reap(proc: subprocess.Popen[bytes], answered: bool) -> int:
