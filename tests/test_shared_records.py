@@ -162,6 +162,18 @@ async def test_an_entry_without_a_record_is_hashed_once_for_every_replica(
     assert fourth.shared_trusted == 1 and replica.fake.bytes_served == 0
 
 
+async def test_a_small_blob_has_no_record_and_is_hashed(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under 8 MiB hashing is cheaper than reading a record from a network filesystem: none is
+    written or read, and every new replica hashes."""
+    small = Replica(settings, tmp_path, monkeypatch, ramp(3 * BS + 5))
+    await small.start()
+    assert small.record() is None and not (small.shared / RECORDS).exists()
+    hot, _ = await small.start()
+    assert hot.shared_trusted == 0 and small.hashed and hot.shared_bytes == len(small.data)
+
+
 @pytest.mark.parametrize(
     "content",
     ["not json", '{"ino": 1}', "sums out of range", "another block size", "too big"],

@@ -36,8 +36,9 @@ from ttfs.units import KiB, MiB
 SIZES = {
     "config.json": 700,
     "tokenizer.json": 300 * KiB,
-    "model-00001-of-00004.safetensors": 6 * MiB,
-    "model-00002-of-00004.safetensors": 6 * MiB,
+    # Two shards of 8 MiB or more: only those get a replicas' verification record.
+    "model-00001-of-00004.safetensors": 9 * MiB,
+    "model-00002-of-00004.safetensors": 8 * MiB,
     "model-00003-of-00004.safetensors": 5 * MiB + 123,
     "model-00004-of-00004.safetensors": 4 * MiB,
 }
@@ -112,9 +113,9 @@ def test_three_replicas_fetch_each_blob_about_once_and_a_warm_start_fetches_noth
     for i in range(3):
         assert_same_files(tmp_path / f"out{i}", files)  # all three byte-identical to the source
     digests = {json.loads(manifest.read_text())["pointers"][i]["hash"] for i in range(len(SIZES))}
-    # Published, each with its verification record; no lock or partial left.
+    # Published, the two big ones with their verification records; no lock or partial left.
     assert {p.name for p in shared.iterdir()} == digests | {RECORDS}
-    assert {p.name for p in (shared / RECORDS).iterdir()} == {f"{d}.json" for d in digests}
+    assert len(list((shared / RECORDS).iterdir())) == 2
     assert any("b10cache use: Read: True, Write: True" in log for log in logs)
 
     # A fourth replica on a fresh machine (empty local cache) while the shared cache is warm.
@@ -272,10 +273,11 @@ def test_replicas_trust_the_records_beside_the_entries_until_one_changes(
     origin: Origin, files: dict[str, Path], manifest: Path, tmp_path: Path
 ) -> None:
     """The trust rule across processes. The first replica fetches, publishes and writes a
-    verification record per entry; a new replica (empty block store: a new pod) copies every
-    entry without hashing it. An entry written in place since is hashed, caught, moved aside
-    and fetched from the origin. With TTFS_SHARED_TRUST=store a new replica hashes everything
-    once and trusts only its own records afterwards."""
+    verification record per entry of 8 MiB or more; a new replica (empty block store: a new
+    pod) copies those without hashing them and hashes the small ones. An entry written in
+    place since is hashed, caught, moved aside and fetched from the origin. With
+    TTFS_SHARED_TRUST=store a new replica hashes everything once and trusts only its own
+    records afterwards."""
     shared = tmp_path / "b10fs"
     finish(start_resolve(manifest, tmp_path / "out1", b10fs_env(tmp_path / "cache1", shared)))
     trusted = "recorded for its unchanged b10cache entry"
@@ -293,8 +295,14 @@ def test_replicas_trust_the_records_beside_the_entries_until_one_changes(
     def trusted_files(err: str) -> set[str]:
         return {n for n in SIZES if trusted in err.split(f"verified {n} (")[1][:80]}
 
+    recorded = {n for n, size in SIZES.items() if size >= 8 * MiB}  # smaller: hashed
+    assert {p.name for p in (shared / RECORDS).iterdir()} == {
+        f"{p['hash']}.json"
+        for p in json.loads(manifest.read_text())["pointers"]
+        if p["file_name"] in recorded
+    }
     err = hot_start("out2", "cache2")  # a new replica
-    assert trusted_files(err) == set(SIZES) and origin.stats.snapshot().bytes_sent == 0
+    assert trusted_files(err) == recorded and origin.stats.snapshot().bytes_sent == 0
 
     pointers = {p["file_name"]: p["hash"] for p in json.loads(manifest.read_text())["pointers"]}
     tampered = "model-00002-of-00004.safetensors"
@@ -307,7 +315,7 @@ def test_replicas_trust_the_records_beside_the_entries_until_one_changes(
     assert origin.stats.snapshot().bytes_sent == SIZES[tampered]
     assert f"b10cache entry {shared / pointers[tampered]} does not match" in err
     assert any(p.name.startswith(f"{pointers[tampered]}.corrupt-") for p in shared.iterdir())
-    assert trusted_files(err) == set(SIZES) - {tampered}
+    assert trusted_files(err) == recorded - {tampered}
 
     err = hot_start("out4", "cache4", TTFS_SHARED_TRUST="store")
     assert trusted_files(err) == set() and origin.stats.snapshot().bytes_sent == 0

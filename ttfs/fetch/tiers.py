@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 # Shared-entry copies: one worker-thread hop per 8 MiB piece (kernel copy + one read back for
 # the block checksums); a preempted run waits for at most one piece.
 _COPY_PIECE = 8 * 1024 * 1024
+# Blobs below this size have no replicas' record (docs/b10fs.md): hashing one costs less than
+# reading a small file from a network filesystem (8 MiB: ~5 ms of sha256), and a manifest of
+# 10^5 small files would otherwise add as many record files to the directory.
+_RECORDED_FROM = 8 * 1024 * 1024
 # Worker threads reading entries at once (a network filesystem is latency-bound: several reads
 # in flight); their own limiter, so they never starve the hashing threads.
 _READERS = 16
@@ -362,7 +366,7 @@ class SharedTier:
         st.trusted, st.recorded, st.sums = False, False, None
         if before is None or st.identity is None or st.identity.content != before.content:
             return entry
-        record = self.cache.read_record(blob.blob_id)
+        record = self.cache.read_record(blob.blob_id) if _has_records(blob) else None
         st.recorded = record is not None and record.matches(before)
         trust = self.config.trust
         if trust == "off":
@@ -406,13 +410,14 @@ class SharedTier:
         if now is None or now.content != st.identity.content:
             return
         blob.store.record_key("shared", blob.blob_id, now)
-        if not st.recorded:
+        if not st.recorded and _has_records(blob):
             self.cache.write_record(blob.blob_id, self._entry_record(blob, now))
 
     def _record_published(self, blob: Blob, identity: BlobKey) -> None:
         """Record an entry this store published from its verified blob (blocking)."""
         blob.store.record_key("shared", blob.blob_id, identity)
-        self.cache.write_record(blob.blob_id, self._entry_record(blob, identity))
+        if _has_records(blob):
+            self.cache.write_record(blob.blob_id, self._entry_record(blob, identity))
 
     @staticmethod
     def _entry_record(blob: Blob, key: BlobKey) -> EntryRecord:
@@ -434,6 +439,10 @@ class SharedTier:
         st.bad = True
         if st.state is TierState.SHARED:
             st.state = TierState.ORIGIN
+
+
+def _has_records(blob: Blob) -> bool:
+    return blob.size >= _RECORDED_FROM
 
 
 def _all_from_entry(source: Source) -> bool:
