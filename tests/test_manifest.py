@@ -656,6 +656,21 @@ def test_file_directory_collision() -> None:
     assert len(parse_manifest(_doc(*ok)).pointers) == 2
 
 
+def test_a_caller_that_checks_collisions_itself_may_skip_them_and_nobody_else_does() -> None:
+    """``collisions=False`` (the mount: its tree checks them) parses a colliding manifest; the
+    manifest says so, and expanding it for anyone who wants the check (a resolve) still makes
+    it."""
+    from ttfs.create import expand_pointers
+
+    colliding = _doc(_raw_pointer(file_name="a", hash="1"), _raw_pointer(file_name="a/b", hash="2"))
+    lenient = parse_manifest(colliding, collisions=False)
+    assert len(lenient.pointers) == 2 and not lenient.collisions_checked
+    assert len(expand_pointers([lenient], collisions=False)) == 2
+    with pytest.raises(ManifestError, match="both a file and a directory"):
+        expand_pointers([lenient])
+    assert parse_manifest(_doc(_raw_pointer(file_name="a", hash="1"))).collisions_checked
+
+
 def test_duplicates_and_conflicts_are_not_parse_errors() -> None:
     same = _raw_pointer(file_name="a", hash="1")
     conflict = _raw_pointer(file_name="a", hash="2")

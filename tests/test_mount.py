@@ -368,11 +368,20 @@ def test_mount_refuses_bad_input_with_one_line(tmp_path: Path, model: Path, orig
     a_file.write_text("x")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
+    # "w" is a file and a directory: the mount's tree refuses it (the parser leaves it to the
+    # tree on this path), in either order.
+    pointers = json.loads(manifest.read_text())["pointers"]
+    collide, collide_back = tmp_path / "collide.json", tmp_path / "collide-back.json"
+    both = [{**pointers[0], "file_name": "w"}, {**pointers[1], "file_name": "w/x.bin"}]
+    collide.write_text(json.dumps({"pointers": both}))
+    collide_back.write_text(json.dumps({"pointers": both[::-1]}))
     (tmp_path / "mnt").mkdir()
     cases = [
         ((str(manifest), str(tmp_path / "missing")), "does not exist"),
         ((str(manifest), str(a_file)), "is not a directory"),
         ((str(bad), str(tmp_path / "mnt")), "manifest"),
+        ((str(collide), str(tmp_path / "mnt")), "'w' is a file in the mount, not a directory"),
+        ((str(collide_back), str(tmp_path / "mnt")), "maps to mount path 'w', which is a dir"),
         ((str(tmp_path / "mnt"),), "no manifest given"),
     ]
     for args, text in cases:

@@ -243,14 +243,18 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
     from .errors import ManifestError
     from .manifest import find_manifests, load_manifest
 
-    loaded = [load_manifest(m) for m in manifests] if manifests else find_manifests()
+    # No collision check here: Tree.build makes it while it builds the tree (one pass, not two).
+    if manifests:
+        loaded = [load_manifest(m, collisions=False) for m in manifests]
+    else:
+        loaded = find_manifests(collisions=False)
     if not loaded:
         raise ManifestError(
             "no manifest given and none found at the truss-transfer lookup paths "
             "(/bptr/bptr-manifest, /bptr/bptr-manifest.json, "
             "/static-bptr/static-bptr-manifest.json)"
         )
-    pointers = expand_pointers(loaded)
+    pointers = expand_pointers(loaded, collisions=False)
     return pointers, [m.source for m in loaded]
 
 

@@ -102,13 +102,16 @@ def expand_pointers(
     models: Sequence[ModelRepo] = (),
     model_path: str = "",
     env: Mapping[str, str] | None = None,
+    *,
+    collisions: bool = True,
 ) -> list[Pointer]:
     """Every pointer a resolve or mount serves: the manifests' pointers plus their JIT models.
 
     Spec §3.2 steps 3-6: the ``models`` of every manifest (after ``models`` given by the caller)
     are expanded with the creator using ``model_path`` ("" from the CLIs, as upstream), the
     result is merged after the manifests (§3.4) and validated (§3.5). Without models nothing
-    touches the network.
+    touches the network. ``collisions=False``: the caller checks file/directory collisions
+    itself (a mount's tree does, while it builds).
 
     Raises:
         ManifestError: a bad or hostile pointer, or a JIT model that lists nothing.
@@ -121,10 +124,11 @@ def expand_pointers(
     if jit:
         merged.append(create_manifest(jit, model_path, env))
     pointers = merge_pointers(merged)
-    if len(merged) == 1 and merged[0].validated:
+    lone = merged[0] if len(merged) == 1 else None
+    if lone is not None and lone.validated and (lone.collisions_checked or not collisions):
         # One parsed manifest: the parser ran the same checks on these very pointers (merging
         # only drops exact repeats), so only the expiry warning is left to give.
         log_expired(pointers)
     else:
-        validate_pointers(pointers)
+        validate_pointers(pointers, collisions=collisions)
     return pointers
