@@ -670,16 +670,23 @@ def _name_problem(file_name: str) -> str | None:
     return None
 
 
-def _normalised_parts(file_name: str) -> tuple[str, ...]:
-    """Components without empty and ``.`` parts; absolute names start with ``"/"``."""
-    if not (
+def is_plain_relative(file_name: str) -> bool:
+    """Whether ``file_name`` is relative and already normal (no empty or ``.`` component):
+    then its components are ``file_name.split("/")``, as they are for nearly every name, and
+    callers at 10^5 names skip normalising it (3x faster)."""
+    return not (
         file_name.startswith(("/", "./"))
         or file_name.endswith(("/", "/."))
         or "//" in file_name
         or "/./" in file_name
         or file_name in ("", ".")
-    ):
-        return tuple(file_name.split("/"))  # already normal: the common case, 3x faster
+    )
+
+
+def _normalised_parts(file_name: str) -> tuple[str, ...]:
+    """Components without empty and ``.`` parts; absolute names start with ``"/"``."""
+    if is_plain_relative(file_name):
+        return tuple(file_name.split("/"))
     parts = tuple(p for p in file_name.split("/") if p not in ("", "."))
     return ("/", *parts) if file_name.startswith("/") else parts
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import NewType
 
 from ..errors import ManifestError
-from ..manifest import Pointer
+from ..manifest import Pointer, is_plain_relative
 
 Inode = NewType("Inode", int)
 _NO_ENTRIES: list[str] = []  # shared by every file node (never appended to): one list per file
@@ -103,6 +103,8 @@ def mount_paths(
                     "(choose another one with --root)"
                 )
             rel = full[len(strip) :].lstrip("/") if strip != "/" else full.lstrip("/")
+        elif is_plain_relative(p.file_name):
+            rel = p.file_name
         else:
             rel = "/".join(_parts(p.file_name))
         if not rel:
