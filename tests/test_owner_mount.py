@@ -11,6 +11,8 @@ import hashlib
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -110,19 +112,36 @@ def test_a_hash_mismatch_drops_the_pages_a_reader_has_cached(
     manifest = tmp_path / "manifest.json"
     write_manifest(origin, origin_root, manifest, names=["w.bin"])  # promises sha256(good)
     target.write_bytes(bad)  # ... but the origin first serves other bytes of the same size
-    # Every request waits 2 s before the origin opens the file: the refetch that follows the
-    # mismatch (it starts the moment the bad bytes are hashed, often before the reader below
-    # returns) then reads the fixed file. Without it a busy machine let the refetch get the bad
-    # bytes again, and a blob that fails twice stays failed (what the follower must do).
+    # The origin is fixed (a rename: requests that opened the bad file keep it) the moment the
+    # first fetch's requests have all opened it, by a thread of this process watching the
+    # origin's counters; every request waits 2 s before the origin opens the file, so the
+    # refetch that follows the mismatch (it cannot start before those bytes were sent) opens
+    # the fixed one. Fixing it after the reader below returned raced with that refetch on a
+    # busy machine (the reader is another interpreter), and a blob that fails twice stays failed.
     origin.latency = 2.0
+    fixed = threading.Event()
+
+    def fix_once_served() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            served = origin.stats.snapshot().by_path
+            if sum(p.bytes for k, p in served.items() if k.endswith("/w.bin")) >= len(bad):
+                tmp = origin_root / "w.bin.tmp"
+                tmp.write_bytes(good)
+                tmp.replace(target)
+                fixed.set()
+                return
+            time.sleep(0.005)
+
+    fixer = threading.Thread(target=fix_once_served, daemon=True)
+    fixer.start()
     cache, mnt = tmp_path / "cache", tmp_path / "mnt"
     with mounted(manifest, mnt, cache, "--no-prefetch") as m:
         path = mnt / "w.bin"
         first = run_py(_READ_ALL, str(path)).stdout.split()[1]
         assert first == hashlib.sha256(bad).hexdigest()  # the kernel now caches these pages
-        tmp = origin_root / "w.bin.tmp"
-        tmp.write_bytes(good)
-        tmp.replace(target)  # the origin is fixed; the refetch after the mismatch gets it
+        fixer.join(60)
+        assert fixed.is_set()
         wait_for(lambda: file_status(path)["verified"], 60, what="verified after refetch")
         again = run_py(_READ_ALL, str(path)).stdout.split()[1]
         assert again == hashlib.sha256(good).hexdigest(), m.log_text()[-3000:]

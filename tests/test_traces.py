@@ -7,14 +7,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
+import trio
 
+from tests.fakes import FakeProvider, pointer_for, ramp
 from tests.mount_helpers import mounted, require_fuse, status, wait_for, write_manifest
 from tests.origin_helpers import records
+from ttfs.blocks import BlockStore
+from ttfs.config import Settings
+from ttfs.fetch import open_fetcher
 from ttfs.manifest import HttpResolution, Pointer
+from ttfs.providers import ProviderSet
 from ttfs.units import MiB
+from ttfs.vfs import FsOptions, Tree, core, open_model_fs
 from ttfs.vfs.trace import SHARED_DIR, Recorder, Trace, TraceStore, manifest_digest
 
 BS = 2 * MiB
@@ -64,6 +72,45 @@ def test_trace_is_ignored_when_stale_and_trimmed_to_the_manifest(tmp_path: Path)
     store.save(Trace(digest, BS, [("h" * 64, 0, 0)]))
     trace, where = store.load(digest, BS, counts)
     assert where == "local" and trace is not None and trace.runs == [("h" * 64, 0, 0)]
+
+
+async def test_reads_before_the_trace_task_starts_are_recorded(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A loader's first reads may reach the mount before its trace task has computed the
+    manifest's digest (a busy machine: that is a thread hop); they are the start of the trace
+    and must not be lost. Here the digest takes a second, the reads come at once."""
+    real = core.manifest_digest
+
+    def slow_digest(pointers: object) -> str:
+        time.sleep(1.0)
+        return real(pointers)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(core, "manifest_digest", slow_digest)
+    data = ramp(4 * BS + 5)
+    pointer = pointer_for("m.bin", data)
+    providers = ProviderSet(settings)
+    providers.add("http", FakeProvider({"m.bin": data}))
+    traces = TraceStore(tmp_path / "traces-home")
+    tree = Tree.build([pointer])
+    with BlockStore(settings.cache_dir, block_size=settings.block_size) as store:
+        async with (
+            open_fetcher(store, providers, settings) as fetcher,
+            open_model_fs(tree, fetcher, FsOptions(prefetch=False, traces=traces)) as fs,
+        ):
+            node = fs.tree.child(fs.tree.root, "m.bin")
+            assert node is not None
+            fh = await fs.open(node.ino, os.O_RDONLY)
+            assert await fs.read(fh, 3 * BS, 10) == data[3 * BS : 3 * BS + 10]
+            assert await fs.read(fh, 0, 10) == data[:10]
+            assert fs.status()["trace"]["state"] == "waiting"  # digest still running
+            fs.release(fh)
+            with trio.fail_after(30):
+                while "manifest" not in fs.status()["trace"]:  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+        # Saved at the end (it grew): both reads, in their order.
+        saved = json.loads(next((tmp_path / "traces-home" / "traces").iterdir()).read_text())
+        assert [tuple(r[1:]) for r in saved["runs"]] == [(3, 3), (0, 0)]
 
 
 # -- real mounts --------------------------------------------------------------------------------

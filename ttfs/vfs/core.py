@@ -216,7 +216,9 @@ class ModelFs:
         # (serve attaches them once the mount is ready); open and read wait for this.
         self._attached = trio.Event()
         self._backend_error: TtfsError | None = None
-        self._recorder: Recorder | None = None
+        # Created now, not when the trace task starts: a loader's first reads (the ones a trace
+        # is for) may arrive before that task has computed the manifest's digest.
+        self._recorder: Recorder | None = Recorder() if options.traces is not None else None
         self._replayed = trio.Event()  # the trace (if any) is queued; prefetch plans after it
         self._trace_doc: dict[str, Any] = {"state": "off" if options.traces is None else "waiting"}
         if fetcher is not None:
@@ -1057,9 +1059,11 @@ class ModelFs:
         block_size = self.fetcher.store.block_size
         pointers = [f.pointer for f in self._files.values()]
         baseline = 0
+        recorder = self._recorder
+        assert recorder is not None
         try:
             digest = await trio.to_thread.run_sync(manifest_digest, pointers)
-            self._recorder = Recorder(digest, block_size)
+            recorder.name(digest, block_size)
             counts = block_counts(pointers, block_size)
             trace, where = await trio.to_thread.run_sync(store.load, digest, block_size, counts)
             self._trace_doc = {"state": "recording", "manifest": digest, "source": where}
@@ -1070,8 +1074,6 @@ class ModelFs:
                     self._trace_doc["replayed_blocks"] = await self._replay(trace)
         finally:
             self._replayed.set()
-        recorder = self._recorder
-        assert recorder is not None
         try:
             seen, changed = recorder.blocks, trio.current_time()
             while True:

@@ -113,11 +113,18 @@ class Trace:
 
 
 class Recorder:
-    """Collects the first read of each block, in order (cheap: one set lookup per block)."""
+    """Collects the first read of each block, in order (cheap: one set lookup per block).
 
-    def __init__(self, digest: str, block_size: int) -> None:
+    It records from the mount's first read on; the trace is named (:meth:`name`) once the
+    manifest's digest is computed, before anything is saved.
+    """
+
+    def __init__(self, digest: str = "", block_size: int = 0) -> None:
         self.trace = Trace(digest, block_size)
         self._seen: set[tuple[str, int]] = set()
+
+    def name(self, digest: str, block_size: int) -> None:
+        self.trace.digest, self.trace.block_size = digest, block_size
 
     def on_read(self, blob_id: str, blocks: range) -> None:
         runs = self.trace.runs
