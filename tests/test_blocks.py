@@ -328,20 +328,78 @@ def test_unreadable_boot_id_never_trusts_unsynced_flags_across_processes(
     spec = spec_for(data)
     checks = _count_checks(monkeypatch)
     monkeypatch.setattr(store_module, "BOOT_ID", a)  # the process that verified it
-    with BlockStore(tmp_path, block_size=BS) as store:
-        blob = store.open_blob(spec)
-        blob.writer(0).write(data)
-        assert blob.verify()
-        store.mark_verified(blob)  # persisted, but not fdatasync'd (no release yet)
-        assert store.is_verified(spec.blob_id, len(data))
-        store._index.close()  # killed before release: the flag stays "this boot only"
-        store.fds.close_all()
+    store = BlockStore(tmp_path, block_size=BS)
+    blob = store.open_blob(spec)
+    blob.writer(0).write(data)
+    assert blob.verify()
+    store.mark_verified(blob)  # persisted, but not fdatasync'd (no flush or release yet)
+    assert store.is_verified(spec.blob_id, len(data))
+    # Killed before release or the next flush (which would sync it at once, the boot being
+    # unknown): the flag stays "this process only". No close(): that flushes.
+    store._index.close()
+    store.fds.close_all()
     monkeypatch.setattr(store_module, "BOOT_ID", b)  # the next process, same boot (unknown)
     with BlockStore(tmp_path, block_size=BS) as store:
         assert not store.is_verified(spec.blob_id, len(data))
         blob = store.open_blob(spec)
         assert not blob.verified and checks == [spec.blob_id]  # checked again
         store.release(blob)
+
+
+def test_a_fresh_blob_is_synced_once_its_data_had_time_to_reach_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Release does not wait on the dirty pages of a blob written a moment ago (the end of a
+    download): its trust stays bound to this boot, which a later process of the same boot
+    keeps and another boot does not. The flush of the next process to hold it syncs it once
+    SYNC_AFTER has passed since the last write; then any boot trusts it. Without a boot id,
+    release syncs at once."""
+    data = ramp(3 * BS + 5)
+    spec = spec_for(data)
+    syncs: list[int] = []
+    real_sync = os.fdatasync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (syncs.append(fd), real_sync(fd))[1])
+    checks = _count_checks(monkeypatch)
+    monkeypatch.setattr(store_module, "BOOT_ID", "boot-1")
+    with BlockStore(tmp_path, block_size=BS) as store:
+        blob = store.open_blob(spec)
+        blob.writer(0).write(data)
+        assert blob.verify()
+        store.mark_verified(blob)
+        store.release(blob)
+        assert syncs == [] and store._index.get(spec.blob_id)["boot"] == "boot-1"
+    with BlockStore(tmp_path, block_size=BS) as store:  # same boot: trusted as it is
+        blob = store.open_blob(spec)
+        assert blob.verified and checks == []
+        monkeypatch.setattr(store_module, "SYNC_AFTER", 0.0)  # its data is old enough now
+        store.flush()
+        assert len(syncs) == 1 and store._index.get(spec.blob_id)["boot"] is None
+        store.flush()
+        assert len(syncs) == 1  # once
+        store.release(blob)
+    monkeypatch.setattr(store_module, "BOOT_ID", "boot-2")  # after a reboot
+    with BlockStore(tmp_path, block_size=BS) as store:
+        blob = store.open_blob(spec)
+        assert blob.verified and checks == []  # synced: trusted across the reboot
+        store.release(blob)
+
+    monkeypatch.setattr(store_module, "SYNC_AFTER", 30.0)
+    other = spec_for(ramp(BS, seed=9), "b2")
+    with BlockStore(tmp_path, block_size=BS) as store:
+        fill(store, other, ramp(BS, seed=9), range(1))
+        assert store._index.get("b2")["boot"] == "boot-2"  # fresh: bound to this boot
+    monkeypatch.setattr(store_module, "BOOT_ID", "boot-3")  # rebooted before any sync
+    with BlockStore(tmp_path, block_size=BS) as store:
+        blob = store.open_blob(other)
+        assert checks == ["b2"]  # checked again (and found intact)
+        store.release(blob)
+
+    monkeypatch.setattr(store_module, "BOOT_ID", store_module._boot_id("/nonexistent"))
+    syncs.clear()
+    third = spec_for(ramp(BS, seed=10), "b3")
+    with BlockStore(tmp_path, block_size=BS) as store:
+        fill(store, third, ramp(BS, seed=10), range(1))
+        assert len(syncs) == 1 and store._index.get("b3")["boot"] is None
 
 
 def test_opens_of_different_blobs_do_not_wait_on_each_other(

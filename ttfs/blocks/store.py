@@ -20,9 +20,11 @@ keeps none: it is refetched whole). Even a partly
 received block resumes where it stopped. After a power loss the page cache is gone: journal
 records, index bits and data may disagree, so every present block of an unverified blob is
 checksummed when the blob is opened and a block that does not match is dropped. A "verified"
-flag is trusted only in the boot that wrote it, unless the data was fdatasync'd first (done on
-release): after a reboot an unsynced blob is checked again. Where the boot cannot be identified
-the flag is trusted only by the process that wrote it. Syncing is thus kept off the hot path.
+flag is trusted only in the boot that wrote it, unless the data was fdatasync'd first (done
+once the kernel has had :data:`SYNC_AFTER` seconds to write it back, at release or by a later
+flush of any process of the same boot): after a reboot an unsynced blob is checked again. Where
+the boot cannot be identified the flag is trusted only by the process that wrote it (and
+release syncs at once). Syncing is thus kept off the hot path.
 If a verified blob's data file changes (size or mtime) it is no longer trusted.
 
 A complete blob whose hash cannot be checked here (a multipart S3 etag, Azure, ``--no-verify``)
@@ -157,6 +159,26 @@ def _boot_id(path: str = "/proc/sys/kernel/random/boot_id") -> str:
 
 BOOT_ID = _boot_id()
 
+SYNC_AFTER = 30.0
+"""Seconds after its last write at which a complete blob is fdatasync'd (its trust then
+survives a reboot): by then the kernel's own writeback (``dirty_expire_centisecs``, 30 s by
+default) has most likely written it, so the sync is a cache flush, not a wait for every dirty
+page of the file. At the end of a resolve that wait was the last ~2 s of a 1 GiB download on
+the development VM (docs/performance.md). Until then its trust is bound to this boot."""
+
+
+_SYNCS_PER_FLUSH = 64
+
+
+def _sync_due(blob: Blob, now: float) -> bool:
+    """Whether a complete, unsynced blob is to be fdatasync'd now.
+
+    Where the boot cannot be identified a boot-bound flag binds this process only, so it is
+    synced at once, as before the deferral."""
+    if not blob.complete or blob._synced:
+        return False
+    return BOOT_ID.startswith("process-") or now - blob._written_at >= SYNC_AFTER
+
 
 class Blob:
     """An open blob: its sparse data file and the in-memory presence map.
@@ -186,6 +208,9 @@ class Blob:
         self.atime = time.time()
         self._dirty = False
         self._synced = False
+        # Wall-clock time of the last write known to this process (the data file's mtime when
+        # loaded, then each landed block): when an fdatasync is due (SYNC_AFTER).
+        self._written_at = 0.0
         self.refs = 0
         # Owned by the store's DescriptorTable (under its lock): the descriptors while open,
         # the leases on them, and the data file's (st_dev, st_ino) once it exists.
@@ -294,6 +319,7 @@ class Blob:
         self.sums[index] = checksum
         self.partial.pop(index, None)
         self._dirty = True
+        self._written_at = time.time()
 
     def journal(self, index: int, length: int, digest: int) -> None:
         """Append one journal record: ``length`` bytes of block ``index`` hash to ``digest``.
@@ -750,6 +776,7 @@ class BlockStore:
         except OSError as e:
             raise CacheError(f"cannot open cache file {path}: {e}") from e
         blob._ino = (st.st_dev, st.st_ino)  # a later lease must find this very file
+        blob._written_at = st.st_mtime
         try:
             record = self._index.get(spec.blob_id)
             usable = (
@@ -815,8 +842,10 @@ class BlockStore:
             return
         indexed = False
         try:
-            # A complete blob is synced once, here, so its trust survives a reboot.
-            sync = blob.complete and not blob._synced
+            # A complete blob is synced once its data has had time to reach the disk anyway
+            # (SYNC_AFTER; here or by the flusher of a later process in this boot), so its
+            # trust survives a reboot without a wait on the dirty pages of a fresh download.
+            sync = _sync_due(blob, time.time())
             indexed = not (blob._dirty or sync) or self._persist(blob, sync=sync)
         except CacheError as e:  # the data file vanished meanwhile: nothing left to keep
             log.warning("blob %s: %s", blob.blob_id, e)
@@ -840,16 +869,24 @@ class BlockStore:
 
     # -- persistence ------------------------------------------------------------------------
     def flush(self) -> None:
-        """Persist the presence map of every open blob that changed (no fsync: see module doc).
+        """Persist the presence map of every open blob that changed (no fsync: see module doc),
+        and fdatasync the complete blobs whose last write is :data:`SYNC_AFTER` old.
 
         The journal is kept while the blob is open, because the event loop may append to it
         while this runs in a worker thread; it is reset when the blob is opened or released.
         """
+        now = time.time()
         with self._lock:
-            blobs = [b for b in self._open.values() if b._dirty]
+            blobs = [b for b in self._open.values() if b._dirty or (b.complete and not b._synced)]
+        syncs = 0
         for blob in blobs:
             try:
-                self._persist(blob)
+                # A bounded number per pass: 10^5 small blobs must not hold the flusher (and
+                # the presence maps of the others) for minutes of disk flushes.
+                sync = syncs < _SYNCS_PER_FLUSH and _sync_due(blob, now)
+                syncs += sync
+                if blob._dirty or sync:
+                    self._persist(blob, sync=sync)
             except CacheError as e:  # its data file vanished: the next access says so
                 log.warning("blob %s: %s", blob.blob_id, e)
 
