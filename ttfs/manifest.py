@@ -367,15 +367,12 @@ def _parse_resolution(obj: object) -> Resolution:
     )
 
 
-def _parse_pointer(obj: object) -> Pointer:
-    fast = _parse_pointer_fast(obj)
-    return fast if fast is not None else _parse_pointer_checked(obj)
-
-
 def _parse_pointer_fast(obj: object) -> Pointer | None:
-    """The common well-formed http pointer without per-field helper calls (100k pointers:
-    ~3x faster); None sends anything else through :func:`_parse_pointer_checked`, which
-    accepts exactly what this accepts and explains what it does not."""
+    """The common well-formed, safe http pointer without per-field helper calls (100k
+    pointers: ~3x faster); None sends anything else through :func:`_parse_pointer_checked` and
+    :func:`_check_pointer`, which accept everything this accepts and explain what they do not.
+    A pointer returned here passed the checks of :func:`_check_pointer` (its name, hash and
+    size are in the forms their fast accepts recognise)."""
     if type(obj) is not dict:
         return None
     res = obj.get("resolution")
@@ -403,6 +400,16 @@ def _parse_pointer_fast(obj: object) -> Pointer | None:
         or type(size) is not int
         or type(secret) is not str
         or obj.get("last_modified_time") is not None
+        or not 0 <= size <= MAX_SIZE
+        or not name
+        or "\0" in name
+        or ".." in name
+        or name.endswith("/")
+        or not name.strip("/.")
+        or not hash_
+        or "/" in hash_
+        or "\0" in hash_
+        or hash_ in (".", "..")
     ):
         return None
     return Pointer(
@@ -571,11 +578,13 @@ def parse_manifest(
         )
     pointers: list[Pointer] = []
     for index, raw in enumerate(raw_pointers):
-        try:
-            pointer = _parse_pointer(raw)
-        except _Problem as exc:
-            raise ManifestError(f"manifest {source}: {_where_raw(index, raw)}: {exc}") from None
-        _check_pointer(pointer, index, source)
+        pointer = _parse_pointer_fast(raw)  # checked already, when it is not None
+        if pointer is None:
+            try:
+                pointer = _parse_pointer_checked(raw)
+            except _Problem as exc:
+                raise ManifestError(f"manifest {source}: {_where_raw(index, raw)}: {exc}") from None
+            _check_pointer(pointer, index, source)
         pointers.append(pointer)
     if collisions:
         _check_collisions(pointers, source)
@@ -648,14 +657,14 @@ def _where_raw(index: int, raw: object) -> str:
 
 def _name_problem(file_name: str) -> str | None:
     """Why ``file_name`` cannot be a destination, or None when it can."""
-    if (
+    if (  # the common case (also accepted by _parse_pointer_fast, which must not accept more)
         file_name
         and "\0" not in file_name
         and ".." not in file_name
         and not file_name.endswith("/")
         and file_name.strip("/.")
     ):
-        return None  # the common case, without splitting (stricter than below: ".." anywhere)
+        return None  # without splitting (stricter than below: ".." anywhere)
     if not file_name:
         return "file_name must not be empty"
     if "\0" in file_name:
@@ -792,16 +801,14 @@ def merge_pointers(manifests: Sequence[Manifest]) -> list[Pointer]:
     An exact ``(file_name, hash)`` repeat is dropped silently; a pointer whose ``file_name``
     was already kept with another hash is dropped with a warning (first wins).
     """
-    seen: set[tuple[str, str]] = set()
-    kept_hash: dict[str, str] = {}
+    kept_hash: dict[str, str] = {}  # file_name -> the hash kept for it (one lookup a pointer)
     merged: list[Pointer] = []
     for manifest in manifests:
         for pointer in manifest.pointers:
-            key = (pointer.file_name, pointer.hash)
-            if key in seen:
-                continue
             first = kept_hash.get(pointer.file_name)
             if first is not None:
+                if first == pointer.hash:
+                    continue  # an exact repeat
                 log.warning(
                     "Conflicting file found: %s has hash %s in one manifest and %s in another. "
                     "Using the first one.",
@@ -810,7 +817,6 @@ def merge_pointers(manifests: Sequence[Manifest]) -> list[Pointer]:
                     pointer.hash,
                 )
                 continue
-            seen.add(key)
             kept_hash[pointer.file_name] = pointer.hash
             merged.append(pointer)
     return merged
@@ -828,13 +834,13 @@ def log_expired(pointers: Sequence[Pointer], *, now: float | None = None) -> Non
     """Log (at ERROR) every expired http pointer; upstream continues, and so do we."""
     current = time.time() if now is None else now
     for pointer in pointers:
-        if is_expired(pointer, current):
-            assert isinstance(pointer.resolution, HttpResolution)
+        resolution = pointer.resolution  # is_expired, inline: 10^5 pointers at a mount's start
+        if isinstance(resolution, HttpResolution) and resolution.expiration_timestamp < current:
             log.error(
                 "Pointer %s has expired at %d. Current time is %d. "
                 "This will lead to a download failure.",
                 pointer.file_name,
-                pointer.resolution.expiration_timestamp,
+                resolution.expiration_timestamp,
                 int(current),
             )
 
