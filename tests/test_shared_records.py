@@ -227,13 +227,26 @@ async def test_an_entry_written_during_a_trusted_copy_goes_to_the_origin(
         real(src, dst, offset, length)
 
     monkeypatch.setattr(store_mod, "kernel_copy", writing_meanwhile)
-    stats, _ = await replica.start()
-    # Some runs may have gone to the origin already (an entry that changed is refused when a
-    # run opens it): the whole blob came from there once more after the discard.
+    before = len(replica.fake.calls)
+    stats, _ = await replica.start()  # checks the blob's bytes and block checksums
+    # The written range came from the origin after the discard (a run still copying an
+    # unwritten part of the entry may land it; the blob's hash then vouches for every byte).
     assert stats.shared_trusted == 0 and calls[0] >= 2
-    assert replica.fake.bytes_served >= 2 * len(replica.data)
-    assert "sha256 mismatch" not in caplog.text  # discarded for the change, not hashed
-    assert "m.bin: its b10cache entry changed while it was copied; discarding" in caplog.text
+    again = replica.fake.calls[before:]
+    assert any(start <= 7 * BS < end for _, start, end in again), again
+    # How it is caught depends on where the copy's runs were when the entry changed, and all
+    # three occur: the end-of-copy identity check (the blob discarded without a hash), the hash
+    # (a run had found the entry changed before the first block landed: no trust from the
+    # start), or a run's open refusing the changed entry (its range from the origin, the rest
+    # hashed). Either way nothing unverified is served and the blob above is right.
+    assert any(
+        text in caplog.text
+        for text in (
+            "m.bin: its b10cache entry changed while it was copied; discarding",
+            "m.bin: sha256 mismatch; discarding",
+            "is unusable (cannot open it: [Errno 116] the entry was replaced or changed)",
+        )
+    ), caplog.text
 
 
 def test_cleanup_removes_the_records_of_entries_that_are_gone(tmp_path: Path) -> None:
