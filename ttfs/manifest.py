@@ -401,15 +401,8 @@ def _parse_pointer_fast(obj: object) -> Pointer | None:
         or type(secret) is not str
         or obj.get("last_modified_time") is not None
         or not 0 <= size <= MAX_SIZE
-        or not name
-        or "\0" in name
-        or ".." in name
-        or name.endswith("/")
-        or not name.strip("/.")
-        or not hash_
-        or "/" in hash_
-        or "\0" in hash_
-        or hash_ in (".", "..")
+        or not _plain_name(name)
+        or not _plain_hash(hash_)
     ):
         return None
     return Pointer(
@@ -655,16 +648,27 @@ def _where_raw(index: int, raw: object) -> str:
     return f"pointer {index}"
 
 
-def _name_problem(file_name: str) -> str | None:
-    """Why ``file_name`` cannot be a destination, or None when it can."""
-    if (  # the common case (also accepted by _parse_pointer_fast, which must not accept more)
+def _plain_name(file_name: str) -> bool:
+    """The common safe name, recognised without splitting (stricter than
+    :func:`_name_problem`'s full rules: ``..`` anywhere); the fast parser accepts only these."""
+    return bool(
         file_name
         and "\0" not in file_name
         and ".." not in file_name
         and not file_name.endswith("/")
         and file_name.strip("/.")
-    ):
-        return None  # without splitting (stricter than below: ".." anywhere)
+    )
+
+
+def _plain_hash(hash_: str) -> bool:
+    """A hash :func:`_hash_problem` has nothing against."""
+    return bool(hash_) and "/" not in hash_ and "\0" not in hash_ and hash_ not in (".", "..")
+
+
+def _name_problem(file_name: str) -> str | None:
+    """Why ``file_name`` cannot be a destination, or None when it can."""
+    if _plain_name(file_name):
+        return None
     if not file_name:
         return "file_name must not be empty"
     if "\0" in file_name:
@@ -701,6 +705,8 @@ def _normalised_parts(file_name: str) -> tuple[str, ...]:
 
 
 def _hash_problem(hash_: str) -> str | None:
+    if _plain_hash(hash_):
+        return None
     if "/" in hash_:
         return f"Hash {_bare(hash_)} contains '/', which is not allowed"
     if not hash_:

@@ -371,12 +371,11 @@ class SharedTier:
         trust = self.config.trust
         if trust == "off":
             return entry
-        own = blob.store.key_record("shared", blob.blob_id)
         if trust == "replicas" and record is not None and st.recorded:
             st.trusted = True
             st.sums = record.sums_for(blob.block_size, blob.n_blocks)
-        elif own is not None and own == before:
-            st.trusted = True
+        else:  # the store's own record, read only when the replicas' does not decide
+            st.trusted = blob.store.key_record("shared", blob.blob_id) == before
         return entry
 
     @staticmethod
