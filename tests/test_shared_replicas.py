@@ -265,8 +265,23 @@ def test_truss_transfer_drop_in_fills_and_then_hits_b10fs(
     assert (hot["b10fs_hot_starts_files"], hot["b10fs_hot_starts_bytes"]) == (len(SIZES), TOTAL)
     assert hot["b10fs_cold_starts_files"] == 0 and hot["file_downloads"] == []
     assert_same_files(tmp_path / "d2", files)
-    # Plain local files, not symlinks into b10fs as upstream makes them.
+    # Plain local files, not symlinks into b10fs as upstream makes them ...
     assert not any(p.is_symlink() for p in (tmp_path / "d2").rglob("*"))
+    # ... unless TTFS_SHARED_HOTSTART=symlink asks for upstream's output: every file a link to
+    # its entry (all verified by a record or a hash first), no byte copied or fetched.
+    monkeypatch.setenv("TTFS_CACHE_DIR", str(tmp_path / "cache3"))
+    monkeypatch.setenv("TTFS_SHARED_HOTSTART", "symlink")
+    truss_transfer.lazy_data_resolve(str(tmp_path / "d3"))
+    assert origin.stats.snapshot().bytes_sent == 0
+    linked = json.loads(stats_file.read_text())
+    assert (linked["b10fs_hot_starts_files"], linked["b10fs_hot_starts_bytes"]) == (
+        len(SIZES),
+        TOTAL,
+    )
+    pointers = {p["file_name"]: p["hash"] for p in json.loads(manifest.read_text())["pointers"]}
+    for name, digest in pointers.items():
+        assert os.readlink(tmp_path / "d3" / name) == str((shared / digest).resolve())
+    assert_same_files(tmp_path / "d3", files)
 
 
 def test_replicas_trust_the_records_beside_the_entries_until_one_changes(

@@ -412,6 +412,7 @@ NUMERIC_VARS = [
     "TTFS_RETRY_ATTEMPTS",
     "TTFS_FLUSH_INTERVAL",
     "TTFS_SHARED_LOCK_STALE_SECS",
+    "TTFS_SHARED_HOTSTART",  # a word, not a number: the same one-line rule
 ]
 
 

@@ -41,6 +41,7 @@ def switched_off(value: str | None) -> bool:
 
 
 SharedTrust = Literal["replicas", "store", "off"]
+HotStart = Literal["copy", "symlink"]
 
 
 def shared_trust(value: str | None) -> SharedTrust:
@@ -51,6 +52,20 @@ def shared_trust(value: str | None) -> SharedTrust:
     if value is not None and value.strip().lower() == "store":
         return "store"
     return "replicas"
+
+
+def shared_hotstart(value: str | None) -> HotStart:
+    """``TTFS_SHARED_HOTSTART``: ``copy`` (unset or empty) or ``symlink`` (``link``), any case.
+
+    Raises:
+        ConfigError: any other value (one line naming the variable).
+    """
+    word = (value or "").strip().lower()
+    if word in ("", "copy"):
+        return "copy"
+    if word in ("symlink", "link"):
+        return "symlink"
+    raise ConfigError(f"TTFS_SHARED_HOTSTART must be copy or symlink, got {value!r}")
 
 
 def default_cache_dir(env: Mapping[str, str]) -> Path:
@@ -320,6 +335,10 @@ class SharedCacheConfig:
     # or this block store's own; "store": only this block store's own; "off": none, every hot
     # start hashes.
     trust: SharedTrust = "replicas"
+    # How a resolve answers a hit (docs/b10fs.md, "Hot start"): "copy" (the default) makes a
+    # plain local file; "symlink" links the output to the entry, as upstream, once it is trusted
+    # or hashed (TTFS_SHARED_HOTSTART=symlink).
+    hotstart: HotStart = "copy"
 
     @property
     def lock_refresh_secs(self) -> float:
@@ -365,4 +384,5 @@ class SharedCacheConfig:
             speed_mbps=speed,
             lock_stale_secs=lock_secs,
             trust=shared_trust(env.get("TTFS_SHARED_TRUST")),
+            hotstart=shared_hotstart(env.get("TTFS_SHARED_HOTSTART")),
         )

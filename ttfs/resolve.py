@@ -22,9 +22,10 @@ two processes resolving into one directory take turns, and the second finds the 
 With the b10fs shared cache on (docs/b10fs.md) the upstream decision runs first (cleanup, space,
 speed), the files are taken in a random order per process (spec §3.6) so that replicas starting
 together fetch different blobs first, and a file's task ends only after its blob is published.
-Unlike upstream, a cache hit is not a symlink into b10fs: the bytes are read from the shared
-entry (in parallel ranges), verified, and placed like any other download, so the result is
-always a plain local file.
+Unlike upstream, a cache hit is not a symlink into b10fs by default: the bytes are read from the
+shared entry (in parallel ranges), verified, and placed like any other download, so the result
+is a plain local file. ``TTFS_SHARED_HOTSTART=symlink`` links instead, as upstream, to an entry
+that is trusted or hashed first (:mod:`ttfs.fetch.links`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from .blocks import BlockStore, checker_for, perms
 from .config import Settings
 from .errors import CacheBusy, CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
+from .fetch.links import place_symlink
 from .manifest import Pointer, destination
 from .owner import OwnerInfo, OwnerLock, claim
 from .owner.client import (
@@ -317,6 +319,8 @@ class Resolver:
         if await trio.to_thread.run_sync(already_there, store, pointer, dest):
             self.report.skipped += 1
             return
+        if await self._link(pointer, dest):
+            return
         t0 = time.monotonic()
         source = await self.fetcher.add(pointer)
         before = source.blob.bytes_present
@@ -356,6 +360,28 @@ class Resolver:
                 )
             )
         log.info("Completed download to %s (%d bytes, %.2fs)", dest, pointer.size, secs)
+
+    async def _link(self, pointer: Pointer, dest: Path) -> bool:
+        """Under ``TTFS_SHARED_HOTSTART=symlink``, answer a usable b10fs entry with a symlink to
+        it, as upstream (:mod:`ttfs.fetch.links`): True when ``dest`` is now that link."""
+        tier, store = self.fetcher.tier, self.fetcher.store
+        if tier is None or tier.config.hotstart != "symlink":
+            return False
+        verify = self.fetcher.settings.verify
+        target = await tier.link_target(pointer, store, verify=verify)
+        if target is None:
+            return False
+        await trio.to_thread.run_sync(place_symlink, target, dest)
+        await trio.to_thread.run_sync(store.record_output, dest, pointer.hash)
+        self.report.b10fs_hot_starts_files += 1
+        self.report.b10fs_hot_starts_bytes += pointer.size
+        log.info(
+            "Using b10cache for %s (%d bytes, linked to %s)",
+            pointer.file_name,
+            pointer.size,
+            target,
+        )
+        return True
 
     async def _monitor(self, source: Source, dest: Path, scope: trio.CancelScope) -> None:
         """truss-transfer's per-file progress line, every ``monitor_secs`` (first tick skipped)."""

@@ -68,6 +68,10 @@ RECORDS = ".ttfs-verified"
 # A record holds 8-20 bytes of JSON per block: 64 MiB covers a blob of several TB at 2 MiB
 # blocks; anything bigger is not a record we wrote.
 _RECORD_LIMIT = 64 * MiB
+# Blobs below this size have no replicas' record (docs/b10fs.md): hashing one costs less than
+# reading a small file from a network filesystem (8 MiB: ~5 ms of sha256), and a manifest of
+# 10^5 small files would otherwise add as many record files to the directory.
+RECORDED_FROM = 8 * MiB
 
 _COPY_CHUNK = 64 * MiB
 _READ_CHUNK = 8 * MiB

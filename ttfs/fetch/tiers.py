@@ -31,16 +31,18 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import trio
 
-from ..blocks import Blob, RunWriter
+from ..blocks import Blob, BlockStore, RunWriter
 from ..blocks.identity import BlobKey, key_of_open
-from ..blocks.shared import Decision, EntryRecord, SharedCache, SharedFile
+from ..blocks.shared import RECORDED_FROM, Decision, EntryRecord, SharedCache, SharedFile
 from ..config import SharedCacheConfig
 from ..errors import CacheError, TransientError
 from ..manifest import Pointer
+from .links import Verdict, check_entry
 from .replicas import ReplicaLocks
 from .source import BlobTier, Source, TierHost, TierState
 
@@ -49,10 +51,6 @@ log = logging.getLogger(__name__)
 # Shared-entry copies: one worker-thread hop per 8 MiB piece (kernel copy + one read back for
 # the block checksums); a preempted run waits for at most one piece.
 _COPY_PIECE = 8 * 1024 * 1024
-# Blobs below this size have no replicas' record (docs/b10fs.md): hashing one costs less than
-# reading a small file from a network filesystem (8 MiB: ~5 ms of sha256), and a manifest of
-# 10^5 small files would otherwise add as many record files to the directory.
-_RECORDED_FROM = 8 * 1024 * 1024
 # Worker threads reading entries at once (a network filesystem is latency-bound: several reads
 # in flight); their own limiter, so they never starve the hashing threads.
 _READERS = 16
@@ -261,6 +259,39 @@ class SharedTier:
             log.warning("b10cache: corrupt entry moved to %s", aside)
         return True
 
+    async def link_target(
+        self, pointer: Pointer, store: BlockStore, *, verify: bool
+    ) -> Path | None:
+        """The entry a resolve may make ``pointer``'s output a symlink to
+        (``TTFS_SHARED_HOTSTART=symlink``; :mod:`ttfs.fetch.links`), or None: fetch it as usual
+        (no entry, reads off, written while checked, or corrupt: then moved aside)."""
+        if not (await self._decision()).read:
+            return None
+        check = await trio.to_thread.run_sync(
+            functools.partial(
+                check_entry, self.cache, self.config.trust, store, pointer, verify=verify
+            ),
+            limiter=self._readers,
+        )
+        if check.verdict is Verdict.CORRUPT:
+            self.corrupt_entries += 1
+            log.warning(
+                "b10cache entry %s does not match %s %s: not using it, moving it aside and "
+                "fetching %s from the origin",
+                check.path,
+                pointer.hashtype,
+                pointer.hash,
+                pointer.file_name,
+            )
+            if check.aside is not None:
+                log.warning("b10cache: corrupt entry moved to %s", check.aside)
+            return None
+        if check.verdict is Verdict.MISSING:
+            return None
+        if check.hashed:
+            log.info("b10cache entry %s hashed and recorded before linking", check.path)
+        return check.path
+
     def trusted(self, source: Source) -> bool:
         """Whether the blob is being copied from an entry this store verified before, with the
         identity it had then (the follower may skip the hash if :meth:`confirm_trust` agrees
@@ -441,7 +472,7 @@ class SharedTier:
 
 
 def _has_records(blob: Blob) -> bool:
-    return blob.size >= _RECORDED_FROM
+    return blob.size >= RECORDED_FROM
 
 
 def _all_from_entry(source: Source) -> bool:
