@@ -781,3 +781,35 @@ def test_round_trip_and_dumps() -> None:
     assert again.pointers == pointers
     assert again.models is None
     assert again.dumps() == text
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"runtime_secret_name": "tok"}, {"last_modified_time": None}, {"note": "x"}],
+)
+def test_the_fast_parser_makes_the_same_frozen_pointers_as_the_checked_one(
+    extra: dict[str, object],
+) -> None:
+    """The fast path fills the slots through their descriptors: the objects must be the very
+    ones the dataclass constructor makes (equal, hashable, frozen, every field set)."""
+    import dataclasses
+
+    from ttfs import manifest as m
+
+    raw = {
+        "resolution": {"url": "https://h/x", "expiration_timestamp": 4_000_000_000},
+        "uid": "u",
+        "file_name": "a/b.bin",
+        "hashtype": "sha256",
+        "hash": "ab" * 32,
+        "size": 7,
+        **extra,
+    }
+    fast, checked = m._parse_pointer_fast(raw), m._parse_pointer_checked(raw)
+    assert fast is not None and type(fast) is m.Pointer
+    assert fast == checked and hash(fast) == hash(checked) and repr(fast) == repr(checked)
+    assert fast.resolution == checked.resolution and type(fast.resolution) is m.HttpResolution
+    assert all(getattr(fast, f.name) == getattr(checked, f.name) for f in dataclasses.fields(fast))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.size = 8  # type: ignore[misc]
+    assert dataclasses.replace(fast, size=8).size == 8
