@@ -264,7 +264,7 @@ async def test_demand_preempts_prefetch_elsewhere_not_the_readers_own_stream(
         fetcher.request_nowait(so, range(8, 16), Priority.PREFETCH)
         fetcher.request_nowait(st, range(0, 8), Priority.PREFETCH)
         await trio.sleep(0.05)
-        assert len(fetcher._preemptible) == 2
+        assert len(fetcher.queue.preemptible) == 2
         await fetcher.read(so, 7 * BS, 10)  # the reader's first demand of a burst
         await fetcher.ensure(so, range(8, 16), Priority.PREFETCH)
         await fetcher.ensure(st, range(0, 8), Priority.PREFETCH)

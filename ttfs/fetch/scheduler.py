@@ -16,28 +16,27 @@ they need and at what :class:`Priority`; the fetcher turns queued blocks into ra
   read can wait behind one unit.
 * **Runs** are executed by :mod:`.runs` (retries, resume mid-block; bytes from a worker process,
   the shared cache or the provider in process) and verified by the follower of :mod:`.follower`.
-  This module only decides what runs and when.
+  Which run goes next (the queue, the budget's counters, preemption, the quiet period) is
+  :class:`~ttfs.fetch.queue.BlockQueue`'s bookkeeping; this module connects the pieces: blobs,
+  waiting callers, the dispatcher task and the runs' outcomes.
 * **Shared cache (b10fs).** With ``settings.shared_cache`` a :class:`~ttfs.fetch.tiers.SharedTier`
   decides per blob whether runs read the shared entry or the origin, parks background runs of
   blobs another replica is fetching, and publishes verified blobs (see ``tiers.py``). Bytes are
   counted by source: ``origin_bytes`` and ``shared_bytes``.
 
-INVARIANT (single-flight): between looking a block up in ``_blocks`` and inserting its state
-there is no checkpoint; adding an ``await`` there would let two fetches of one block start.
+INVARIANT (single-flight): between looking a block up in the queue and inserting its state
+there is no checkpoint (:meth:`BlockQueue.want` never awaits); adding one would let two
+fetches of one block start.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import math
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import trio
@@ -52,6 +51,7 @@ from ..manifest import Pointer
 from ..telemetry.metrics import MetricsSnapshot
 from ..transfer.pool import WorkerPool
 from .follower import Verifier
+from .queue import BlockQueue, Priority, Run
 from .runs import Counters, Progress, RunExecutor
 from .source import Source
 from .tiers import SharedTier
@@ -62,26 +62,8 @@ if TYPE_CHECKING:  # providers import httpx: a mount imports them only once it s
 log = logging.getLogger(__name__)
 
 
-# Seconds after the last demand fetch before new prefetch runs start (stargz waits for a quiet
-# period the same way); readahead and demand are never held back.
-PREFETCH_QUIET = 0.25
-
 # Blocks complete() queues at once (x2 with the look-ahead window): 4096 x 2 MiB = 8 GiB.
 _COMPLETE_WINDOW = 4096
-
-
-class Priority(IntEnum):
-    DEMAND = 0
-    READAHEAD = 1
-    PREFETCH = 2
-
-
-@dataclass(slots=True)
-class _BlockState:
-    prio: Priority
-    inflight: bool = False
-    event: trio.Event = field(default_factory=trio.Event)
-    error: BaseException | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,16 +89,6 @@ class Fetcher:
         self.providers = providers
         self.settings = settings
         self._sources: dict[str, Source] = {}
-        self._blocks: dict[tuple[str, int], _BlockState] = {}
-        self._heap: list[tuple[int, int, str, int]] = []
-        self._seq = itertools.count()
-        self._wakeup = trio.Event()
-        self._inflight_total = 0
-        self._inflight_background = 0
-        self._demand_inflight = 0
-        self._last_demand = -math.inf
-        # In-flight PREFETCH runs a reader's demand may cancel: scope -> (blob id, first block).
-        self._preemptible: dict[trio.CancelScope, tuple[str, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._adding: dict[str, trio.Event] = {}  # blob id → set when its open is over
         self.counters = Counters()
@@ -152,11 +124,13 @@ class Fetcher:
             self.done_listeners,
         )
         if settings.use_range:
-            self._unit_blocks = max(1, settings.background_unit // store.block_size)
-            self._per_blob = settings.per_blob_connections
+            unit, per_blob = (
+                max(1, settings.background_unit // store.block_size),
+                settings.per_blob_connections,
+            )
         else:
-            self._unit_blocks = 1 << 62  # one stream per file, as truss-transfer's non-range mode
-            self._per_blob = 1
+            unit, per_blob = 1 << 62, 1  # one stream per file, as truss-transfer's non-range mode
+        self.queue = BlockQueue(settings, unit, per_blob)
 
     # -- blobs ---------------------------------------------------------------------------
     async def add(self, pointer: Pointer) -> Source:
@@ -222,13 +196,10 @@ class Fetcher:
     # -- what the shared tier may ask (ttfs.fetch.source.TierHost) ---------------------------
     def unpark(self, source: Source) -> None:
         """Put the blob's parked queue entries back and wake the dispatcher."""
-        deferred, source.deferred = source.deferred, []
-        for entry in deferred:
-            heapq.heappush(self._heap, entry)
-        self._wakeup.set()
+        self.queue.unpark(source)
 
     def wake(self) -> None:
-        self._wakeup.set()
+        self.queue.wakeup.set()
 
     # -- requests ---------------------------------------------------------------------------
     def request_nowait(
@@ -241,55 +212,12 @@ class Fetcher:
     ) -> None:
         """Queue the missing ``blocks`` at ``prio`` (bumping queued ones); never blocks.
 
-        ``reader_at`` (READAHEAD): the block the stream's reader is at; see :meth:`_order_key`.
+        ``reader_at`` (READAHEAD): the block the stream's reader is at (the fair order of
+        :class:`~ttfs.fetch.queue.BlockQueue`).
         """
-        blob = source.blob
-        bid = blob.blob_id
-        changed = False
         if not source.following and not source.done.is_set():
             self._start_follower(source)
-        for i in blocks:
-            if blob.present[i]:
-                continue
-            key = (bid, i)
-            state = self._blocks.get(key)
-            if state is None:
-                self._blocks[key] = _BlockState(prio)
-                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
-                changed = True
-            elif prio < state.prio and not state.inflight:
-                state.prio = prio
-                heapq.heappush(self._heap, (prio, self._order_key(prio, i, reader_at), bid, i))
-                changed = True
-        if changed:
-            self._wakeup.set()
-
-    # -- policy ------------------------------------------------------------------------------
-    def _order_key(self, prio: Priority, index: int, reader_at: int | None) -> int:
-        """The second element of a heap entry: the order within one priority.
-
-        DEMAND and PREFETCH are first-come first-served. READAHEAD is ordered by how far the
-        block lies ahead of its reader (``index - reader_at``): several loaders streaming
-        different shards (vLLM's loader threads) then take turns at the connection budget in
-        the order their readers will need the bytes, instead of the first stream's whole window
-        going before the second stream's first block.
-        """
-        if prio == Priority.READAHEAD and reader_at is not None:
-            return max(0, index - reader_at)
-        return next(self._seq)
-
-    def _preempt(self, source: Source, index: int) -> None:
-        """The first demand of a burst cancels in-flight PREFETCH runs elsewhere (their blocks
-        go back to the queue), never a run of the same blob that starts at or ahead of the
-        demanded block within one connection budget: that run is the reader's own stream, and
-        cancelling it would make the reader wait for the same bytes again."""
-        reach = self.settings.max_connections * self._unit_blocks
-        bid = source.blob.blob_id
-        for scope, (run_bid, first) in list(self._preemptible.items()):
-            if run_bid == bid and index <= first <= index + reach:
-                continue
-            scope.cancel()
-            del self._preemptible[scope]
+        self.queue.want(source, blocks, prio, reader_at)
 
     async def ensure(self, source: Source, blocks: range, prio: Priority = Priority.DEMAND) -> None:
         """Return once every block in ``blocks`` is present.
@@ -302,12 +230,13 @@ class Fetcher:
         for i in blocks:
             if blob.present[i]:
                 continue
-            state = self._blocks.get((blob.blob_id, i))
+            state = self.queue.state(blob.blob_id, i)
             if state is None:  # landed between request and here, or failed and was dropped
                 if blob.present[i]:
                     continue
                 self.request_nowait(source, [i], prio)
-                state = self._blocks[(blob.blob_id, i)]
+                state = self.queue.state(blob.blob_id, i)
+                assert state is not None
             await state.event.wait()
             if state.error is not None:
                 raise state.error
@@ -392,11 +321,7 @@ class Fetcher:
 
     def _landed(self, source: Source, blocks: list[int]) -> None:
         """Blocks of ``source`` landed: wake their waiters and the blob's follower."""
-        bid = source.blob.blob_id
-        for index in blocks:
-            state = self._blocks.pop((bid, index), None)
-            if state is not None:
-                state.event.set()
+        self.queue.landed(source, blocks)
         self._notify(source)
 
     def _refetch(self, source: Source) -> None:
@@ -410,121 +335,39 @@ class Fetcher:
 
     # -- dispatch ---------------------------------------------------------------------------
     async def _dispatcher(self) -> None:
+        """Start every run the queue allows (:meth:`BlockQueue.take`); otherwise wait for a
+        change or for a held-back prefetch's time."""
         assert self._nursery is not None
-        max_total = self.settings.max_connections
-        max_background = max_total - self.settings.demand_reserved
+        queue = self.queue
         while True:
             # A fresh event *before* looking: any change after the look sets this one.
-            self._wakeup = trio.Event()
-            resume_at = math.inf  # when a prefetch held back by the quiet period may start
-            entry = self._peek()
-            if entry is not None:
-                prio, _, bid, index = entry
-                source = self._sources[bid]
-                if self.tier is not None and not self.tier.may_dispatch(
-                    source, prio == Priority.DEMAND
-                ):
-                    # The shared tier holds this blob back (looking it up, or another replica
-                    # fetches it); it re-queues the parked entries when that changes.
-                    heapq.heappop(self._heap)
-                    source.deferred.append(entry)
-                    continue
-                allowed = self._inflight_total < max_total and (
-                    prio == Priority.DEMAND or self._inflight_background < max_background
-                )
-                # Pause (not cancel) prefetch while a reader waits and for a quiet period
-                # after: on a small machine every background stream costs CPU the demand
-                # stream needs, and a loader's reads come in bursts with short gaps that would
-                # otherwise refill every slot with 16 MiB prefetch runs (first tensor of a
-                # 1 GiB shard: 1.85 s with prefetch vs 0.19 s without on the 2-core VM).
-                # Readahead keeps going: it serves the reader.
-                if allowed and prio == Priority.PREFETCH:
-                    quiet_until = self._last_demand + PREFETCH_QUIET
-                    if self._demand_inflight:
-                        # The demand's end wakes us (and starts the quiet period). Waking at
-                        # quiet_until, already past while a demand is in flight, spun this
-                        # loop and starved the GIL of the threads the demand waited on (a
-                        # boto3 client built in a thread took minutes).
-                        allowed = False
-                    elif trio.current_time() < quiet_until:
-                        allowed = False
-                        resume_at = quiet_until
-                if allowed and prio != Priority.DEMAND and source.runs_inflight >= self._per_blob:
-                    # This blob has its share; park the entry until one of its runs ends.
-                    heapq.heappop(self._heap)
-                    source.deferred.append(entry)
-                    continue
-                if allowed:
-                    heapq.heappop(self._heap)
-                    last = self._claim_run(source, index, Priority(prio))
-                    self._inflight_total += 1
-                    background = prio != Priority.DEMAND
-                    if background:
-                        self._inflight_background += 1
-                    else:
-                        # The first demand of a burst (a reader starts after a quiet period)
-                        # preempts the prefetch runs in flight; later demands of the burst only
-                        # hold new ones back, so a long load keeps its prefetch connections.
-                        now = trio.current_time()
-                        if not self._demand_inflight and now - self._last_demand >= PREFETCH_QUIET:
-                            self._preempt(source, index)
-                        self._demand_inflight += 1
-                    source.runs_inflight += 1
-                    self._nursery.start_soon(
-                        self._run, source, index, last, background, prio == Priority.PREFETCH
-                    )
-                    continue
-            if self.tier is not None and self._inflight_background < max_background:
-                self.tier.on_idle()  # room for background work: maybe lock another blob
-            with trio.move_on_at(resume_at):
-                await self._wakeup.wait()
-
-    def _peek(self) -> tuple[int, int, str, int] | None:
-        """The most urgent valid heap entry, dropping stale ones (bumped, landed, claimed)."""
-        heap = self._heap
-        while heap:
-            prio, _, bid, index = heap[0]
-            state = self._blocks.get((bid, index))
-            if state is None or state.inflight or state.prio != prio:
-                heapq.heappop(heap)
+            queue.wakeup = trio.Event()
+            run = queue.take(self.tier, self._sources)
+            if isinstance(run, Run):
+                self._nursery.start_soon(self._run, run)
                 continue
-            return heap[0]
-        return None
+            if self.tier is not None and queue.background_room():
+                self.tier.on_idle()  # room for background work: maybe lock another blob
+            with trio.move_on_at(run):
+                await queue.wakeup.wait()
 
-    def _claim_run(self, source: Source, first: int, prio: Priority) -> int:
-        """Mark ``first`` in flight plus, for background work, its queued successors."""
-        bid = source.blob.blob_id
-        self._blocks[(bid, first)].inflight = True
-        last = first
-        if prio == Priority.DEMAND:
-            return last
-        limit = min(source.blob.n_blocks - 1, first + self._unit_blocks - 1)
-        while last < limit:
-            state = self._blocks.get((bid, last + 1))
-            if state is None or state.inflight or state.prio == Priority.DEMAND:
-                break
-            state.inflight = True
-            last += 1
-        return last
+    async def _run(self, run: Run) -> None:
+        """Fetch a run's blocks (:mod:`.runs`); wake or fail their waiters.
 
-    async def _run(
-        self, source: Source, first: int, last: int, background: bool, preemptible: bool = False
-    ) -> None:
-        """Fetch blocks ``first..last`` (:mod:`.runs`); wake or fail their waiters.
-
-        A ``preemptible`` (PREFETCH) run is cancelled when a demand fetch starts; the blocks it
-        did not land go back to the queue, and the journal keeps its partial block, so the
-        preemption wastes only what sat in socket buffers.
+        A PREFETCH run is cancelled when a demand fetch starts; the blocks it did not land go
+        back to the queue, and the journal keeps its partial block, so the preemption wastes
+        only what sat in socket buffers.
         """
-        progress = Progress(source.blob, first)
+        source, last = run.source, run.last
+        progress = Progress(source.blob, run.first)
         scope = trio.CancelScope()
-        if preemptible:
-            self._preemptible[scope] = (source.blob.blob_id, first)
+        if run.prio == Priority.PREFETCH:
+            self.queue.preemptible[scope] = (source.blob.blob_id, run.first)
         try:
             with scope:
                 await self._runs.fetch(source, progress, last)
             if scope.cancelled_caught:
-                self._requeue(source, progress.next_block, last)
+                self.queue.requeue(source, progress.next_block, last)
         except (TtfsError, OSError) as e:
             error: BaseException = e if isinstance(e, TtfsError) else CacheError(str(e))
             if not isinstance(e, TransientError):  # those were counted at each attempt
@@ -535,56 +378,19 @@ class Fetcher:
             self._fail(source, progress.next_block, last, CacheError(f"fetch aborted: {e!r}"))
             raise
         finally:
-            self._preemptible.pop(scope, None)
-            self._inflight_total -= 1
-            if background:
-                self._inflight_background -= 1
-            else:
-                self._demand_inflight -= 1
-                self._last_demand = trio.current_time()
-            source.runs_inflight -= 1
-            for entry in source.deferred:
-                heapq.heappush(self._heap, entry)
-            source.deferred.clear()
-            self._wakeup.set()
-
-    def _requeue(self, source: Source, first: int, last: int) -> None:
-        """Put the blocks of a preempted run back in the queue at their priority."""
-        bid = source.blob.blob_id
-        for index in range(first, last + 1):
-            state = self._blocks.get((bid, index))
-            if state is not None and state.inflight:
-                state.inflight = False
-                heapq.heappush(self._heap, (state.prio, next(self._seq), bid, index))
+            self.queue.run_ended(run, scope)
 
     def _fail(self, source: Source, first: int, last: int, error: BaseException) -> None:
-        bid = source.blob.blob_id
         log.warning(
             "fetch of %s blocks %d-%d failed: %s", source.pointer.file_name, first, last, error
         )
-        doomed = [(bid, index) for index in range(first, last + 1)]
-        # The blocks of this blob still queued would fail the same way (the object is gone,
-        # stale or unreachable after a whole retry budget): fail them now instead of spending a
-        # retry budget on each. A later request starts afresh.
-        doomed += [
-            key for key, state in self._blocks.items() if key[0] == bid and not state.inflight
-        ]
-        for key in doomed:
-            state = self._blocks.pop(key, None)
-            if state is not None:
-                state.error = error
-                state.event.set()
+        self.queue.fail(source, first, last, error)
         if self.tier is not None:
             self.tier.on_failed(source)
 
     def has_background_work(self, source: Source) -> bool:
         """Whether background blocks of ``source`` are queued, parked or in flight."""
-        if source.runs_inflight or any(e[0] != Priority.DEMAND for e in source.deferred):
-            return True
-        bid = source.blob.blob_id
-        return any(
-            key[0] == bid and state.prio != Priority.DEMAND for key, state in self._blocks.items()
-        )
+        return self.queue.has_background_work(source)
 
     async def settled(self, source: Source) -> None:
         """Wait until a complete blob's publish to the shared cache (if any) is over."""
@@ -598,14 +404,10 @@ class Fetcher:
             await trio.to_thread.run_sync(self.store.flush)
 
     def statistics(self) -> FetcherStatistics:
-        queued = {p.name: 0 for p in Priority}
-        for state in self._blocks.values():
-            if not state.inflight:
-                queued[state.prio.name] += 1
         c = self.counters
         return FetcherStatistics(
-            queued,
-            self._inflight_total,
+            self.queue.queued(),
+            self.queue.inflight_total,
             c.origin_bytes,
             c.origin_requests,
             c.retries,
@@ -623,10 +425,7 @@ class Fetcher:
         Runs in the exporter's thread: containers are copied in one C call each (atomic under
         the GIL) before they are iterated, so the trio thread may change them meanwhile.
         """
-        queued = {p.name: 0 for p in Priority}
-        for state in list(self._blocks.values()):
-            if not state.inflight:
-                queued[state.prio.name] += 1
+        queued = self.queue.queued()
         c = self.counters
         return MetricsSnapshot(
             origin_bytes=c.origin_bytes,
@@ -638,7 +437,7 @@ class Fetcher:
             errors=dict(c.errors),
             blobs_verified=c.blobs_verified,
             blobs_failed=c.blobs_failed,
-            inflight_requests=self._inflight_total,
+            inflight_requests=self.queue.inflight_total,
             queued=queued,
             demand_buckets=c.demand_latency.cumulative(),
             demand_count=c.demand_latency.count,
