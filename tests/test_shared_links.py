@@ -16,7 +16,7 @@ from tests.fakes import FakeProvider, pointer_for, ramp
 from tests.test_shared_cache import BS, config, put
 from ttfs.blocks import Blob
 from ttfs.blocks.identity import key_of_open
-from ttfs.blocks.shared import RECORDS, Decision, SharedCache
+from ttfs.blocks.shared import Decision, SharedCache
 from ttfs.config import Settings, SharedCacheConfig, shared_hotstart
 from ttfs.errors import ConfigError
 from ttfs.fetch import links
@@ -216,4 +216,5 @@ def test_the_setting() -> None:
     env = {"TTFS_SHARED_CACHE": "/x", "TTFS_SHARED_HOTSTART": "symlink"}
     got = SharedCacheConfig.from_env(env)
     assert got is not None and got.hotstart == "symlink"
-    assert not (Path("/x") / RECORDS).exists()
+    default = SharedCacheConfig.from_env({"TTFS_SHARED_CACHE": "/x"})
+    assert default is not None and default.hotstart == "copy"
