@@ -6,7 +6,8 @@ an origin process serves the shards; one ``ttfs resolve`` fills a local b10fs di
 for each ``--tree`` (a ttfs checkout, e.g. an older commit unpacked with ``git archive``) in
 turn (alternating), ``--repeats`` times: a hot resolve into a fresh download dir with an empty
 block store (a new replica), then another with the same store after its data files were deleted
-(an eviction: the trust records stay), each in a fresh interpreter of that tree measuring the
+(an eviction: the trust records stay), then a new replica under ``TTFS_SHARED_TRUST=store`` and
+one under ``TTFS_SHARED_HOTSTART=symlink``, each in a fresh interpreter of that tree measuring the
 resolve call alone: its CPU-seconds (the process and its waited-for children) and wall seconds,
 and then with one full read of the output added (what the model's first load pays on top). The
 upstream figure is a symlink per shard plus one full read through it, in a fresh interpreter
