@@ -42,7 +42,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +53,6 @@ from .blocks import BlockStore, checker_for, perms
 from .config import Settings
 from .errors import CacheBusy, CacheError, DownloadError, TtfsError
 from .fetch import Fetcher, Priority, Source, open_fetcher
-from .fetch.links import place_symlink
 from .manifest import Pointer, destination
 from .owner import OwnerInfo, OwnerLock, claim
 from .owner.client import (
@@ -156,14 +155,30 @@ def _hash_file(path: Path, pointer: Pointer) -> bool | None:
     return h.hexdigest() == checker.expected
 
 
-def _place(src: Path, dest: Path) -> None:
-    """Make ``dest`` a complete copy of ``src`` atomically: hard link if possible, else copy."""
+def _swap_in(dest: Path, make: Callable[[Path], None]) -> None:
+    """Make ``dest`` what ``make`` creates at a temporary name beside it, atomically: a rename
+    over whatever ``dest`` was (a file, a link: never written through); nothing is left behind
+    on failure."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Unique per process *and* call: two threads placing the same file never share a name.
     tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}-{secrets.token_hex(4)}.tmp"
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     try:
+        make(tmp)
+        if dest.is_dir() and not dest.is_symlink():
+            raise IsADirectoryError(errno.EISDIR, "destination is a directory", str(dest))
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _place(src: Path, dest: Path) -> None:
+    """Make ``dest`` a complete copy of ``src`` atomically: hard link if possible, else copy."""
+
+    def make(tmp: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError as e:
@@ -173,13 +188,13 @@ def _place(src: Path, dest: Path) -> None:
         # The blob is 0600 in the private cache; the output gets the mode of a file the user
         # created (for a hard link that is the blob's inode, still unreachable via the cache).
         perms.served_file(tmp)
-        if dest.is_dir() and not dest.is_symlink():
-            raise IsADirectoryError(errno.EISDIR, "destination is a directory", str(dest))
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+
+    _swap_in(dest, make)
+
+
+def _place_link(target: Path, dest: Path) -> None:
+    """Make ``dest`` a symlink to ``target`` (absolute) atomically (TTFS_SHARED_HOTSTART)."""
+    _swap_in(dest, lambda tmp: os.symlink(os.path.abspath(target), tmp))
 
 
 class Resolver:
@@ -371,7 +386,7 @@ class Resolver:
         target = await tier.link_target(pointer, store, verify=verify)
         if target is None:
             return False
-        await trio.to_thread.run_sync(place_symlink, target, dest)
+        await trio.to_thread.run_sync(_place_link, target, dest)
         await trio.to_thread.run_sync(store.record_output, dest, pointer.hash)
         self.report.b10fs_hot_starts_files += 1
         self.report.b10fs_hot_starts_bytes += pointer.size

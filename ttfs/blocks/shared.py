@@ -40,7 +40,7 @@ import random
 import secrets
 import socket
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,6 +148,11 @@ class EntryRecord:
     mtime_ns: int
     block_size: int
     sums: tuple[int, ...]
+
+    @classmethod
+    def of(cls, key: BlobKey, block_size: int, sums: Sequence[int]) -> EntryRecord:
+        """The record of the entry with identity ``key`` whose blocks have ``sums``."""
+        return cls(key.ino, key.size, key.mtime_ns, block_size, tuple(sums))
 
     def matches(self, key: BlobKey) -> bool:
         """Whether ``key`` is the very entry this record was written for, unchanged."""

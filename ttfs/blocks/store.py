@@ -138,7 +138,8 @@ def kernel_copy(src: int, dst: int, offset: int, length: int) -> None:
         done += len(data)
 
 
-def _block_sum(data: bytes | memoryview) -> int:
+def block_sum(data: bytes | memoryview) -> int:
+    """A block's checksum, as the journal, the index and the verification records keep it."""
     return xxhash.xxh3_64_intdigest(data)
 
 
@@ -436,7 +437,7 @@ class Blob:
                     data = os.pread(fd, end - start, start)
                 except OSError:
                     data = b""
-                if len(data) != end - start or _block_sum(data) != self.sums[i]:
+                if len(data) != end - start or block_sum(data) != self.sums[i]:
                     bad.append(i)
                     self.present[i] = 0
                     self.n_present -= 1
@@ -477,7 +478,7 @@ class Blob:
                 continue
             with self.lease() as fd:
                 data = os.pread(fd, length, start)
-            if len(data) != length or _block_sum(data) != digest:
+            if len(data) != length or block_sum(data) != digest:
                 continue
             if length == end - start:
                 self.land(index, digest)

@@ -20,20 +20,17 @@ What the output gives up, being the shared file, is in docs/b10fs.md.
 from __future__ import annotations
 
 import enum
-import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import xxhash
-
-from ..blocks import BlockStore, checker_for
+from ..blocks import BlockStore, Checker, checker_for
 from ..blocks.identity import BlobKey, key_of_open
 from ..blocks.shared import RECORDED_FROM, EntryRecord, SharedCache
+from ..blocks.store import block_sum
 from ..config import SharedTrust
 from ..manifest import Pointer
-
-log = logging.getLogger(__name__)
 
 
 class Verdict(enum.Enum):
@@ -62,91 +59,74 @@ def check_entry(
     """
     path = cache.path(pointer.hash)
     before = key_of_open(path)
-    if before is None or cache.open_entry(pointer.hash, pointer.size) is None:  # + atime touch
+    entry = cache.open_entry(pointer.hash, pointer.size) if before is not None else None
+    after = key_of_open(path) if entry is not None else None  # after open_entry's atime touch
+    if before is None or after is None or after.content != before.content:
         return LinkCheck(Verdict.MISSING, path)
-    after = key_of_open(path)
-    if after is None or after.content != before.content:
-        return LinkCheck(Verdict.MISSING, path)
+    assert entry is not None
     checker = checker_for(pointer.hashtype, pointer.hash)
     if not verify or not checker.checkable:
-        return LinkCheck(Verdict.LINK, path)  # upstream's size rule (logged by the caller)
+        return LinkCheck(Verdict.LINK, path)  # upstream's size rule
     record = cache.read_record(pointer.hash) if pointer.size >= RECORDED_FROM else None
     recorded = record is not None and record.matches(before)
     if trust == "replicas" and recorded:
         return LinkCheck(Verdict.LINK, path)
     if trust != "off" and store.key_record("shared", pointer.hash) == before:
         return LinkCheck(Verdict.LINK, path)
-    good, sums = _hash_entry(path, pointer, store.block_size)
+    good, sums = _hash_entry(path, checker, pointer.size, store.block_size)
     now = key_of_open(path)
     if now is None or now.content != after.content:
         return LinkCheck(Verdict.MISSING, path)  # written while hashed: the bytes may be either
-    if not good:
-        entry = cache.open_entry(pointer.hash, pointer.size)
-        aside = cache.mark_corrupt(entry) if entry is not None else None
-        return LinkCheck(Verdict.CORRUPT, path, hashed=True, aside=aside)
-    _remember(cache, store, pointer, now, sums, recorded)
+    if not good:  # ``entry`` still names the file hashed (same inode, size, mtime)
+        return LinkCheck(Verdict.CORRUPT, path, hashed=True, aside=cache.mark_corrupt(entry))
+    remember(cache, store, pointer.hash, now, sums, beside=not recorded)
     return LinkCheck(Verdict.LINK, path, hashed=True)
 
 
-def _hash_entry(path: Path, pointer: Pointer, block_size: int) -> tuple[bool, tuple[int, ...]]:
-    """The entry's content against the manifest hash, and its block checksums at ``block_size``
-    (one read pass into one reused buffer; hashlib and xxhash release the GIL)."""
-    checker = checker_for(pointer.hashtype, pointer.hash)
-    hasher = checker.new(pointer.size)
+def remember(
+    cache: SharedCache,
+    store: BlockStore,
+    blob_id: str,
+    key: BlobKey,
+    sums: Sequence[int],
+    *,
+    beside: bool = True,
+) -> None:
+    """Record the entry ``<blob_id>``, with identity ``key``, as verified (blocking): in
+    ``store``'s index (its own record) and, if ``beside`` and the blob is big enough to have
+    one (:data:`~ttfs.blocks.shared.RECORDED_FROM`), in the replicas' record with the block
+    ``sums`` at the store's block size (docs/b10fs.md, "The trust rule"). Used by a hot start
+    that hashed an entry (here) and by the tier's copies and publishes."""
+    store.record_key("shared", blob_id, key)
+    if beside and key.size >= RECORDED_FROM:
+        cache.write_record(blob_id, EntryRecord.of(key, store.block_size, sums))
+
+
+def _hash_entry(path: Path, checker: Checker, size: int, block_size: int) -> tuple[bool, list[int]]:
+    """The entry's content against ``checker``, and its block checksums at ``block_size`` (one
+    read pass into one reused buffer; hashlib and xxhash release the GIL)."""
+    hasher = checker.new(size)
     sums: list[int] = []
-    buf = bytearray(block_size)
-    view = memoryview(buf)
+    view = memoryview(bytearray(block_size))
+    total = 0
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        total = 0
-        while True:
-            got = 0
-            while got < block_size:
-                n = os.readv(fd, [view[got:]])
-                if n == 0:
-                    break
-                got += n
-            if got == 0:
-                break
+        while got := _fill(fd, view):
             piece = view[:got]
             hasher.update(piece)
-            sums.append(xxhash.xxh3_64_intdigest(piece))
+            sums.append(block_sum(piece))
             total += got
             if got < block_size:
                 break
     finally:
         os.close(fd)
-    return total == pointer.size and hasher.hexdigest() == checker.expected, tuple(sums)
+    return total == size and hasher.hexdigest() == checker.expected, sums
 
 
-def _remember(
-    cache: SharedCache,
-    store: BlockStore,
-    pointer: Pointer,
-    key: BlobKey,
-    sums: tuple[int, ...],
-    recorded: bool,
-) -> None:
-    """Record a hashed entry as verified, in this store and beside the entry (the trust rule):
-    the next hot start of any replica links or copies it without hashing."""
-    store.record_key("shared", pointer.hash, key)
-    if not recorded and pointer.size >= RECORDED_FROM:
-        cache.write_record(
-            pointer.hash, EntryRecord(key.ino, key.size, key.mtime_ns, store.block_size, sums)
-        )
-
-
-def place_symlink(target: Path, dest: Path) -> None:
-    """Make ``dest`` a symlink to ``target`` (absolute) atomically: a temporary name beside it,
-    then a rename over whatever was there (a file, an older link; never through it)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    if dest.is_dir() and not dest.is_symlink():
-        raise IsADirectoryError(f"destination is a directory: {dest}")
-    tmp = dest.parent / f".{dest.name}.ttfs-{os.getpid()}-{os.urandom(4).hex()}.tmp"
-    os.symlink(os.path.abspath(target), tmp)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _fill(fd: int, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the file ends; returns the bytes read."""
+    got = 0
+    while got < len(view) and (n := os.readv(fd, [view[got:]])):
+        got += n
+    return got

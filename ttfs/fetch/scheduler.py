@@ -124,13 +124,10 @@ class Fetcher:
             self.done_listeners,
         )
         if settings.use_range:
-            unit, per_blob = (
-                max(1, settings.background_unit // store.block_size),
-                settings.per_blob_connections,
-            )
-        else:
-            unit, per_blob = 1 << 62, 1  # one stream per file, as truss-transfer's non-range mode
-        self.queue = BlockQueue(settings, unit, per_blob)
+            unit = max(1, settings.background_unit // store.block_size)
+            self.queue = BlockQueue(settings, unit, settings.per_blob_connections)
+        else:  # one stream per file, as truss-transfer's non-range mode
+            self.queue = BlockQueue(settings, 1 << 62, 1)
 
     # -- blobs ---------------------------------------------------------------------------
     async def add(self, pointer: Pointer) -> Source:

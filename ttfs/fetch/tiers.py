@@ -36,13 +36,13 @@ from typing import Any
 
 import trio
 
-from ..blocks import Blob, BlockStore, RunWriter
-from ..blocks.identity import BlobKey, key_of_open
-from ..blocks.shared import RECORDED_FROM, Decision, EntryRecord, SharedCache, SharedFile
+from ..blocks import Blob, BlockStore, Checker, RunWriter, checker_for
+from ..blocks.identity import key_of_open
+from ..blocks.shared import RECORDED_FROM, Decision, SharedCache, SharedFile
 from ..config import SharedCacheConfig
 from ..errors import CacheError, TransientError
 from ..manifest import Pointer
-from .links import Verdict, check_entry
+from .links import Verdict, check_entry, remember
 from .replicas import ReplicaLocks
 from .source import BlobTier, Source, TierHost, TierState
 
@@ -244,20 +244,23 @@ class SharedTier:
         entry = st.entry
         st.bad = True
         st.state = TierState.ORIGIN
+        aside = await trio.to_thread.run_sync(self.cache.mark_corrupt, entry)
+        self._corrupt(entry.path, source.blob.spec.checker, source.pointer.file_name, aside)
+        return True
+
+    def _corrupt(self, path: Path, checker: Checker, file_name: str, aside: Path | None) -> None:
+        """Count and report an entry that failed its hash (and was moved aside, if ``aside``)."""
         self.corrupt_entries += 1
-        checker = source.blob.spec.checker
         log.warning(
             "b10cache entry %s does not match %s %s: not using it, moving it aside and "
             "fetching %s from the origin",
-            entry.path,
+            path,
             checker.algorithm,
             checker.expected,
-            source.pointer.file_name,
+            file_name,
         )
-        aside = await trio.to_thread.run_sync(self.cache.mark_corrupt, entry)
         if aside is not None:
             log.warning("b10cache: corrupt entry moved to %s", aside)
-        return True
 
     async def link_target(
         self, pointer: Pointer, store: BlockStore, *, verify: bool
@@ -274,17 +277,8 @@ class SharedTier:
             limiter=self._readers,
         )
         if check.verdict is Verdict.CORRUPT:
-            self.corrupt_entries += 1
-            log.warning(
-                "b10cache entry %s does not match %s %s: not using it, moving it aside and "
-                "fetching %s from the origin",
-                check.path,
-                pointer.hashtype,
-                pointer.hash,
-                pointer.file_name,
-            )
-            if check.aside is not None:
-                log.warning("b10cache: corrupt entry moved to %s", check.aside)
+            checker = checker_for(pointer.hashtype, pointer.hash)
+            self._corrupt(check.path, checker, pointer.file_name, check.aside)
             return None
         if check.verdict is Verdict.MISSING:
             return None
@@ -363,7 +357,9 @@ class SharedTier:
                 )
                 log.debug("b10cache publish of %s: %s", source.pointer.file_name, result)
                 if identity is not None and blob.verified:  # our verified bytes, as written
-                    await trio.to_thread.run_sync(self._record_published, blob, identity)
+                    await trio.to_thread.run_sync(
+                        remember, self.cache, blob.store, blob.blob_id, identity, blob.sums
+                    )
             elif st.entry is not None and not st.bad:
                 await trio.to_thread.run_sync(self.cache.touch, st.entry.path)
             if self._copied_whole(source):
@@ -439,19 +435,7 @@ class SharedTier:
         now = key_of_open(st.entry.path)
         if now is None or now.content != st.identity.content:
             return
-        blob.store.record_key("shared", blob.blob_id, now)
-        if not st.recorded and _has_records(blob):
-            self.cache.write_record(blob.blob_id, self._entry_record(blob, now))
-
-    def _record_published(self, blob: Blob, identity: BlobKey) -> None:
-        """Record an entry this store published from its verified blob (blocking)."""
-        blob.store.record_key("shared", blob.blob_id, identity)
-        if _has_records(blob):
-            self.cache.write_record(blob.blob_id, self._entry_record(blob, identity))
-
-    @staticmethod
-    def _entry_record(blob: Blob, key: BlobKey) -> EntryRecord:
-        return EntryRecord(key.ino, key.size, key.mtime_ns, blob.block_size, tuple(blob.sums))
+        remember(self.cache, blob.store, blob.blob_id, now, blob.sums, beside=not st.recorded)
 
     @staticmethod
     def _close_entry(st: BlobTier) -> None:

@@ -196,7 +196,6 @@ class _Files:
         self._tree = tree
         self._made: dict[Inode, _File] = {}
         self._complete = False
-        self._count = tree.file_count
 
     def get(self, ino: Inode) -> _File | None:
         f = self._made.get(ino)
@@ -214,7 +213,7 @@ class _Files:
         return f
 
     def __len__(self) -> int:
-        return self._count
+        return self._tree.file_count
 
     def _all(self) -> dict[Inode, _File]:
         if not self._complete:

@@ -170,7 +170,7 @@ class Tree:
         plain = is_plain_relative
         for pointer in pointers:
             name_ = pointer.file_name
-            rel = name_ if name_[:1] != "/" and plain(name_) else _mount_path(name_, strip)
+            rel = name_ if plain(name_) else _mount_path(name_, strip)  # plain: not absolute
             head, _, name = rel.rpartition("/")
             parent = dirs.get(head) or directory(head, name_)
             children = parent.children
