@@ -292,6 +292,15 @@ def _mount_pointers(manifests: tuple[Path, ...]) -> tuple[list[Any], list[str]]:
     "local-file speed (docs/mount.md). Off: every read goes through the daemon.",
 )
 @click.option(
+    "--lazy-links/--no-lazy-links",
+    default=False,
+    envvar="TTFS_LAZY_LINKS",
+    show_default=True,
+    help="Serve files still being fetched as symlinks too: the kernel reads the cache file and "
+    "each read waits until its bytes are local (root, Linux >= 6.14, cache on ext4/XFS/btrfs; "
+    "docs/mount.md, 'Lazy links').",
+)
+@click.option(
     "--log-file",
     type=click.Path(dir_okay=False, path_type=Path),
     help="Daemon log [default: <cache-dir>/logs/mount-<mountpoint>.log].",
@@ -328,6 +337,7 @@ def mount_cmd(
     no_prefetch: bool,
     no_trace: bool,
     fast_path: bool,
+    lazy_links: bool,
     log_file: Path | None,
     read_ahead_kb: int | None,
     max_background: int | None,
@@ -408,6 +418,8 @@ def mount_cmd(
                 extra.append("--allow-other" if allow_other else "--no-allow-other")
             if not fast_path:
                 extra.append("--no-fast-path")
+            if lazy_links:
+                extra.append("--lazy-links")
             args = spawner.mount_args(
                 [m.absolute() for m in manifests],
                 mnt,
@@ -447,6 +459,7 @@ def mount_cmd(
             max_background=kernel.MAX_BACKGROUND if max_background is None else max_background,
             allow_other=allow_other,
             fast_path=fast_path,
+            lazy_links=lazy_links,
             ready_timeout=timeout,
             info={"manifests": sources},
             tree=tree,

@@ -61,6 +61,7 @@ from ..owner.server import serving
 from ..procs import raise_nofile_limit
 from ..telemetry.metrics import MetricsSnapshot, exporting
 from ..vfs.core import FsOptions, ModelFs
+from ..vfs.gate import Gate
 from ..vfs.readahead import ReadaheadConfig
 from ..vfs.trace import TraceStore
 from ..vfs.tree import Tree
@@ -101,6 +102,7 @@ class MountConfig:
     max_background: int | None = kernel.MAX_BACKGROUND
     allow_other: bool | None = None  # None: when root (other uids and containers can read)
     fast_path: bool = True  # verified files as symlinks into the blob store (docs/mount.md)
+    lazy_links: bool = False  # files being fetched as links too, reads held until local
     max_tasks: int = 256
     drain_seconds: float = 5.0
     ready_timeout: float = 60.0
@@ -267,6 +269,7 @@ async def _serve_owned(
         traces=traces,
         fast_path=config.fast_path,
         shared_readers=allows_other(config),
+        lazy_links=config.lazy_links and config.fast_path,
     )
     fs = ModelFs(tree, None, options)
     served.append(fs)
@@ -332,7 +335,16 @@ async def _backend(config: MountConfig, fs: ModelFs, ops: FuseOps, lock: OwnerLo
         log.error("cannot open the block cache: %s", error)
         fs.fail(error)
         return
+    gate: Gate | None = None
     try:
+        if fs.options.lazy_links:
+            try:
+                gate = await trio.to_thread.run_sync(Gate.open, store.root / "blobs", store.root)
+            except OSError as e:
+                fs.lazy_links_off(
+                    f"{e.strerror or e} (needs root, Linux >= 6.14 and a cache "
+                    "on ext4, XFS or btrfs)"
+                )
         providers = config.providers
         if providers is None:
             providers = await trio.to_thread.run_sync(_providers, settings)
@@ -341,12 +353,14 @@ async def _backend(config: MountConfig, fs: ModelFs, ops: FuseOps, lock: OwnerLo
             fetcher.discard_listeners.append(
                 lambda source: ops.invalidate_blob(source.blob.blob_id)
             )
-            fs.attach(fetcher)
+            fs.attach(fetcher, gate)
             log.info("block store and fetcher ready in %.3fs", time.monotonic() - started)
             async with fs.background():
                 await trio.sleep_forever()
     finally:
         with trio.CancelScope(shield=True):
+            if gate is not None:
+                await trio.to_thread.run_sync(gate.close)
             await trio.to_thread.run_sync(store.close)
 
 

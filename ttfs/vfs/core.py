@@ -57,6 +57,8 @@ from ..fetch import Fetcher, FetcherStatistics, Priority, Source
 from ..fetch.prefetch import SMALL_FILE_LIMIT, Segment, initial_segments, plan
 from ..manifest import Pointer
 from .fastpath import INODE_SHIFT, readable_by_others, visible_to
+from .gate import Gate
+from .lazy import LazyReads
 from .readahead import ReadaheadConfig, StreamTable
 from .trace import SAVE_QUIET, Recorder, Trace, TraceStore, block_counts, manifest_digest
 from .tree import ROOT_INODE, Inode, Node, Tree
@@ -162,6 +164,8 @@ class FsOptions:
     fast_path: bool = True
     # Other users may read the mount (allow_other): links only to blob files all can read.
     shared_readers: bool = False
+    # Links for files still being fetched too, their reads held until local (ttfs/vfs/gate.py).
+    lazy_links: bool = False
 
 
 @dataclass(slots=True)
@@ -177,6 +181,7 @@ class _File:
     error: str | None = None
     static_json: str | None = None  # the unchanging head of its status document, encoded once
     link: BlobKey | None = None  # set while served by the kernel as a link (fast path)
+    lazy: bool = False  # the link is a lazy one: blob not verified yet, reads held by the gate
     fast_off: str | None = None  # why the fast path does not serve this file, once known
     looked_up: bool = False  # the kernel may hold a dentry for the regular file
     served_before: BlobKey | None = None  # blob file identity when a mount last linked it
@@ -290,6 +295,10 @@ class ModelFs:
         # Files waiting for their blob to be done before the fast path can serve them (granted
         # by the fetcher's done listener: no task per file, so 10^5 files park nothing).
         self._awaiting_done: dict[str, list[_File]] = {}
+        # Lazy links (docs/mount.md): the held reads' answerer once a gate is attached, else why
+        # they are off.
+        self._lazy: LazyReads | None = None
+        self._lazy_off: str = "on, waiting for the cache" if options.lazy_links else "off"
 
     @property
     def file_count(self) -> int:
@@ -307,10 +316,21 @@ class ModelFs:
         assert self._fetcher is not None, "the fetcher is not attached yet"
         return self._fetcher
 
-    def attach(self, fetcher: Fetcher) -> None:
-        """Give the mount its fetcher (serve does so right after the mount is ready)."""
+    def attach(self, fetcher: Fetcher, gate: Gate | None = None) -> None:
+        """Give the mount its fetcher (serve does so right after the mount is ready), and the
+        gate of lazy links when they are on and could be set up."""
         self._fetcher = fetcher
+        if gate is not None and self._fast_disabled is None:
+            self._lazy = LazyReads(
+                gate, fetcher, self.options.readahead, self._recorder, self._rechecking.get
+            )
+            self._lazy_off = "on"
         self._attached.set()
+
+    def lazy_links_off(self, reason: str) -> None:
+        """Lazy links were asked for and cannot work here: say why in the status."""
+        log.warning("lazy links off: %s", reason)
+        self._lazy_off = f"off: {reason}"
 
     def fail(self, error: TtfsError) -> None:
         """The fetcher cannot be made (unusable cache): every open fails with ``error``."""
@@ -535,9 +555,10 @@ class ModelFs:
             raise OSError(errno.ENOENT, f"no inode {ino}")
         return f
 
-    @staticmethod
-    def _target(f: _File) -> str:
+    def _target(self, f: _File) -> str:
         assert f.source is not None
+        if self._lazy is not None:  # every link goes through the view (ttfs/vfs/gate.py)
+            return self._lazy.target(f.source.blob.path)
         return os.path.abspath(f.source.blob.path)
 
     def _link_attr(self, f: _File) -> Attr:
@@ -552,10 +573,16 @@ class ModelFs:
     def _grant(self, f: _File) -> bool:
         """Serve ``f`` as a link if every condition of the fast path holds (module fastpath)."""
         source = f.source
-        if self._fast_disabled is not None or source is None or f.link is not None:
+        if self._fast_disabled is not None or source is None:
             return f.link is not None
+        if f.link is not None and not f.lazy:
+            return True
         blob = source.blob
         if not (blob.complete and blob.verified and source.done.is_set()):
+            if f.lazy:
+                return True
+            if self._lazy is not None and blob.blob_id not in self._rechecking:
+                return self._grant_lazy(f, source)
             f.fast_off = "not verified" if blob.complete else "not complete"
             return False
         if blob.blob_id in self._rechecking:
@@ -564,12 +591,17 @@ class ModelFs:
         try:
             with blob.lease() as fd:
                 held = BlobKey.of(os.fstat(fd))
+                if self._lazy is not None:
+                    self._lazy.admit(source, held)
+                    self._lazy.settle(fd)
         except (OSError, CacheError) as e:
             f.fast_off = f"cannot stat the blob file: {e}"
             return False
         if key_of_path(blob.path) != held:
             f.fast_off = "the blob file at its path is not the verified one"
             return False
+        if f.lazy and f.link is not None and f.link.ino != held.ino:
+            self._revoke(f, "blob file replaced")  # a reader holds the old one: EIO for it
         if f.served_before is not None and f.served_before != held:
             # Changed since a mount last served it, yet size and mtime match the index.
             self._changed(f)
@@ -586,7 +618,34 @@ class ModelFs:
                 return False
         f.served_before = held
         f.link = held
+        f.lazy = False
         f.fast_off = None
+        if f.looked_up:
+            f.looked_up = False
+            self._notify_entry(f)
+        return True
+
+    def _grant_lazy(self, f: _File, source: Source) -> bool:
+        """Serve ``f`` as a link before its blob is whole: the gate holds every read of a range
+        until it is local (ttfs/vfs/gate.py); verified later, the link stays and reads stop
+        asking (:meth:`_on_done` grants it again)."""
+        assert self._lazy is not None
+        blob = source.blob
+        try:
+            with blob.lease() as fd:
+                held = BlobKey.of(os.fstat(fd))
+        except (OSError, CacheError) as e:
+            f.fast_off = f"cannot stat the blob file: {e}"
+            return False
+        now = key_of_path(blob.path)
+        if now is None or (now.dev, now.ino) != (held.dev, held.ino):
+            f.fast_off = "the blob file at its path is not the one being fetched"
+            return False
+        self._lazy.admit(source, held)
+        f.link = held
+        f.lazy = True
+        f.fast_off = None
+        self._awaiting_done.setdefault(blob.blob_id, []).append(f)
         if f.looked_up:
             f.looked_up = False
             self._notify_entry(f)
@@ -599,7 +658,13 @@ class ModelFs:
         the fast path at once, and its blob is checked again (:meth:`_changed`)."""
         if f.link is None:
             return False
-        if key_of_path(self._target(f)) == f.link:
+        key = key_of_path(self._target(f))
+        if f.lazy:  # being written: only the file itself must be the same
+            if key is not None and (key.dev, key.ino) == (f.link.dev, f.link.ino):
+                return True
+            self._revoke(f, "blob file replaced while fetched")
+            return False
+        if key == f.link:
             return True
         self._changed(f)
         return False
@@ -641,6 +706,7 @@ class ModelFs:
     def _revoke(self, f: _File, reason: str) -> None:
         if f.link is not None:
             f.link = None
+            f.lazy = False
             self._notify_entry(f)
         f.fast_off = reason
 
@@ -924,6 +990,8 @@ class ModelFs:
             "done": done,
             "served_by_kernel": kernel,
             "fast_path": self._fast_disabled or "on",
+            "lazy_links": self._lazy_off if self._fast_disabled is None else "off (no fast path)",
+            "lazy_reads": self._lazy.reads if self._lazy is not None else 0,
             "failures": [
                 {"file": k, "reason": v} for k, v in list(failures.items())[:_MAX_FAILURES_SHOWN]
             ],
@@ -1173,6 +1241,8 @@ class ModelFs:
             nursery.start_soon(self._open_all)
             if self.fetcher.store.max_bytes is not None:
                 nursery.start_soon(self._evictor)
+            if self._lazy is not None:
+                nursery.start_soon(self._lazy.run)
             if self.options.traces is not None:
                 nursery.start_soon(self._trace, self.options.traces)
             else:

@@ -1,0 +1,253 @@
+"""Lazy links on real mounts: files still being fetched are links too, their reads held by the gate.
+
+What is proved here, through the kernel, with the CLI's detached daemon (``--lazy-links``):
+
+* a cold file is a symlink into the cache's view from its first lookup; a read of one range
+  fetches only the blocks it needs; safetensors and numpy memmap load it while it is fetched,
+  and the access trace is still recorded;
+* a verified blob's reads stop reaching the daemon (its inode is ignored by the gate);
+* a fetch that fails fails the read with EIO, never with the zeros of the sparse cache file;
+* ``kill -9`` of the daemon while a read is held: the guard fails it and every later read of
+  the partial file with EIO (never zeros), and once the reader is gone unmounts the view and
+  exits;
+* a cache without pre-content events (tmpfs) keeps the daemon path, and says why;
+* a clean unmount leaves no view mount and no guard behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from demo.origin import Faults, Origin
+from tests.mount_helpers import (
+    make_shard,
+    mounted,
+    require_fuse,
+    run_py,
+    sha256_file,
+    status,
+    ttfs,
+    wait_for,
+    write_manifest,
+)
+from ttfs.control import file_status
+from ttfs.units import MiB
+
+pytestmark = pytest.mark.fuse
+BS = 2 * MiB
+
+
+@pytest.fixture(autouse=True)
+def _needs_fuse() -> None:
+    require_fuse()
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> Path:
+    root = tmp_path / "src"
+    (root / "m").mkdir(parents=True)
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    make_shard(root / "m" / "model.safetensors", 6, 1024, seed=5)  # 24 MiB
+    (root / "blob.bin").write_bytes(os.urandom(8 * BS + 123))
+    return root
+
+
+@pytest.fixture
+def origin(model: Path) -> Iterator[Origin]:
+    with Origin(model) as o:
+        yield o
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, origin: Origin, model: Path) -> Path:
+    path = tmp_path / "m.json"
+    write_manifest(origin, model, path)
+    return path
+
+
+def _views(cache: Path) -> list[str]:
+    """View mounts of ``cache`` still in the mount table."""
+    with open("/proc/self/mounts") as f:
+        return [line.split()[1] for line in f if f"{cache.resolve()}/view." in line]
+
+
+def _guards(cache: Path) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"ttfs.vfs.gate" in cmd and any(str(cache.resolve()).encode() in c for c in cmd):
+            found.append(int(pid))
+    return found
+
+
+def _left_clean(cache: Path) -> bool:
+    return not _views(cache) and not _guards(cache)
+
+
+def test_cold_files_are_links_and_loaders_read_them_while_fetched(
+    tmp_path: Path, manifest: Path, model: Path, origin: Origin
+) -> None:
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+        mnt = m.mountpoint
+        blob = mnt / "blob.bin"
+        assert blob.is_symlink()  # the very first lookup, nothing fetched yet
+        target = os.readlink(blob)
+        assert target.startswith(f"{cache.resolve()}/view.{m.pid}/"), target
+        doc = file_status(blob)
+        assert doc["served_by"] == "kernel" and doc["local_bytes"] == 0, doc
+        root = status(mnt)
+        assert root["lazy_links"] == "on" and root["fast_path"] == "on", root
+
+        want = (model / "blob.bin").read_bytes()
+        fd = os.open(blob, os.O_RDONLY)
+        try:
+            at = 5 * BS + 100
+            assert os.pread(fd, 4096, at) == want[at : at + 4096]
+        finally:
+            os.close(fd)
+        doc = file_status(blob)
+        assert 0 < doc["local_bytes"] <= 2 * BS, doc  # the range's block, not the file
+        assert not doc["complete"] and doc["reads"] == 0  # no read reached the FUSE handler
+
+        loaded = run_py(
+            "import sys, hashlib\n"
+            "from safetensors.numpy import load_file\n"
+            "import numpy as np\n"
+            "d = load_file(sys.argv[1])\n"
+            "h = hashlib.sha256()\n"
+            "for k in sorted(d): h.update(k.encode()); h.update(d[k].tobytes())\n"
+            "m = np.memmap(sys.argv[2], dtype=np.uint8, mode='r')\n"
+            "print(h.hexdigest(), hashlib.sha256(m[:]).hexdigest())\n",
+            str(mnt / "m" / "model.safetensors"),
+            str(blob),
+        )
+        expected = run_py(
+            "import sys, hashlib\n"
+            "from safetensors.numpy import load_file\n"
+            "d = load_file(sys.argv[1])\n"
+            "h = hashlib.sha256()\n"
+            "for k in sorted(d): h.update(k.encode()); h.update(d[k].tobytes())\n"
+            "print(h.hexdigest())\n",
+            str(model / "m" / "model.safetensors"),
+        )
+        assert loaded.stdout.split() == [expected.stdout.strip(), sha256_file(model / "blob.bin")]
+        root = status(mnt)
+        assert root["lazy_reads"] >= 3 and root["trace"]["recorded_blocks"] > 0, root
+        assert all(file_status(mnt / n)["reads"] == 0 for n in ("blob.bin", "m/model.safetensors"))
+
+        done = ttfs("materialize", "--no-progress", str(mnt), timeout=120)
+        assert done.returncode == 0, done.stderr
+        held = status(mnt)["lazy_reads"]
+        assert sha256_file(blob) == sha256_file(model / "blob.bin")  # 1 MiB reads, verified
+        assert status(mnt)["lazy_reads"] == held  # a verified blob is not asked about any more
+        assert file_status(blob)["verified"]
+    wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
+    assert not list(cache.glob("view.*"))
+
+
+def test_a_failed_fetch_fails_the_read_with_eio_not_zeros(
+    tmp_path: Path, origin: Origin, model: Path
+) -> None:
+    manifest = tmp_path / "m.json"
+    write_manifest(origin, model, manifest)
+    doc = json.loads(manifest.read_text())
+    for p in doc["pointers"]:  # the origin answers 404: not retried
+        p["resolution"]["url"] = p["resolution"]["url"].replace("blob.bin", "gone.bin")
+    manifest.write_text(json.dumps(doc))
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+        blob = m.mountpoint / "blob.bin"
+        assert blob.is_symlink()
+        with open(blob, "rb") as f, pytest.raises(OSError) as failed:
+            f.read(4096)
+        assert failed.value.errno == errno.EIO
+        assert "gone.bin" in m.log_text() or file_status(blob)["error"]
+    wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
+
+
+_HELD_READER = r"""
+import os, sys, time
+path, first, held, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+fd = os.open(path, os.O_RDONLY)
+head = os.pread(fd, 4096, first)
+print("head", head.hex()[:16], flush=True)
+open(ready, "w").close()
+for at in (held, held + 4 * 1024 * 1024):
+    try:
+        data = os.pread(fd, 4096, at)
+        print("read", at, "zeros" if data == bytes(len(data)) else "data", flush=True)
+    except OSError as e:
+        print("read", at, "errno", e.errno, flush=True)
+try:
+    os.pread(fd, 4096, first)
+    print("again data", flush=True)
+except OSError as e:
+    print("again errno", e.errno, flush=True)
+"""
+
+
+def test_kill_9_of_the_daemon_fails_held_reads_with_eio_never_zeros(
+    tmp_path: Path, manifest: Path, model: Path, origin: Origin
+) -> None:
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+        blob = m.mountpoint / "blob.bin"
+        with open(blob, "rb") as f:
+            f.read(4096)  # block 0 is local
+        origin.faults = Faults(stall_rate=1.0, stall_seconds=60)  # every later fetch hangs
+        ready = tmp_path / "ready"
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _HELD_READER, str(blob), "0", str(5 * BS), str(ready)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(ready.exists, 30, "the reader's first read")
+            time.sleep(0.5)  # its next read is held by the gate, its fetch stalled
+            assert reader.poll() is None
+            os.kill(m.pid, signal.SIGKILL)
+            out, _ = reader.communicate(timeout=30)
+        finally:
+            reader.kill()
+        want = (model / "blob.bin").read_bytes()[:8].hex()
+        assert out.splitlines() == [
+            f"head {want}",
+            f"read {5 * BS} errno {errno.EIO}",  # held when the daemon died
+            f"read {5 * BS + 4 * MiB} errno {errno.EIO}",  # asked after: the guard answers
+            f"again errno {errno.EIO}",  # even a local range: only the daemon knew it whole
+        ], out
+    wait_for(lambda: _left_clean(cache), 30, "the guard to unmount the view and exit")
+
+
+def test_a_cache_without_pre_content_events_keeps_the_daemon_path(
+    tmp_path: Path, manifest: Path, model: Path
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no tmpfs at /dev/shm")
+    cache = shm / f"ttfs-lazy-{os.getpid()}-{tmp_path.name}"
+    try:
+        with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+            blob = m.mountpoint / "blob.bin"
+            assert sha256_file(blob) == sha256_file(model / "blob.bin")
+            root = status(m.mountpoint)
+            assert root["lazy_links"].startswith("off: "), root
+            assert "lazy links off" in m.log_text()
+            assert file_status(blob)["reads"] > 0  # read through the daemon
+        assert _left_clean(cache)
+    finally:
+        subprocess.run(["rm", "-rf", str(cache)], check=False)

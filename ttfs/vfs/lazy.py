@@ -1,0 +1,124 @@
+"""Answer the reads the gate holds (``--lazy-links``): fetch the range, then let the kernel read.
+
+The gate (:mod:`ttfs.vfs.gate`) hands over one event per ``read()`` or ``mmap()`` of a file in
+the view. This is the daemon's side: find the blob by the file's identity, feed the readahead
+and the access trace as the daemon's read handler does, wait until the range's blocks are
+local, answer. Anything else than "the bytes are there" fails the read with EIO: a file of the
+view the mount does not serve (a blob replaced after a failed verification, whose old inode a
+reader still holds), or a fetch that failed after the fetcher's retries. Never "allow" without
+the bytes: the kernel would read the zeros of a sparse file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from ..blocks.identity import BlobKey
+from ..errors import TtfsError
+from ..fetch import Fetcher, Priority, Source
+from .gate import Event, Gate
+from .readahead import ReadaheadConfig, StreamTable
+from .trace import Recorder
+
+log = logging.getLogger(__name__)
+
+
+class LazyReads:
+    """The held reads of one mount, answered from its fetcher."""
+
+    def __init__(
+        self,
+        gate: Gate,
+        fetcher: Fetcher,
+        readahead: ReadaheadConfig,
+        recorder: Recorder | None,
+        rechecking: Callable[[str], trio.Event | None],
+    ) -> None:
+        self._gate = gate
+        self._fetcher = fetcher
+        self._readahead = readahead
+        self._recorder = recorder
+        self._rechecking = rechecking
+        self._by_file: dict[tuple[int, int], Source] = {}  # (dev, ino) of a served blob file
+        self._streams: dict[str, StreamTable] = {}  # per blob: one file, one set of streams
+        self.reads = 0
+        self.read_bytes = 0
+        self.failed = 0
+
+    def target(self, blob_path: Path | str) -> str:
+        return self._gate.target(blob_path)
+
+    def admit(self, source: Source, key: BlobKey) -> None:
+        """Reads of the file ``key`` names are reads of ``source`` (a link now points at it)."""
+        self._by_file[(key.dev, key.ino)] = source
+
+    def settle(self, fd: int) -> None:
+        """The blob ``fd`` is open on is verified: its reads need no answer any more."""
+        try:
+            self._gate.settle(fd)
+        except OSError as e:  # every read then still asks, and is answered at once
+            log.warning("lazy links: %s", e)
+
+    async def run(self) -> None:
+        """Answer held reads until cancelled; the ones still held then fail with EIO."""
+        async with trio.open_nursery() as nursery:
+            while True:
+                await trio.lowlevel.wait_readable(self._gate.fd)
+                for event in self._gate.events():
+                    nursery.start_soon(self._answer, event)
+
+    async def _answer(self, event: Event) -> None:
+        err = errno.EIO
+        try:
+            err = await self._fill(event)
+        except TtfsError as e:
+            log.warning("read of %d bytes at %d failed: %s", event.length, event.offset, e)
+        except OSError as e:
+            log.warning("cannot answer a held read: %s", e)
+        finally:
+            if err:
+                self.failed += 1
+            self._gate.answer(event, err)
+
+    async def _fill(self, event: Event) -> int:
+        """0 once the held range is local; an errno when it never will be."""
+        st = os.fstat(event.fd)
+        source = self._by_file.get((st.st_dev, st.st_ino))
+        if source is None:
+            log.warning("read of a file this mount does not serve (inode %d): EIO", st.st_ino)
+            return errno.EIO
+        blob = source.blob
+        checking = self._rechecking(blob.blob_id)
+        if checking is not None:
+            await checking.wait()
+        end = min(event.offset + event.length, blob.size)
+        if end <= event.offset:
+            return 0
+        blocks = blob.blocks_for(event.offset, end - event.offset)
+        if self._recorder is not None:
+            self._recorder.on_read(blob.blob_id, blocks)
+        if not blob.complete:
+            streams = self._streams.get(blob.blob_id)
+            if streams is None:
+                streams = self._streams[blob.blob_id] = StreamTable(self._readahead)
+            ahead = streams.on_read(event.offset, end - event.offset, blob.size)
+            if ahead is not None:
+                self._fetcher.request_nowait(
+                    source,
+                    blob.blocks_for(ahead[0], ahead[1] - ahead[0]),
+                    Priority.READAHEAD,
+                    reader_at=event.offset // blob.block_size,
+                )
+            if blob.missing(blocks):
+                await self._fetcher.ensure(source, blocks, Priority.DEMAND)
+        else:
+            self._streams.pop(blob.blob_id, None)
+        self.reads += 1
+        self.read_bytes += end - event.offset
+        return 0
