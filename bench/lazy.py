@@ -8,9 +8,11 @@ request), for four safetensors shards of 512 MiB and of 1 GiB (float16, 16 MiB t
 * ``load (trace)``: the same, on a cache that holds only the access trace a ``load`` recorded
   (a new replica that got the trace from the shared cache: docs/mount.md, "Access traces");
 * ``4 threads``: cold mount + four threads each loading a different shard at once;
-* ``first tensor``: start of ``ttfs mount`` to one tensor in the middle of a cold shard, the
-  loader's interpreter start included, against ``rclone mount --vfs-cache-mode full`` on the
-  same nginx (only at the largest shard size).
+* the three load rows again with ``--lazy-links`` (files being fetched are links too, read by
+  the kernel, each read held until its range is local: docs/mount.md, "Lazy links");
+* ``first tensor``: start of ``ttfs mount`` (with and without ``--lazy-links``) to one tensor in
+  the middle of a cold shard, the loader's interpreter start included, against ``rclone mount
+  --vfs-cache-mode full`` on the same nginx (only at the largest shard size).
 
 Every row starts cold (cache deleted); the mount is started with ``--max-connections 32``.
 Wall seconds are the median (min-max) of ``--runs`` interleaved runs, with the ratio to
@@ -36,14 +38,27 @@ from .nginx import Nginx
 from .procs import CHILDREN, REPO, BenchError, rmtree, with_repo_path
 
 MiB = 1 << 20
-ROWS = ("materialize", "load", "load_trace", "threads")
+ROWS = (
+    "materialize",
+    "load",
+    "load_trace",
+    "threads",
+    "load_lazy",
+    "load_trace_lazy",
+    "threads_lazy",
+)
 LABELS = {
     "materialize": "mount + materialize",
     "load": "mount + load_file of every shard",
     "load_trace": "same, with a recorded trace",
     "threads": "mount + 4 threads, 4 shards",
+    "load_lazy": "`--lazy-links`: mount + load_file of every shard",
+    "load_trace_lazy": "`--lazy-links`: same, with a recorded trace",
+    "threads_lazy": "`--lazy-links`: mount + 4 threads, 4 shards",
 }
 TARGETS = {"load": 1.15, "load_trace": 1.05, "threads": 1.15}
+TARGETS.update({f"{k}_lazy": v for k, v in list(TARGETS.items())})
+TENSOR = {"ttfs": "ttfs mount", "lazy": "ttfs mount --lazy-links", "rclone": "rclone mount"}
 
 
 def write_manifest(nginx: Nginx, sub: str, root: Path, names: list[str], out: Path) -> None:
@@ -100,12 +115,14 @@ class Case:
 
     def row(self, row: str) -> dict[str, float]:
         rmtree(self.cache)
+        lazy = row.endswith("_lazy")
+        row = row.removesuffix("_lazy")
         if row == "load_trace":
             if not self.traces.is_dir():
                 raise BenchError("no recorded trace (run the load row first)")
             shutil.copytree(self.traces, self.cache / "traces")
         paths = [str(self.mnt / n) for n in self.names]
-        with self.mount() as m:
+        with self.mount(*(["--lazy-links"] if lazy else [])) as m:
             t0 = time.monotonic()
             up = m.start()
             if row == "materialize":
@@ -118,21 +135,23 @@ class Case:
             wall = time.monotonic() - t0
             usage = m.usage()
             status = m.status()
-        if row == "load" and (self.cache / "traces").is_dir():
+        if lazy and status.get("lazy_links") != "on":
+            raise BenchError(f"lazy links are {status.get('lazy_links')}")
+        if row == "load" and not lazy and (self.cache / "traces").is_dir():
             rmtree(self.traces)
             shutil.copytree(self.cache / "traces", self.traces)
         cpu = (usage.cpu if usage else 0.0) + m.cli_cpu + cpu_reader
         fetched = float(status["fetcher"]["origin_bytes"])
         return {"wall": wall, "mount": up, "cpu": cpu, "fetched": fetched}
 
-    def first_tensor(self, rclone: bool) -> dict[str, float]:
+    def first_tensor(self, who: str) -> dict[str, float]:
         shard = self.names[len(self.names) // 2]
         name = _middle(self.root, shard)
         code = (
             "import sys; from safetensors import safe_open\n"
             "with safe_open(sys.argv[1], framework='numpy') as f: f.get_tensor(sys.argv[2])"
         )
-        if rclone:
+        if who == "rclone":
             rcache = self.work / "rclone-cache"
             rmtree(rcache)
             ctx: TtfsMount | RcloneMount = RcloneMount(
@@ -141,7 +160,7 @@ class Case:
             mnt = self.work / "rmnt"
         else:
             rmtree(self.cache)
-            ctx, mnt = self.mount(), self.mnt
+            ctx, mnt = self.mount(*(["--lazy-links"] if who == "lazy" else [])), self.mnt
         with ctx as m:
             t0 = time.monotonic()
             up = m.start()
@@ -204,22 +223,19 @@ def run(work: Path, nginx: Nginx, *, shard_sizes: list[int], runs: int) -> str:
                     f"| {ratio} | {target} | {cpu:.1f} | {mb:.0f} |"
                 )
             if shard_mib == max(shard_sizes):
-                t: dict[bool, list[dict[str, float]]] = {False: [], True: []}
+                t: dict[str, list[dict[str, float]]] = {who: [] for who in TENSOR}
                 for i in range(runs):
-                    for rclone in (False, True):
-                        who = "rclone" if rclone else "ttfs"
+                    for who in TENSOR:
                         print(f"bench lazy: first tensor {who} {i + 1}/{runs}", end="", flush=True)
                         try:
-                            s = case.first_tensor(rclone)
+                            s = case.first_tensor(who)
                         except (BenchError, subprocess.SubprocessError) as e:
                             print(f" FAILED: {e}", flush=True)
                             continue
                         print(f" {s['wall']:.2f} s", flush=True)
-                        t[rclone].append(s)
-                if t[False] and t[True]:
-                    ours = statistics.median(s["wall"] for s in t[False])
-                    theirs = statistics.median(s["wall"] for s in t[True])
-                    verdict = "met" if ours <= 2 * theirs else "NOT met"
+                        t[who].append(s)
+                if t["rclone"]:
+                    theirs = statistics.median(s["wall"] for s in t["rclone"])
                     tensor_lines = [
                         "",
                         f"First tensor of a cold {shard_mib} MiB shard (start of the mount -> "
@@ -227,13 +243,22 @@ def run(work: Path, nginx: Nginx, *, shard_sizes: list[int], runs: int) -> str:
                         "",
                         "| mount | wall s | mount s | vs rclone | target |",
                         "|---|---|---|---|---|",
-                        f"| ttfs mount | {_fmt([s['wall'] for s in t[False]])} | "
-                        f"{_fmt([s['mount'] for s in t[False]])} | {ours / theirs:.2f}x | "
-                        f"<= 2x {verdict} |",
-                        "| rclone mount --vfs-cache-mode full | "
-                        f"{_fmt([s['wall'] for s in t[True]])} | "
-                        f"{_fmt([s['mount'] for s in t[True]])} | 1.00x | |",
                     ]
+                    for who in ("ttfs", "lazy"):
+                        if not t[who]:
+                            continue
+                        ours = statistics.median(s["wall"] for s in t[who])
+                        verdict = "met" if ours <= 2 * theirs else "NOT met"
+                        tensor_lines.append(
+                            f"| {TENSOR[who]} | {_fmt([s['wall'] for s in t[who]])} | "
+                            f"{_fmt([s['mount'] for s in t[who]])} | {ours / theirs:.2f}x | "
+                            f"<= 2x {verdict} |"
+                        )
+                    tensor_lines.append(
+                        "| rclone mount --vfs-cache-mode full | "
+                        f"{_fmt([s['wall'] for s in t['rclone']])} | "
+                        f"{_fmt([s['mount'] for s in t['rclone']])} | 1.00x | |"
+                    )
             rmtree(case.cache)
     return "\n".join(lines + tensor_lines) + "\n"
 

@@ -187,7 +187,7 @@ class BlockQueue:
                 # back, so a long load keeps its prefetch connections.
                 now = trio.current_time()
                 if not self.demand_inflight and now - self.last_demand >= PREFETCH_QUIET:
-                    self._preempt(source, index)
+                    self.preempt(source, index)
                 self.demand_inflight += 1
             source.runs_inflight += 1
             return run
@@ -243,11 +243,12 @@ class BlockQueue:
             last += 1
         return last
 
-    def _preempt(self, source: Source, index: int) -> None:
-        """The first demand of a burst cancels in-flight PREFETCH runs elsewhere (their blocks
-        go back to the queue), never a run of the same blob that starts at or ahead of the
-        demanded block within one connection budget: that run is the reader's own stream, and
-        cancelling it would make the reader wait for the same bytes again."""
+    def preempt(self, source: Source, index: int) -> None:
+        """Cancel in-flight PREFETCH runs elsewhere (their blocks go back to the queue), never
+        a run of the same blob that starts at or ahead of ``index`` within one connection
+        budget: that run is the reader's own stream, and cancelling it would make the reader
+        wait for the same bytes again. Called for the first demand of a burst, and for a held
+        mapping (ttfs/vfs/lazy.py), which needs every connection the prefetch holds."""
         reach = self.settings.max_connections * self.unit_blocks
         bid = source.blob.blob_id
         for scope, (run_bid, first) in list(self.preemptible.items()):

@@ -29,7 +29,8 @@ ignored by the group, so their reads go on. It unmounts the view once no file th
 exits. Only a kill of both the daemon and its guard leaves readers of a partial file
 unprotected (docs/mount.md).
 
-This module is plain ``ctypes`` and ``os`` (no trio): ``python -m ttfs.vfs.gate`` is the guard.
+This module is plain ``ctypes`` and ``os`` (no trio, no ttfs import): run as a script, it is the
+guard.
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class Gate:
             OSError: with the reason lazy links cannot work here (kernel older than 6.14, a
                 file system without pre-content events such as tmpfs or NFS, not root).
         """
+        cache, blobs = cache.absolute(), blobs.absolute()  # link targets are absolute
         clean_stale(cache)
         libc = _libc()
         view = cache / f"{VIEW_PREFIX}{os.getpid()}"
@@ -214,7 +216,9 @@ class Gate:
             _check(mark, "pre-content mark")
             fds = str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
             guard = subprocess.Popen(
-                [sys.executable, "-m", "ttfs.vfs.gate", str(fd), str(view), str(os.getpid()), fds],
+                # This file as a script, isolated and without site: the guard lives as long as
+                # the mount and needs nothing but the standard library (~10 MB, no ttfs import).
+                [sys.executable, "-I", "-S", __file__, str(fd), str(view), str(os.getpid()), fds],
                 pass_fds=(fd,),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
@@ -296,5 +300,5 @@ def guard(fd: int, view: Path, daemon: int, max_fd: int) -> None:
         delay = min(delay * 2, 2.0)
 
 
-if __name__ == "__main__":  # pragma: no cover - run as the guard process
+if __name__ == "__main__":  # the guard process (Gate.open starts it)
     guard(int(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))

@@ -28,6 +28,21 @@ from .trace import Recorder
 
 log = logging.getLogger(__name__)
 
+_BULK_BLOCKS = 4
+"""A held range of more blocks than this is fetched as a bulk request, not as demand.
+
+An ``mmap()`` is held until the whole mapped range is local (the kernel asks once, for the whole
+range): a ``load_file`` of a 1 GiB shard is one held range of 512 blocks. As demand, those
+would go one 2 MiB request each and pause the prefetch of every other shard until the last one
+landed, so the loader of the next shard found nothing fetched. As a bulk request they queue
+at readahead priority in arrival order behind the streams' readahead (the queue orders
+readahead without a reader position first come first served), coalesce into 16 MiB runs on the
+background connections (the prefetch runs in flight elsewhere are preempted, as for the first
+demand of a burst), and leave the rest of the budget to the prefetch; several loaders
+mapping different shards at once get them whole one after the other, so the first can copy
+its tensors while the next shard arrives, instead of all of them waiting for the last byte.
+"""
+
 
 class LazyReads:
     """The held reads of one mount, answered from its fetcher."""
@@ -116,7 +131,14 @@ class LazyReads:
                     reader_at=event.offset // blob.block_size,
                 )
             if blob.missing(blocks):
-                await self._fetcher.ensure(source, blocks, Priority.DEMAND)
+                # A read's few blocks are demand; a whole mapping (or a huge read) is a bulk
+                # request, first come first served behind the readers' streams (see
+                # _BULK_BLOCKS): fetched in 16 MiB runs without holding prefetch back.
+                bulk = len(blocks) > _BULK_BLOCKS
+                if bulk:
+                    self._fetcher.queue.preempt(source, blocks.start)
+                prio = Priority.READAHEAD if bulk else Priority.DEMAND
+                await self._fetcher.ensure(source, blocks, prio)
         else:
             self._streams.pop(blob.blob_id, None)
         self.reads += 1
