@@ -6,7 +6,10 @@ What is proved here, through the kernel, with the CLI's detached daemon (``--laz
   fetches only the blocks it needs; safetensors and numpy memmap load it while it is fetched,
   and the access trace is still recorded;
 * a verified blob's reads stop reaching the daemon (its inode is ignored by the gate);
+* a listing before the blobs are opened (readdirplus) does not keep the names regular files;
+* four threads mapping four cold shards at once each get their own bytes;
 * a fetch that fails fails the read with EIO, never with the zeros of the sparse cache file;
+* a reader still holding a cache file that a failed verification replaced gets EIO;
 * ``kill -9`` of the daemon while a read is held: the guard fails it and every later read of
   the partial file with EIO (never zeros), and once the reader is gone unmounts the view and
   exits;
@@ -190,7 +193,11 @@ def test_threads_mapping_different_shards_at_once_get_their_own_bytes(tmp_path: 
         expected = run_py(code, *(str(root / n) for n in names)).stdout.split()
         with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
             paths = [m.mountpoint / n for n in names]
-            assert all(p.is_symlink() for p in paths)
+            # A listing (readdirplus) may come before the blobs are opened: those entries are
+            # regular files first, then links once the opener gets to them.
+            ls = subprocess.run(["ls", "-l", str(m.mountpoint)], capture_output=True, text=True)
+            assert ls.returncode == 0 and all(n in ls.stdout for n in names), ls
+            wait_for(lambda: all(p.is_symlink() for p in paths), 30, "every name to be a link")
             assert run_py(code, *(str(p) for p in paths)).stdout.split() == expected
             root_status = status(m.mountpoint)
             assert root_status["lazy_reads"] >= 4 and root_status["lazy_links"] == "on"
@@ -214,6 +221,59 @@ def test_a_failed_fetch_fails_the_read_with_eio_not_zeros(
             f.read(4096)
         assert failed.value.errno == errno.EIO
         assert "gone.bin" in m.log_text() or file_status(blob)["error"]
+    wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
+
+
+_STALE_READER = r"""
+import os, sys, time
+path, ready, go = sys.argv[1:4]
+fd = os.open(path, os.O_RDONLY)
+while os.read(fd, 1 << 20):
+    pass
+open(ready, "w").close()
+while not os.path.exists(go):
+    time.sleep(0.05)
+try:
+    os.pread(fd, 4096, 0)
+    print("data", flush=True)
+except OSError as e:
+    print("errno", e.errno, flush=True)
+"""
+
+
+def test_a_reader_of_a_blob_that_failed_verification_gets_eio_not_its_bytes(
+    tmp_path: Path, origin: Origin, model: Path
+) -> None:
+    """The origin's bytes do not match the manifest hash: a reader that read them while they
+    were fetched (unverified, as through the daemon) holds a cache file that the failed
+    verification replaced; from then on its reads fail with EIO instead of returning bytes the
+    mount knows are wrong, and the name is no longer a link to them."""
+    manifest = tmp_path / "m.json"
+    write_manifest(origin, model, manifest)
+    doc = json.loads(manifest.read_text())
+    for p in doc["pointers"]:
+        if p["file_name"].endswith("blob.bin"):
+            p["hash"] = "0" * 64
+    manifest.write_text(json.dumps(doc))
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+        blob = m.mountpoint / "blob.bin"
+        assert blob.is_symlink()
+        ready, go = tmp_path / "ready", tmp_path / "go"
+        reader = subprocess.Popen(
+            [sys.executable, "-c", _STALE_READER, str(blob), str(ready), str(go)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(ready.exists, 60, "the reader to read the whole file")
+            wait_for(lambda: file_status(blob)["error"], 60, "the verification to fail")
+            go.touch()
+            out, _ = reader.communicate(timeout=30)
+        finally:
+            reader.kill()
+        assert out.split() == ["errno", str(errno.EIO)], out
+        assert "does not match" in (file_status(blob)["error"] or "")
     wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
 
 

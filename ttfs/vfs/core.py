@@ -757,10 +757,12 @@ class ModelFs:
                 self._grant(g)
 
     def _watch(self, f: _File, source: Source) -> None:
-        """Switch ``f`` to the fast path now, or once its blob is whole and verified."""
+        """Switch ``f`` to the fast path now, or once its blob is whole and verified (with lazy
+        links: to a lazy link now, a name listed by readdirplus before its blob was opened
+        included)."""
         if source.done.is_set():
             self._grant(f)
-        else:
+        elif self._lazy is None or not self._grant(f):
             self._awaiting_done.setdefault(source.blob.blob_id, []).append(f)
 
     def _on_done(self, source: Source) -> None:

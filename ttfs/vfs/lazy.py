@@ -62,6 +62,7 @@ class LazyReads:
         self._rechecking = rechecking
         self._by_file: dict[tuple[int, int], Source] = {}  # (dev, ino) of a served blob file
         self._streams: dict[str, StreamTable] = {}  # per blob: one file, one set of streams
+        self._settled: set[str] = set()  # blobs whose reads are no longer held
         self.reads = 0
         self.read_bytes = 0
         self.failed = 0
@@ -109,6 +110,12 @@ class LazyReads:
             log.warning("read of a file this mount does not serve (inode %d): EIO", st.st_ino)
             return errno.EIO
         blob = source.blob
+        with blob.lease() as fd:
+            now = os.fstat(fd)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            # Replaced after a failed verification: the reader holds the discarded bytes.
+            log.warning("%s: read of a replaced cache file: EIO", source.pointer.file_name)
+            return errno.EIO
         checking = self._rechecking(blob.blob_id)
         if checking is not None:
             await checking.wait()
@@ -141,6 +148,12 @@ class LazyReads:
                 await self._fetcher.ensure(source, blocks, prio)
         else:
             self._streams.pop(blob.blob_id, None)
+            if source.done.is_set() and blob.blob_id not in self._settled:
+                # Whole and final though not verified here (--no-verify, a hash that cannot
+                # be checked locally): nothing left to wait for.
+                self._settled.add(blob.blob_id)
+                with blob.lease() as fd:
+                    self.settle(fd)
         self.reads += 1
         self.read_bytes += end - event.offset
         return 0
