@@ -195,8 +195,10 @@ def test_threads_mapping_different_shards_at_once_get_their_own_bytes(tmp_path: 
             paths = [m.mountpoint / n for n in names]
             # A listing (readdirplus) may come before the blobs are opened: those entries are
             # regular files first, then links once the opener gets to them.
-            ls = subprocess.run(["ls", "-l", str(m.mountpoint)], capture_output=True, text=True)
-            assert ls.returncode == 0 and all(n in ls.stdout for n in names), ls
+            ls = subprocess.run(
+                ["ls", "-l", str(m.mountpoint)], capture_output=True, text=True, check=True
+            )
+            assert all(n in ls.stdout for n in names), ls.stdout
             wait_for(lambda: all(p.is_symlink() for p in paths), 30, "every name to be a link")
             assert run_py(code, *(str(p) for p in paths)).stdout.split() == expected
             root_status = status(m.mountpoint)
@@ -349,3 +351,28 @@ def test_a_cache_without_pre_content_events_keeps_the_daemon_path(
         assert _left_clean(cache)
     finally:
         subprocess.run(["rm", "-rf", str(cache)], check=False)
+
+
+def test_transformers_from_pretrained_through_a_cold_lazy_mount(tmp_path: Path) -> None:
+    """transformers loads a sharded model through a cold ``--lazy-links`` mount (no prefetch:
+    every byte is fetched for the loader's own reads and mappings) with the same logits as
+    from the files themselves, and nothing it read went through the daemon's read handler."""
+    pytest.importorskip("transformers")
+    from tests.test_mount_loaders import _BUILD, _LOAD
+
+    src = tmp_path / "tiny-llama"
+    ref = tmp_path / "logits.pt"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    run_py(_BUILD, str(src), str(ref), env=env, timeout=180)
+    cache = tmp_path / "cache"
+    with Origin(src) as origin:
+        manifest = tmp_path / "m.json"
+        names = write_manifest(origin, src, manifest)
+        with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+            assert all((m.mountpoint / n).is_symlink() for n in names)
+            out = run_py(_LOAD, str(m.mountpoint), str(src), str(ref), env=env, timeout=180)
+            assert int(out.stdout.strip()) >= 2
+            assert all(file_status(m.mountpoint / n)["reads"] == 0 for n in names)
+            assert status(m.mountpoint)["lazy_reads"] > 0
+    wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")

@@ -652,10 +652,13 @@ class ModelFs:
         return True
 
     def _check_link(self, f: _File) -> bool:
-        """True while ``f`` is served as a link to its unchanged, verified blob file.
+        """True while ``f`` is served as a link to its unchanged, verified blob file, or (a lazy
+        link) to the very file its blob is being fetched into.
 
         A blob file whose identity changed (a write, a truncate, a chmod, a replacement) loses
-        the fast path at once, and its blob is checked again (:meth:`_changed`)."""
+        the fast path at once, and its blob is checked again (:meth:`_changed`); a lazy link
+        whose file was replaced (a failed verification) is dropped, and the next lookup links
+        the new file."""
         if f.link is None:
             return False
         key = key_of_path(self._target(f))

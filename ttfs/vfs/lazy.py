@@ -86,7 +86,13 @@ class LazyReads:
         async with trio.open_nursery() as nursery:
             while True:
                 await trio.lowlevel.wait_readable(self._gate.fd)
-                for event in self._gate.events():
+                try:
+                    events = self._gate.events()
+                except OSError as e:  # e.g. ENOMEM; the events stay queued for the next try
+                    log.warning("lazy links: reading held reads: %s", e)
+                    await trio.sleep(0.01)
+                    continue
+                for event in events:
                     nursery.start_soon(self._answer, event)
 
     async def _answer(self, event: Event) -> None:
@@ -100,7 +106,10 @@ class LazyReads:
         finally:
             if err:
                 self.failed += 1
-            self._gate.answer(event, err)
+            try:
+                self._gate.answer(event, err)
+            except OSError as e:  # the reader is gone (its read was interrupted): nothing waits
+                log.debug("answering a held read: %s", e)
 
     async def _fill(self, event: Event) -> int:
         """0 once the held range is local; an errno when it never will be."""
