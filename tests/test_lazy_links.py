@@ -13,6 +13,8 @@ What is proved here, through the kernel, with the CLI's detached daemon (``--laz
 * ``kill -9`` of the daemon while a read is held: the guard fails it and every later read of
   the partial file with EIO (never zeros), and once the reader is gone unmounts the view and
   exits;
+* a guard killed alone is started again before a clean stop leaves a reader behind;
+* transformers loads a sharded model through a cold lazy mount with the same logits;
 * a cache without pre-content events (tmpfs) keeps the daemon path, and says why;
 * a clean unmount leaves no view mount and no guard behind.
 """
@@ -376,3 +378,49 @@ def test_transformers_from_pretrained_through_a_cold_lazy_mount(tmp_path: Path) 
             assert all(file_status(m.mountpoint / n)["reads"] == 0 for n in names)
             assert status(m.mountpoint)["lazy_reads"] > 0
     wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
+
+
+def test_a_killed_guard_is_replaced_before_a_clean_stop_leaves_a_reader_behind(
+    tmp_path: Path, manifest: Path, origin: Origin
+) -> None:
+    """``kill -9`` of the guard alone, then a clean stop of the daemon while a reader still holds
+    a partial file: the daemon starts a new guard before it lets go of the group, so the
+    reader's next read of an unfetched range fails with EIO instead of returning zeros."""
+    cache = tmp_path / "cache"
+    ready, go = tmp_path / "ready", tmp_path / "go"
+    code = (
+        "import os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+        "os.pread(fd, 4096, 0)\n"
+        "open(sys.argv[2], 'w').close()\n"
+        "while not os.path.exists(sys.argv[3]):\n"
+        "    time.sleep(0.05)\n"
+        "try:\n"
+        "    d = os.pread(fd, 4096, int(sys.argv[4]))\n"
+        "    print('zeros' if d == bytes(len(d)) else 'data')\n"
+        "except OSError as e:\n"
+        "    print('errno', e.errno)\n"
+    )
+    with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+        blob = m.mountpoint / "blob.bin"
+        reader = subprocess.Popen(
+            [sys.executable, "-c", code, str(blob), str(ready), str(go), str(6 * BS)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_for(ready.exists, 30, "the reader's first read")
+            (guard,) = _guards(cache)
+            os.kill(guard, signal.SIGKILL)
+            wait_for(lambda: not _guards(cache), 10, "the guard to die")
+        except BaseException:
+            reader.kill()
+            raise
+    try:
+        assert _guards(cache), "no guard after the daemon stopped with a reader in the view"
+        go.touch()
+        out, _ = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+    assert out.split() == ["errno", str(errno.EIO)], out
+    wait_for(lambda: _left_clean(cache), 30, "the new guard to unmount the view and exit")

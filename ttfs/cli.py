@@ -628,6 +628,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
         click.echo(
             f"served by the kernel (fast path): {summary['served_by_kernel']} file(s); "
             f"fast path {summary['fast_path']}"
+            + (
+                f"; lazy links {summary['lazy_links']} ({summary.get('lazy_reads', 0)} held reads)"
+                if summary.get("lazy_links", "off") != "off"
+                else ""
+            )
         )
     for failure in summary.get("failures", []):
         click.echo(f"failed: {failure['file']}: {failure['reason']}")

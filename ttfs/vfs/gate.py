@@ -214,17 +214,7 @@ class Gate:
                 dst,
             )
             _check(mark, "pre-content mark")
-            fds = str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
-            guard = subprocess.Popen(
-                # This file as a script, isolated and without site: the guard lives as long as
-                # the mount and needs nothing but the standard library (~10 MB, no ttfs import).
-                [sys.executable, "-I", "-S", __file__, str(fd), str(view), str(os.getpid()), fds],
-                pass_fds=(fd,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # a Ctrl-C of the daemon's terminal is not the guard's
-            )
+            guard = _spawn_guard(fd, view)
         except OSError:
             if fd >= 0:
                 os.close(fd)
@@ -252,13 +242,32 @@ class Gate:
 
     def close(self) -> None:
         """Unmount the view if no file in it is open, and let go of the group: the guard
-        answers whatever comes later and unmounts the view once it is free."""
+        answers whatever comes later and unmounts the view once it is free (a guard that was
+        killed meanwhile is started again first: the group must outlive this descriptor)."""
         if _umount(self.view):
             with contextlib.suppress(OSError):
                 self.view.rmdir()
+        elif self._guard.poll() is not None:
+            with contextlib.suppress(OSError):
+                self._guard = _spawn_guard(self.fd, self.view)
         os.close(self.fd)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self._guard.wait(timeout=0)  # reaped when it already exited; else it outlives us
+
+
+def _spawn_guard(fd: int, view: Path) -> subprocess.Popen[bytes]:
+    """Start the guard of group ``fd`` and ``view`` for this process (see :func:`guard`)."""
+    max_fd = str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    return subprocess.Popen(
+        # This file as a script, isolated and without site: the guard lives as long as the
+        # mount and needs nothing but the standard library (13 MB resident, no ttfs import).
+        [sys.executable, "-I", "-S", __file__, str(fd), str(view), str(os.getpid()), max_fd],
+        pass_fds=(fd,),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a Ctrl-C of the daemon's terminal is not the guard's
+    )
 
 
 def _fail_taken(fd: int, max_fd: int) -> None:
