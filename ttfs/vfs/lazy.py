@@ -63,9 +63,7 @@ class LazyReads:
         self._by_file: dict[tuple[int, int], Source] = {}  # (dev, ino) of a served blob file
         self._streams: dict[str, StreamTable] = {}  # per blob: one file, one set of streams
         self._settled: set[str] = set()  # blobs whose reads are no longer held
-        self.reads = 0
-        self.read_bytes = 0
-        self.failed = 0
+        self.reads = 0  # held reads let go (the status shows it)
 
     def target(self, blob_path: Path | str) -> str:
         return self._gate.target(blob_path)
@@ -75,7 +73,8 @@ class LazyReads:
         self._by_file[(key.dev, key.ino)] = source
 
     def settle(self, fd: int) -> None:
-        """The blob ``fd`` is open on is verified: its reads need no answer any more."""
+        """The blob ``fd`` is open on is final (verified, or whole with nothing to verify): its
+        reads need no answer any more."""
         try:
             self._gate.settle(fd)
         except OSError as e:  # every read then still asks, and is answered at once
@@ -104,8 +103,6 @@ class LazyReads:
         except OSError as e:
             log.warning("cannot answer a held read: %s", e)
         finally:
-            if err:
-                self.failed += 1
             try:
                 self._gate.answer(event, err)
             except OSError as e:  # the reader is gone (its read was interrupted): nothing waits
@@ -164,5 +161,4 @@ class LazyReads:
                 with blob.lease() as fd:
                     self.settle(fd)
         self.reads += 1
-        self.read_bytes += end - event.offset
         return 0
