@@ -760,12 +760,15 @@ class ModelFs:
                 self._grant(g)
 
     def _watch(self, f: _File, source: Source) -> None:
-        """Switch ``f`` to the fast path now, or once its blob is whole and verified (with lazy
-        links: to a lazy link now, a name listed by readdirplus before its blob was opened
-        included)."""
+        """Switch ``f`` to the fast path now, or once its blob is whole and verified.
+
+        With lazy links, a name the kernel already holds as a regular file (listed by
+        readdirplus before its blob was opened) becomes a lazy link now; any other name gets
+        its link at its first lookup, which creates the blob's cache file (doing so here for
+        every file made the opener of a 10^5-file mount 2x slower)."""
         if source.done.is_set():
             self._grant(f)
-        elif self._lazy is None or not self._grant(f):
+        elif self._lazy is None or not f.looked_up or not self._grant(f):
             self._awaiting_done.setdefault(source.blob.blob_id, []).append(f)
 
     def _on_done(self, source: Source) -> None:
