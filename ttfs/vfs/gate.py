@@ -276,7 +276,8 @@ def _fail_taken(fd: int, max_fd: int) -> None:
     The kernel matches a response to a held read by the descriptor number the read's file got
     in the process that took it; the guard never saw those numbers, but each is below that
     process's descriptor limit, and a response for a number with no held read is refused
-    (ENOENT). Once per daemon death: ~1 s for a limit of 10^6.
+    (ENOENT). Once per daemon death: 0.04 s for a limit of 20,000, 2.4 s for 2^20 (measured on
+    the 2-core VM while a test suite ran).
     """
     for n in range(max_fd):
         try:
