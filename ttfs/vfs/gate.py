@@ -68,6 +68,7 @@ _MNT_DETACH = 0x2
 _META = struct.Struct("=IBBHQii")  # event_len, vers, reserved, metadata_len, mask, fd, pid
 _INFO = struct.Struct("=BBH")  # info_type, pad, len
 _RANGE = struct.Struct("=QQ")  # offset, count (after the header and 4 bytes of padding)
+_RANGE_RECORD = _INFO.size + 4 + _RANGE.size
 _RESPONSE = struct.Struct("=iI")  # fd, response
 
 VIEW_PREFIX = "view."
@@ -108,9 +109,11 @@ def parse(buf: bytes) -> list[Event]:
         length, _vers, _, meta_len, _mask, fd, pid = _META.unpack_from(buf, off)
         start = count = 0
         info = off + meta_len
-        while info + _INFO.size <= off + length:
+        end = min(off + length, len(buf))
+        while info + _INFO.size <= end:
             kind, _, info_len = _INFO.unpack_from(buf, info)
-            if kind == _INFO_RANGE:
+            whole = info_len >= _RANGE_RECORD and info + _RANGE_RECORD <= end
+            if kind == _INFO_RANGE and whole:
                 start, count = _RANGE.unpack_from(buf, info + 8)
             info += max(info_len, _INFO.size)
         if fd >= 0:
