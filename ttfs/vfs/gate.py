@@ -71,6 +71,11 @@ _RANGE = struct.Struct("=QQ")  # offset, count (after the header and 4 bytes of 
 _RANGE_RECORD = _INFO.size + 4 + _RANGE.size
 _RESPONSE = struct.Struct("=iI")  # fd, response
 
+WHOLE_FILE = 1 << 62
+"""The length of an event that names no range: the daemon then fills the whole file, never
+nothing (the kernel always sends a range with a pre-content event; this is the safe reading if
+it ever does not)."""
+
 VIEW_PREFIX = "view."
 """The view of a daemon is ``<cache>/view.<pid>``: a view a killed daemon's guard still holds
 (files open in it) never collides with the next daemon's."""
@@ -107,7 +112,7 @@ def parse(buf: bytes) -> list[Event]:
     off = 0
     while off + _META.size <= len(buf):
         length, _vers, _, meta_len, _mask, fd, pid = _META.unpack_from(buf, off)
-        start = count = 0
+        start, count = 0, WHOLE_FILE  # no range record: hold the read for the whole file
         info = off + meta_len
         end = min(off + length, len(buf))
         while info + _INFO.size <= end:
