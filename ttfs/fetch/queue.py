@@ -125,8 +125,10 @@ class BlockQueue:
     def _order_key(self, prio: Priority, index: int, reader_at: int | None) -> int:
         """The second element of a heap entry: the order within one priority.
 
-        DEMAND and PREFETCH are first-come first-served. READAHEAD is ordered by how far the
-        block lies ahead of its reader (``index - reader_at``): several loaders streaming
+        DEMAND and PREFETCH are first-come first-served, and so is READAHEAD without a reader
+        position (a replayed trace, a held mapping of lazy links: ttfs/vfs/lazy.py). READAHEAD
+        of a stream is ordered by how far the block lies ahead of its reader
+        (``index - reader_at``): several loaders streaming
         different shards (vLLM's loader threads) then take turns at the connection budget in
         the order their readers will need the bytes, instead of the first stream's whole window
         going before the second stream's first block.

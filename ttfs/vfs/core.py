@@ -320,10 +320,11 @@ class ModelFs:
         """Give the mount its fetcher (serve does so right after the mount is ready), and the
         gate of lazy links when they are on and could be set up."""
         self._fetcher = fetcher
-        if gate is not None and self._fast_disabled is None:
+        if gate is not None:
             self._lazy = LazyReads(
                 gate, fetcher, self.options.readahead, self._recorder, self._rechecking.get
             )
+            fetcher.discard_listeners.append(self._lazy.forget)
             self._lazy_off = "on"
         self._attached.set()
 
@@ -588,15 +589,12 @@ class ModelFs:
         if blob.blob_id in self._rechecking:
             f.fast_off = "blob file changed after verification; checking it again"
             return False
-        try:
-            with blob.lease() as fd:
-                held = BlobKey.of(os.fstat(fd))
-                if self._lazy is not None:
-                    self._lazy.admit(source, held)
-                    self._lazy.settle(fd)
-        except (OSError, CacheError) as e:
-            f.fast_off = f"cannot stat the blob file: {e}"
+        held = self._held_key(f)
+        if held is None:
             return False
+        if self._lazy is not None:
+            self._lazy.admit(source, held)
+            self._lazy.settle(source)
         if key_of_path(blob.path) != held:
             f.fast_off = "the blob file at its path is not the verified one"
             return False
@@ -625,17 +623,26 @@ class ModelFs:
             self._notify_entry(f)
         return True
 
+    @staticmethod
+    def _held_key(f: _File) -> BlobKey | None:
+        """The identity of the blob file the daemon holds open for ``f`` (None, with the reason
+        in ``f.fast_off``, when it cannot be had)."""
+        assert f.source is not None
+        try:
+            with f.source.blob.lease() as fd:
+                return BlobKey.of(os.fstat(fd))
+        except (OSError, CacheError) as e:
+            f.fast_off = f"cannot stat the blob file: {e}"
+            return None
+
     def _grant_lazy(self, f: _File, source: Source) -> bool:
         """Serve ``f`` as a link before its blob is whole: the gate holds every read of a range
         until it is local (ttfs/vfs/gate.py); verified later, the link stays and reads stop
         asking (:meth:`_on_done` grants it again)."""
         assert self._lazy is not None
         blob = source.blob
-        try:
-            with blob.lease() as fd:
-                held = BlobKey.of(os.fstat(fd))
-        except (OSError, CacheError) as e:
-            f.fast_off = f"cannot stat the blob file: {e}"
+        held = self._held_key(f)
+        if held is None:
             return False
         now = key_of_path(blob.path)
         if now is None or (now.dev, now.ino) != (held.dev, held.ino):

@@ -150,24 +150,18 @@ def _umount(path: Path, flags: int = 0) -> bool:
     return ctypes.get_errno() in (errno.EINVAL, errno.ENOENT)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(cache: Path) -> None:
     """Remove the views of daemons that are gone and whose guard unmounted them (or died)."""
+    # Imported here: the daemon calls this, the guard (this file run as a plain script, with no
+    # package to import from) never does.
+    from ..procs import process_alive
+
     with contextlib.suppress(OSError):
         for entry in os.scandir(cache):
             if not entry.name.startswith(VIEW_PREFIX):
                 continue
             pid = entry.name[len(VIEW_PREFIX) :]
-            if pid.isdigit() and _alive(int(pid)):
+            if pid.isdigit() and process_alive(int(pid)):
                 continue
             path = Path(entry.path)
             if not os.path.ismount(path) or _umount(path):

@@ -72,12 +72,22 @@ class LazyReads:
         """Reads of the file ``key`` names are reads of ``source`` (a link now points at it)."""
         self._by_file[(key.dev, key.ino)] = source
 
-    def settle(self, fd: int) -> None:
-        """The blob ``fd`` is open on is final (verified, or whole with nothing to verify): its
-        reads need no answer any more."""
+    async def forget(self, source: Source) -> None:
+        """The fetcher's discard listener: the blob's file was replaced after a failed
+        verification, so a reader still holding the old one must get EIO, never its bytes
+        (the new file is admitted by the next lookup of a name, which links it)."""
+        for key in [k for k, s in self._by_file.items() if s is source]:
+            del self._by_file[key]
+        self._settled.discard(source.blob.blob_id)  # the new file is held until final again
+        self._streams.pop(source.blob.blob_id, None)
+
+    def settle(self, source: Source) -> None:
+        """``source``'s blob is final (verified, or whole with nothing to verify): reads of its
+        file need no answer any more."""
         try:
-            self._gate.settle(fd)
-        except OSError as e:  # every read then still asks, and is answered at once
+            with source.blob.lease() as fd:
+                self._gate.settle(fd)
+        except (OSError, TtfsError) as e:  # every read then still asks, answered at once
             log.warning("lazy links: %s", e)
 
     async def run(self) -> None:
@@ -111,17 +121,12 @@ class LazyReads:
     async def _fill(self, event: Event) -> int:
         """0 once the held range is local; an errno when it never will be."""
         st = os.fstat(event.fd)
-        source = self._by_file.get((st.st_dev, st.st_ino))
-        if source is None:
+        key = (st.st_dev, st.st_ino)
+        source = self._by_file.get(key)
+        if source is None:  # not served, or replaced after a failed verification (forget)
             log.warning("read of a file this mount does not serve (inode %d): EIO", st.st_ino)
             return errno.EIO
         blob = source.blob
-        with blob.lease() as fd:
-            now = os.fstat(fd)
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
-            # Replaced after a failed verification: the reader holds the discarded bytes.
-            log.warning("%s: read of a replaced cache file: EIO", source.pointer.file_name)
-            return errno.EIO
         checking = self._rechecking(blob.blob_id)
         if checking is not None:
             await checking.wait()
@@ -152,13 +157,14 @@ class LazyReads:
                     self._fetcher.queue.preempt(source, blocks.start)
                 prio = Priority.READAHEAD if bulk else Priority.DEMAND
                 await self._fetcher.ensure(source, blocks, prio)
+                if key not in self._by_file:  # discarded while we waited: the reader's file
+                    return errno.EIO  # holds the bytes that failed verification
         else:
             self._streams.pop(blob.blob_id, None)
             if source.done.is_set() and blob.blob_id not in self._settled:
                 # Whole and final though not verified here (--no-verify, a hash that cannot
                 # be checked locally): nothing left to wait for.
                 self._settled.add(blob.blob_id)
-                with blob.lease() as fd:
-                    self.settle(fd)
+                self.settle(source)
         self.reads += 1
         return 0
