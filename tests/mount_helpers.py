@@ -264,6 +264,32 @@ def mounted(
         stop_daemon(mountpoint, pid)
 
 
+@contextlib.contextmanager
+def mounted_under_ulimit(
+    nofile: int, manifest: Path, mnt: Path, cache: Path, *args: str
+) -> Iterator[tuple[int, Path]]:
+    """``ulimit -n nofile; ttfs mount ...`` (soft and hard limit, inherited by the daemon)."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    log = cache.parent / f"{mnt.name}-daemon.log"
+    cmd = [sys.executable, "-m", "ttfs", "mount", "--cache-dir", str(cache)]
+    cmd += ["--log-file", str(log), *args, str(manifest), str(mnt)]
+    done = subprocess.run(
+        ["sh", "-c", f'ulimit -n {nofile} && exec "$@"', "sh", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        check=False,
+    )
+    m = re.search(r"\(pid (\d+),", done.stderr)
+    pid = int(m.group(1)) if m else None
+    try:
+        assert done.returncode == 0 and pid is not None, done.stderr
+        yield pid, log
+    finally:
+        stop_daemon(mnt, pid)
+
+
 def status(mountpoint: Path) -> dict[str, Any]:
     doc = json.loads(os.getxattr(mountpoint, "user.ttfs.status"))
     assert isinstance(doc, dict)
@@ -298,3 +324,16 @@ def make_shard(path: Path, n_tensors: int, rows: int, seed: int = 0) -> dict[str
         for k, v in header.items()
         if k != "__metadata__"
     }
+
+
+def write_small_files(root: Path, n: int) -> dict[str, bytes]:
+    """``n`` distinct small files in 40 directories (a tokenizer-and-configs heavy repo)."""
+    files = {}
+    for i in range(n):
+        rel = f"d{i % 40:02d}/f{i:05d}.txt"
+        data = (f"file {i}\n" * (1 + i % 97)).encode()
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        files[rel] = data
+    return files

@@ -21,14 +21,16 @@ What is proved here, through the kernel, with the CLI's detached daemon (``--laz
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +39,7 @@ from demo.origin import Faults, Origin
 from tests.mount_helpers import (
     make_shard,
     mounted,
+    mounted_under_ulimit,
     require_fuse,
     run_py,
     sha256_file,
@@ -44,6 +47,7 @@ from tests.mount_helpers import (
     ttfs,
     wait_for,
     write_manifest,
+    write_small_files,
 )
 from ttfs.control import file_status
 from ttfs.units import MiB
@@ -424,3 +428,101 @@ def test_a_killed_guard_is_replaced_before_a_clean_stop_leaves_a_reader_behind(
         reader.kill()
     assert out.split() == ["errno", str(errno.EIO)], out
     wait_for(lambda: _left_clean(cache), 30, "the new guard to unmount the view and exit")
+
+
+_MANY_READERS = r"""
+import hashlib, json, os, resource, sys, threading
+resource.setrlimit(resource.RLIMIT_NOFILE, (8192, 8192))
+root, names = sys.argv[1], json.load(open(sys.argv[2]))
+fds = {n: os.open(os.path.join(root, n), os.O_RDONLY) for n in names}  # lookups, nothing held
+barrier = threading.Barrier(len(names) + 1)
+out = {}
+def read(name):
+    barrier.wait()
+    try:
+        data = b""
+        while chunk := os.read(fds[name], 1 << 20):
+            data += chunk
+        out[name] = hashlib.sha256(data).hexdigest()
+    except OSError as e:
+        out[name] = f"errno {e.errno}"
+threads = [threading.Thread(target=read, args=(n,)) for n in names]
+for t in threads:
+    t.start()
+print("opened", flush=True)
+barrier.wait()
+for t in threads:
+    t.join()
+print(json.dumps(out), flush=True)
+"""
+
+
+@contextlib.contextmanager
+def _many_held_readers(
+    tmp_path: Path, n: int
+) -> Iterator[tuple[Origin, int, Path, dict[str, str], Callable[[], dict[str, str]]]]:
+    """A ``--lazy-links`` daemon under ``ulimit -n 1024`` over ``n`` small files of a slow
+    origin (1 s per request), and ``n`` reader threads each holding a read of its own file.
+    Yields the origin, the daemon's pid, its cache, the files' sha256 and a function that waits
+    for the readers and returns what each got (a sha256 or ``errno N``)."""
+    files = write_small_files(tmp_path / "src", n)
+    with Origin(tmp_path / "src", latency=1.0) as origin:
+        manifest = tmp_path / "m.json"
+        write_manifest(origin, tmp_path / "src", manifest)
+        names = tmp_path / "names.json"
+        names.write_text(json.dumps(sorted(files)))
+        mnt, cache = tmp_path / "mnt", tmp_path / "cache"
+        args = ("--lazy-links", "--no-prefetch")
+        with mounted_under_ulimit(1024, manifest, mnt, cache, *args) as (pid, _):
+            reader = subprocess.Popen(
+                [sys.executable, "-c", _MANY_READERS, str(mnt), str(names)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+
+            def results() -> dict[str, str]:
+                out, _ = reader.communicate(timeout=120)
+                got: dict[str, str] = json.loads(out)
+                return got
+
+            try:
+                assert reader.stdout is not None
+                assert reader.stdout.readline() == "opened\n"
+                time.sleep(2.0)  # every thread's read is held (32 fetched per second)
+                want = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
+                yield origin, pid, cache, want, results
+            finally:
+                reader.kill()
+
+
+def test_more_held_reads_than_the_daemons_open_file_limit(tmp_path: Path) -> None:
+    """1,200 threads each read a different cold file at once through a daemon started under
+    ``ulimit -n 1024`` (each held read arrives with a descriptor): reads beyond the daemon's
+    budget wait in the kernel's queue instead of failing (a group that cannot open the
+    event's descriptor denies the read), and every reader gets its own bytes."""
+    with _many_held_readers(tmp_path, 1200) as (origin, pid, cache, want, results):
+        held = len(os.listdir(f"/proc/{pid}/fd"))
+        origin.latency = 0.0
+        got = results()
+        assert {n: v for n, v in got.items() if v != want[n]} == {}
+        assert held < 1024, held
+        assert status(tmp_path / "mnt")["lazy_links"] == "on"
+        log = (cache.parent / "mnt-daemon.log").read_text()
+        assert "Too many open files" not in log and "lazy links:" not in log
+
+
+def test_kill_9_with_more_held_reads_than_the_open_file_limit_fails_them_all(
+    tmp_path: Path,
+) -> None:
+    """``kill -9`` of the daemon while 1,400 reads are held, more than 1,024 of them still
+    queued in the kernel: the guard (same limit) takes them a few at a time and fails every
+    one with EIO; none gets the sparse file's zeros or a kernel EPERM, and the guard outlives
+    them all."""
+    with _many_held_readers(tmp_path, 1400) as (origin, pid, cache, want, results):
+        origin.latency = 60.0  # nothing more arrives before the kill
+        os.kill(pid, signal.SIGKILL)
+        got = results()
+        eio = f"errno {errno.EIO}"
+        assert {n: v for n, v in got.items() if v not in (want[n], eio)} == {}
+        assert sum(v == eio for v in got.values()) > 1300  # the few read before it: their bytes
+    wait_for(lambda: _left_clean(cache), 30, "the guard to unmount the view and exit")

@@ -16,24 +16,22 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from demo.origin import Origin
 from tests.mount_helpers import (
-    REPO,
     mounted,
+    mounted_under_ulimit,
     require_fuse,
     sha256_file,
-    stop_daemon,
     ttfs,
     wait_for,
     write_manifest,
+    write_small_files,
 )
 from ttfs.procs import process_alive
 
@@ -43,45 +41,6 @@ pytestmark = pytest.mark.fuse
 @pytest.fixture(autouse=True)
 def _needs_fuse() -> None:
     require_fuse()
-
-
-def write_small_files(root: Path, n: int) -> dict[str, bytes]:
-    """``n`` distinct small files in 40 directories (a tokenizer-and-configs heavy repo)."""
-    files = {}
-    for i in range(n):
-        rel = f"d{i % 40:02d}/f{i:05d}.txt"
-        data = (f"file {i}\n" * (1 + i % 97)).encode()
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        files[rel] = data
-    return files
-
-
-@contextlib.contextmanager
-def mounted_under_ulimit(
-    nofile: int, manifest: Path, mnt: Path, cache: Path, *args: str
-) -> Iterator[tuple[int, Path]]:
-    """``ulimit -n nofile; ttfs mount ...`` (soft and hard limit, inherited by the daemon)."""
-    mnt.mkdir(parents=True, exist_ok=True)
-    log = cache.parent / f"{mnt.name}-daemon.log"
-    cmd = [sys.executable, "-m", "ttfs", "mount", "--cache-dir", str(cache)]
-    cmd += ["--log-file", str(log), *args, str(manifest), str(mnt)]
-    done = subprocess.run(
-        ["sh", "-c", f'ulimit -n {nofile} && exec "$@"', "sh", *cmd],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        check=False,
-    )
-    m = re.search(r"\(pid (\d+),", done.stderr)
-    pid = int(m.group(1)) if m else None
-    try:
-        assert done.returncode == 0 and pid is not None, done.stderr
-        yield pid, log
-    finally:
-        stop_daemon(mnt, pid)
 
 
 def test_more_files_than_the_open_file_limit(tmp_path: Path) -> None:

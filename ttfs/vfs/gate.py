@@ -51,6 +51,7 @@ from typing import NamedTuple
 _FAN_CLOEXEC = 0x1
 _FAN_NONBLOCK = 0x2
 _FAN_CLASS_PRE_CONTENT = 0x8
+_FAN_UNLIMITED_QUEUE = 0x10
 _FAN_MARK_ADD = 0x1
 _FAN_MARK_MOUNT = 0x10
 _FAN_MARK_IGNORED_MASK = 0x20
@@ -127,10 +128,17 @@ def parse(buf: bytes) -> list[Event]:
     return events
 
 
-def read_events(fd: int) -> list[Event]:
-    """Pending events of the group ``fd`` (non-blocking: empty when none)."""
-    try:
-        return parse(os.read(fd, 64 * 1024))
+def read_events(fd: int, most: int) -> list[Event]:
+    """At most ``most`` pending events of the group ``fd`` (non-blocking: empty when none).
+
+    Each event read arrives with a descriptor opened in the reading process. A read the kernel
+    cannot open a descriptor for (EMFILE) is *denied*: its reader gets EPERM. So a process reads
+    only as many events as it has descriptors to spare; the rest wait in the group's queue,
+    which is unlimited (a queue that overflowed would drop a held read, and a dropped
+    pre-content event lets the read through to the zeros of a sparse file).
+    """
+    try:  # an event is at least its metadata; one with a range twice that
+        return parse(os.read(fd, max(most, 2) * _META.size))
     except BlockingIOError:
         return []
 
@@ -203,7 +211,7 @@ class Gate:
             _check(libc.mount(None, dst, None, flags, None), "read-only remount")
             fd = _check(
                 libc.fanotify_init(
-                    _FAN_CLASS_PRE_CONTENT | _FAN_CLOEXEC | _FAN_NONBLOCK,
+                    _FAN_CLASS_PRE_CONTENT | _FAN_UNLIMITED_QUEUE | _FAN_CLOEXEC | _FAN_NONBLOCK,
                     os.O_RDONLY | os.O_LARGEFILE | os.O_CLOEXEC,
                 ),
                 "fanotify_init",
@@ -230,8 +238,8 @@ class Gate:
         """The path of ``blob_path`` in the view: what a lazy link points at."""
         return str(self.view / os.path.relpath(blob_path, self.blobs))
 
-    def events(self) -> list[Event]:
-        return read_events(self.fd)
+    def events(self, most: int) -> list[Event]:
+        return read_events(self.fd, most)
 
     def answer(self, event: Event, err: int = 0) -> None:
         respond(self.fd, event, err)
@@ -302,8 +310,13 @@ def guard(fd: int, view: Path, daemon: int, max_fd: int) -> None:
     _fail_taken(fd, max_fd)
     delay = 0.02
     while True:
-        for event in read_events(fd):
-            respond(fd, event, errno.EIO)
+        try:  # a few at a time: each is answered (and its descriptor closed) at once
+            events = read_events(fd, 64)
+        except OSError:  # never die of it: without the guard, held reads see zeros
+            events = []
+        for event in events:
+            with contextlib.suppress(OSError):  # its reader is gone (interrupted)
+                respond(fd, event, errno.EIO)
         if _umount(view):
             with contextlib.suppress(OSError):
                 view.rmdir()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +44,23 @@ mapping different shards at once get them whole one after the other, so the firs
 its tensors while the next shard arrives, instead of all of them waiting for the last byte.
 """
 
+MAX_HELD = 4096
+"""Held reads taken from the gate at once, at most (see :func:`held_budget`)."""
+
+
+def held_budget() -> int:
+    """How many held reads the daemon takes from the gate at once: a quarter of the soft
+    ``RLIMIT_NOFILE`` (every held read holds a descriptor until it is answered; the blob
+    descriptors, sockets, the index and the FUSE device need the rest), at most
+    :data:`MAX_HELD`. More readers than that wait in the kernel, in order, until one is
+    answered: under ``ulimit -n 1024``, 1,200 readers at once otherwise got EPERM (the
+    kernel denies a read it cannot open a descriptor for) or EIO (a blob that could not be
+    opened)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_HELD
+    return max(8, min(MAX_HELD, soft // 4))
+
 
 class LazyReads:
     """The held reads of one mount, answered from its fetcher."""
@@ -63,6 +81,9 @@ class LazyReads:
         self._by_file: dict[tuple[int, int], Source] = {}  # (dev, ino) of a served blob file
         self._streams: dict[str, StreamTable] = {}  # per blob: one file, one set of streams
         self._settled: set[str] = set()  # blobs whose reads are no longer held
+        self._budget = held_budget()
+        self._held = 0  # taken from the gate, not answered yet
+        self._room = trio.Event()  # set when one is answered
         self.reads = 0  # held reads let go (the status shows it)
 
     def target(self, blob_path: Path | str) -> str:
@@ -94,13 +115,19 @@ class LazyReads:
         """Answer held reads until cancelled; the ones still held then fail with EIO."""
         async with trio.open_nursery() as nursery:
             while True:
+                room = self._budget - self._held
+                if room <= 0:  # the rest wait in the kernel until one is answered
+                    self._room = trio.Event()
+                    await self._room.wait()
+                    continue
                 await trio.lowlevel.wait_readable(self._gate.fd)
                 try:
-                    events = self._gate.events()
+                    events = self._gate.events(room)
                 except OSError as e:  # e.g. ENOMEM; the events stay queued for the next try
                     log.warning("lazy links: reading held reads: %s", e)
                     await trio.sleep(0.01)
                     continue
+                self._held += len(events)
                 for event in events:
                     nursery.start_soon(self._answer, event)
 
@@ -117,6 +144,8 @@ class LazyReads:
                 self._gate.answer(event, err)
             except OSError as e:  # the reader is gone (its read was interrupted): nothing waits
                 log.debug("answering a held read: %s", e)
+            self._held -= 1
+            self._room.set()
 
     async def _fill(self, event: Event) -> int:
         """0 once the held range is local; an errno when it never will be."""
