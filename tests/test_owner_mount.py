@@ -55,9 +55,13 @@ print(truss_transfer.lazy_data_resolve(sys.argv[1]))
 """
 
 
+@pytest.mark.parametrize("lazy_links", [False, True], ids=["daemon-path", "lazy-links"])
 def test_mount_resolve_and_lazy_data_resolve_on_one_cache_fetch_each_byte_once(
-    origin: Origin, origin_root: Path, tmp_path: Path
+    origin: Origin, origin_root: Path, tmp_path: Path, lazy_links: bool
 ) -> None:
+    """Three processes on one cache: the mount (its files served by the daemon, or lazy links
+    read by the kernel from the blob files the other two hard-link), ``ttfs resolve`` and
+    truss_transfer's ``lazy_data_resolve``; every byte comes from the origin once."""
     rng = __import__("random").Random(4)
     names = ["a/model-00001.safetensors", "a/model-00002.safetensors", "config.json"]
     sizes = [7 * MiB + 11, 6 * MiB, 900]
@@ -69,7 +73,9 @@ def test_mount_resolve_and_lazy_data_resolve_on_one_cache_fetch_each_byte_once(
     cache, mnt = tmp_path / "cache", tmp_path / "mnt"
     origin.rate_limit = 2 * MiB  # per response: the three overlap
     env = dict(os.environ, TTFS_CACHE_DIR=str(cache), TTFS_MANIFEST_PATHS=str(manifest))
-    with mounted(manifest, mnt, cache) as m:
+    with mounted(manifest, mnt, cache, *(["--lazy-links"] if lazy_links else [])) as m:
+        if lazy_links:
+            assert all((mnt / n).is_symlink() for n in names)
         resolve = subprocess.Popen(
             [sys.executable, "-m", "ttfs", "resolve", str(manifest), str(tmp_path / "out-r")],
             env=env,
@@ -93,6 +99,7 @@ def test_mount_resolve_and_lazy_data_resolve_on_one_cache_fetch_each_byte_once(
         assert f"is owned by pid {m.pid}" in err_r, err_r
         assert f"is owned by pid {m.pid}" in err_l, err_l
         wait_for(lambda: status(mnt)["verified"] == len(names), what="all verified")
+        assert (status(mnt)["lazy_links"] == "on") == lazy_links
     want = {n: _digest(origin_root / n) for n in names}
     mounted_digests = dict(line.split() for line in reader.stdout.splitlines())
     assert {Path(k).relative_to(mnt).as_posix(): v for k, v in mounted_digests.items()} == want
