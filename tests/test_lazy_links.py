@@ -526,3 +526,47 @@ def test_kill_9_with_more_held_reads_than_the_open_file_limit_fails_them_all(
         assert {n: v for n, v in got.items() if v not in (want[n], eio)} == {}
         assert sum(v == eio for v in got.values()) > 1300  # the few read before it: their bytes
     wait_for(lambda: _left_clean(cache), 30, "the guard to unmount the view and exit")
+
+
+def test_readers_killed_while_their_reads_are_held_leave_nothing_behind(
+    tmp_path: Path, manifest: Path, model: Path, origin: Origin
+) -> None:
+    """``kill -9`` of 16 readers whose reads are held: the daemon's answers find no reader
+    (the kernel dropped the reads), it closes their descriptors and serves the next reader of
+    the same range its bytes."""
+    cache = tmp_path / "cache"
+    with mounted(manifest, tmp_path / "mnt", cache, "--lazy-links", "--no-prefetch") as m:
+        blob = m.mountpoint / "blob.bin"
+        with open(blob, "rb") as f:
+            f.read(4096)  # block 0 is local
+        before = len(os.listdir(f"/proc/{m.pid}/fd"))
+        origin.latency = 3.0  # the next fetches take 3 s to start
+        readers = []
+        for i in range(16):
+            ready = tmp_path / f"ready-{i}"
+            args = [str(blob), "0", str((1 + i % 6) * BS), str(ready)]
+            readers.append((subprocess.Popen([sys.executable, "-c", _HELD_READER, *args]), ready))
+        try:
+            for _, ready in readers:
+                wait_for(ready.exists, 30, "a reader's first read")
+            time.sleep(0.5)  # each one's next read is held
+            assert len(os.listdir(f"/proc/{m.pid}/fd")) >= before + 16  # the held reads
+            for reader, _ in readers:
+                reader.kill()
+                reader.wait(timeout=10)
+        finally:
+            for reader, _ in readers:
+                reader.kill()
+        origin.latency = 0.0
+        want = (model / "blob.bin").read_bytes()
+        out = run_py(
+            "import sys\nf = open(sys.argv[1], 'rb')\nf.seek(int(sys.argv[2]))\n"
+            "sys.stdout.write(f.read(4096).hex())",
+            str(blob),
+            str(3 * BS),
+        )
+        assert out.stdout == want[3 * BS : 3 * BS + 4096].hex()
+        wait_for(lambda: len(os.listdir(f"/proc/{m.pid}/fd")) <= before + 2, 30, "fds closed")
+        assert status(m.mountpoint)["lazy_links"] == "on"
+        assert "cannot answer" not in m.log_text()
+    wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
