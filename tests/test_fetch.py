@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -15,7 +17,8 @@ from ttfs.blocks import Blob, BlobSpec, BlockStore
 from ttfs.config import Settings
 from ttfs.errors import IntegrityError, ObjectNotFound, TransientError
 from ttfs.fetch import Fetcher, Priority, Source, open_fetcher
-from ttfs.providers import ProviderSet
+from ttfs.manifest import S3Resolution
+from ttfs.providers import HttpProvider, ProviderSet, S3Provider
 from ttfs.units import MiB
 
 BS = 2 * MiB
@@ -31,6 +34,34 @@ async def fetcher_for(settings: Settings, fake: FakeProvider) -> AsyncIterator[F
             yield fetcher
     finally:
         store.close()
+
+
+async def test_prepare_makes_one_provider_per_resolution_type_in_the_callers_thread(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mount makes its providers in a worker thread before the first read
+    (``ProviderSet.prepare``), one per resolution type among the pointers, so the first read
+    does not build an HTTP client (and load its TLS context) on the event loop."""
+    http = [pointer_for(f"f{i}.bin", b"x") for i in range(3)]
+    s3 = dataclasses.replace(http[0], resolution=S3Resolution("b", "k", None), uid="s3")
+    made: list[tuple[str, int]] = []
+    for cls in (HttpProvider, S3Provider):
+
+        def counting(self: object, *a: object, _init: Any = cls.__init__, **kw: object) -> None:
+            made.append((type(self).__name__, threading.get_ident()))
+            _init(self, *a, **kw)
+
+        monkeypatch.setattr(cls, "__init__", counting)
+    providers = ProviderSet(settings)
+    try:
+        await trio.to_thread.run_sync(providers.prepare, [*http, s3])
+        assert sorted(name for name, _ in made) == ["HttpProvider", "S3Provider"]
+        assert all(thread != threading.get_ident() for _, thread in made)
+        assert isinstance(providers.for_pointer(http[2]), HttpProvider)
+        assert isinstance(providers.for_pointer(s3), S3Provider)
+        assert len(made) == 2  # the reads found them made
+    finally:
+        await providers.aclose()
 
 
 async def test_concurrent_reads_make_one_request_per_block(settings: Settings) -> None:

@@ -40,7 +40,7 @@ import socket
 import stat
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -307,11 +307,13 @@ def check_cache_dir(cache_dir: Path) -> None:
         raise CacheError(f"the cache directory {cache_dir} is not writable")
 
 
-def _providers(settings: Settings) -> ProviderSet:
+def _providers(settings: Settings, pointers: Sequence[Pointer]) -> ProviderSet:
     # Imported here, in a worker thread, once the mount serves: httpx and the provider modules
-    # take ~0.2 s to import, which would otherwise delay readiness (and block the event loop).
+    # take ~0.2 s to import, which would otherwise delay readiness (and block the event loop);
+    # the providers are made here too, for the same reason (ProviderSet.prepare).
     module = importlib.import_module("ttfs.providers")
     providers: ProviderSet = module.ProviderSet(settings)
+    providers.prepare(pointers)
     return providers
 
 
@@ -347,7 +349,7 @@ async def _backend(config: MountConfig, fs: ModelFs, ops: FuseOps, lock: OwnerLo
                 )
         providers = config.providers
         if providers is None:
-            providers = await trio.to_thread.run_sync(_providers, settings)
+            providers = await trio.to_thread.run_sync(_providers, settings, config.pointers)
         async with open_fetcher(store, providers, settings) as fetcher, serving(fetcher, lock):
             # A discarded blob's pages must leave the kernel's cache of every file serving it.
             fetcher.discard_listeners.append(

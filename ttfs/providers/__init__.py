@@ -6,6 +6,8 @@ imported lazily, when the first pointer of their kind is read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from ..config import Settings
 from ..errors import ConfigError
 from ..manifest import AzureResolution, GcsResolution, HttpResolution, Pointer, S3Resolution
@@ -61,6 +63,17 @@ class ProviderSet:
                 raise ConfigError(f"{pointer.file_name}: resolution type {kind!r} is not supported")
             self._providers[kind] = provider
         return provider
+
+    def prepare(self, pointers: Iterable[Pointer]) -> None:
+        """Create now, in the calling thread, the provider of every resolution type among
+        ``pointers``. Each builds an HTTP client whose TLS context takes 0.05-0.15 s to load
+        (2-core VM), which the first read of a fresh mount would otherwise pay on the event
+        loop, in front of the reader. Nothing is sent and no cloud SDK is imported."""
+        first: dict[type, Pointer] = {}
+        for pointer in pointers:
+            first.setdefault(type(pointer.resolution), pointer)
+        for pointer in first.values():
+            self.for_pointer(pointer)
 
     def add(self, kind: str, provider: Provider) -> None:
         """Install a provider (tests inject fakes this way)."""
