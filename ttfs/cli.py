@@ -629,7 +629,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"served by the kernel (fast path): {summary['served_by_kernel']} file(s); "
             f"fast path {summary['fast_path']}"
             + (
-                f"; lazy links {summary['lazy_links']} ({summary.get('lazy_reads', 0)} held reads)"
+                f"; lazy links {summary['lazy_links']} ({summary.get('lazy_reads', 0)} reads "
+                f"let go, {summary.get('lazy_waiting', 0)} held now)"
                 if summary.get("lazy_links", "off") != "off"
                 else ""
             )

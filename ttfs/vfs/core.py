@@ -1007,6 +1007,7 @@ class ModelFs:
             "fast_path": self._fast_disabled or "on",
             "lazy_links": self._lazy_off if self._fast_disabled is None else "off (no fast path)",
             "lazy_reads": self._lazy.reads if self._lazy is not None else 0,
+            "lazy_waiting": self._lazy.waiting if self._lazy is not None else 0,
             "failures": [
                 {"file": k, "reason": v} for k, v in list(failures.items())[:_MAX_FAILURES_SHOWN]
             ],

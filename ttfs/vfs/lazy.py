@@ -86,6 +86,12 @@ class LazyReads:
         self._room = trio.Event()  # set when one is answered
         self.reads = 0  # held reads let go (the status shows it)
 
+    @property
+    def waiting(self) -> int:
+        """Held reads taken from the gate and not answered yet (at most the budget; more
+        readers wait in the kernel's queue)."""
+        return self._held
+
     def target(self, blob_path: Path | str) -> str:
         return self._gate.target(blob_path)
 
