@@ -552,8 +552,7 @@ def test_readers_killed_while_their_reads_are_held_leave_nothing_behind(
         try:
             for _, ready in readers:
                 wait_for(ready.exists, 30, "a reader's first read")
-            time.sleep(0.5)  # each one's next read is held
-            assert len(os.listdir(f"/proc/{m.pid}/fd")) >= before + 16  # the held reads
+            wait_for(lambda: status(m.mountpoint)["lazy_waiting"] == 16, 30, "16 held reads")
             for reader, _ in readers:
                 reader.kill()
                 reader.wait(timeout=10)
@@ -570,6 +569,7 @@ def test_readers_killed_while_their_reads_are_held_leave_nothing_behind(
         )
         assert out.stdout == want[3 * BS : 3 * BS + 4096].hex()
         wait_for(lambda: len(os.listdir(f"/proc/{m.pid}/fd")) <= before + 2, 30, "fds closed")
-        assert status(m.mountpoint)["lazy_links"] == "on"
+        after = status(m.mountpoint)
+        assert after["lazy_links"] == "on" and after["lazy_waiting"] == 0, after
         assert "cannot answer" not in m.log_text()
     wait_for(lambda: _left_clean(cache), 30, "the view to be unmounted and the guard to exit")
