@@ -142,14 +142,7 @@ class Case:
             shutil.copytree(self.cache / "traces", self.traces)
         cpu = (usage.cpu if usage else 0.0) + m.cli_cpu + cpu_reader
         fetched = float(status["fetcher"]["origin_bytes"])
-        return {
-            "wall": wall,
-            "mount": up,
-            "cpu": cpu,
-            "cpu_daemon": usage.cpu if usage else 0.0,
-            "cpu_reader": cpu_reader,
-            "fetched": fetched,
-        }
+        return {"wall": wall, "mount": up, "cpu": cpu, "fetched": fetched}
 
     def first_tensor(self, who: str) -> dict[str, float]:
         shard = self.names[len(self.names) // 2]

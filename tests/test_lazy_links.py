@@ -363,8 +363,7 @@ def test_transformers_from_pretrained_through_a_cold_lazy_mount(tmp_path: Path) 
     """transformers loads a sharded model through a cold ``--lazy-links`` mount (no prefetch:
     every byte is fetched for the loader's own reads and mappings) with the same logits as
     from the files themselves, and nothing it read went through the daemon's read handler."""
-    pytest.importorskip("transformers")
-    from tests.test_mount_loaders import _BUILD, _LOAD
+    from tests.test_mount_loaders import _BUILD, _LOAD  # transformers: a test dependency
 
     src = tmp_path / "tiny-llama"
     ref = tmp_path / "logits.pt"

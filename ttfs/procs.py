@@ -61,6 +61,18 @@ def raise_nofile_limit() -> tuple[int, int]:
     return soft, target
 
 
+def nofile_share(cap: int) -> int:
+    """A quarter of the soft ``RLIMIT_NOFILE``, at least 8 and at most ``cap``: what one kind of
+    descriptor may take (the blob store's idle descriptors, the held reads of lazy links), so
+    that together with sockets, the index and the FUSE device they stay under the limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return cap
+    return max(8, min(cap, soft // 4))
+
+
 _PR_SET_PDEATHSIG = 1
 
 

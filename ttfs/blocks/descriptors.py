@@ -22,7 +22,6 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import CacheError, CacheFull
+from ..procs import nofile_share
 from . import perms
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,7 @@ class Blob(Protocol):
 def default_limit() -> int:
     """:data:`MAX_OPEN`, or a quarter of the soft ``RLIMIT_NOFILE`` when that is lower (sockets,
     the index's SQLite connections and the FUSE device need the rest)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_OPEN
-    return max(8, min(MAX_OPEN, soft // 4))
+    return nofile_share(MAX_OPEN)
 
 
 class DescriptorTable:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import resource
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import trio
 from ..blocks.identity import BlobKey
 from ..errors import TtfsError
 from ..fetch import Fetcher, Priority, Source
+from ..procs import nofile_share
 from .gate import Event, Gate
 from .readahead import ReadaheadConfig, StreamTable
 from .trace import Recorder
@@ -56,10 +56,7 @@ def held_budget() -> int:
     answered: under ``ulimit -n 1024``, 1,200 readers at once otherwise got EPERM (the
     kernel denies a read it cannot open a descriptor for) or EIO (a blob that could not be
     opened)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return MAX_HELD
-    return max(8, min(MAX_HELD, soft // 4))
+    return nofile_share(MAX_HELD)
 
 
 class LazyReads:
@@ -82,15 +79,9 @@ class LazyReads:
         self._streams: dict[str, StreamTable] = {}  # per blob: one file, one set of streams
         self._settled: set[str] = set()  # blobs whose reads are no longer held
         self._budget = held_budget()
-        self._held = 0  # taken from the gate, not answered yet
         self._room = trio.Event()  # set when one is answered
         self.reads = 0  # held reads let go (the status shows it)
-
-    @property
-    def waiting(self) -> int:
-        """Held reads taken from the gate and not answered yet (at most the budget; more
-        readers wait in the kernel's queue)."""
-        return self._held
+        self.waiting = 0  # taken from the gate, not answered yet (the status shows it too)
 
     def target(self, blob_path: Path | str) -> str:
         return self._gate.target(blob_path)
@@ -121,7 +112,7 @@ class LazyReads:
         """Answer held reads until cancelled; the ones still held then fail with EIO."""
         async with trio.open_nursery() as nursery:
             while True:
-                room = self._budget - self._held
+                room = self._budget - self.waiting
                 if room <= 0:  # the rest wait in the kernel until one is answered
                     self._room = trio.Event()
                     await self._room.wait()
@@ -133,7 +124,7 @@ class LazyReads:
                     log.warning("lazy links: reading held reads: %s", e)
                     await trio.sleep(0.01)
                     continue
-                self._held += len(events)
+                self.waiting += len(events)
                 for event in events:
                     nursery.start_soon(self._answer, event)
 
@@ -150,7 +141,7 @@ class LazyReads:
                 self._gate.answer(event, err)
             except OSError as e:  # the reader is gone (its read was interrupted): nothing waits
                 log.debug("answering a held read: %s", e)
-            self._held -= 1
+            self.waiting -= 1
             self._room.set()
 
     async def _fill(self, event: Event) -> int:
