@@ -339,7 +339,9 @@ def rclone(s: Setup, profile: str, verify: bool) -> Sample:
     s.clean("rclone-cache")
     mark = s.mark()
     mnt = s.path("rmnt")
-    with RcloneMount(s.nginx.url(profile, REPO_ID), mnt, s.path("rclone-cache")) as mount:
+    with RcloneMount(
+        s.nginx.url(profile, REPO_ID), mnt, s.path("rclone-cache"), ca=s.nginx.ca.ca
+    ) as mount:
         t0 = time.monotonic()
         mount.start()
         cats = [
@@ -399,7 +401,9 @@ def tensor_rclone(s: Setup, profile: str, verify: bool) -> Sample:
     shard, name = s.tensor
     mark = s.mark()
     mnt = s.path("rmnt")
-    with RcloneMount(s.nginx.url(profile, REPO_ID), mnt, s.path("rclone-cache")) as mount:
+    with RcloneMount(
+        s.nginx.url(profile, REPO_ID), mnt, s.path("rclone-cache"), ca=s.nginx.ca.ca
+    ) as mount:
         t0 = time.monotonic()
         up = mount.start()
         got = s.reader.call("tensor", path=str(mnt / shard), name=name)

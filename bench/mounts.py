@@ -132,8 +132,9 @@ url = {url}
 class RcloneMount:
     """``rclone mount REMOTE: MNT --read-only --vfs-cache-mode full`` on nginx's listing."""
 
-    def __init__(self, url: str, mnt: Path, cache: Path) -> None:
+    def __init__(self, url: str, mnt: Path, cache: Path, ca: Path | None = None) -> None:
         self.url, self.mnt, self.cache = url.rstrip("/") + "/", mnt, cache
+        self.ca = ca  # the https-* profiles' CA (rclone reads no SSL_CERT_FILE we set)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = cache.parent / f"{mnt.name}-rclone.log"
         self.cpu = 0.0
@@ -160,6 +161,7 @@ class RcloneMount:
                 str(self.cache),
                 "--log-file",
                 str(self.log),
+                *(["--ca-cert", str(self.ca)] if self.ca is not None else []),
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
